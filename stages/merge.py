@@ -1,0 +1,49 @@
+"""The ``merge`` stage kind: join the outputs of parallel branches (zpipe joins them by request id first)."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from zpipe.errors import StageError, TopologyError
+from zpipe.stage import Stage
+
+__all__ = ["MergeStage"]
+
+_OPS = ("concat", "add", "stack", "pass")
+
+
+class MergeStage(Stage):
+    """Combine every input (in the order the topology lists them) into its output.
+
+    ``op``: ``concat`` / ``stack`` along ``axis``, ``add`` (element-wise sum), or ``pass`` (each input goes to the
+    output port at the same position: a pure join). ``timeout_s`` bounds how long the stage waits for the other
+    branches once the first one arrived (default: the topology's ``join_timeout_s``).
+    """
+
+    def __init__(self, *, op: str = "concat", axis: int = 1, timeout_s: float | None = None) -> None:
+        if op not in _OPS:
+            raise TopologyError(f"merge op {op!r} is not one of {list(_OPS)}")
+        if timeout_s is not None and not timeout_s > 0:
+            raise TopologyError(f"merge timeout_s must be > 0, got {timeout_s!r}")
+        self.op = op
+        self.axis = axis
+        self.join_timeout_s = timeout_s
+
+    def process(self, inputs: Mapping[str, np.ndarray]):
+        arrays = list(inputs.values())
+        try:
+            if self.op == "pass":
+                return tuple(arrays)
+            if self.op == "add":
+                total = np.add(arrays[0], arrays[1]) if len(arrays) > 1 else arrays[0].copy()
+                for extra in arrays[2:]:
+                    np.add(total, extra, out=total)
+                return total
+            if self.op == "stack":
+                return np.stack(arrays, axis=self.axis)
+            return np.concatenate(arrays, axis=self.axis)
+        except ValueError as exc:  # shape mismatch between branches
+            shapes = {name: a.shape for name, a in inputs.items()}
+            raise StageError(f"merge {self.op!r} cannot combine inputs of shapes {shapes}: {exc}") from exc

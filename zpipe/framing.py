@@ -1,0 +1,266 @@
+"""The zpipe wire format: a :class:`Message` <-> a list of ZeroMQ frames. Pure: numpy and stdlib, no sockets.
+
+A message is one ZeroMQ multipart message::
+
+    frame 0   prefix   4 bytes: b"ZP", protocol version (1 byte), kind (1 byte)
+    frame 1   header   UTF-8 JSON object: {"id": request id, "t": [[name, dtype.str, shape], ...], "m": {meta}}
+    frame 2+  tensors  one raw C-order byte frame per entry of "t", in order
+
+The header is JSON, never pickle: decoding runs no code chosen by the sender. ``dtype.str`` makes byte order
+explicit (``"<f4"``, ``">i8"``, ``"|u1"``). Every field is checked against :class:`Limits` before it is used, and any
+violation raises :class:`~zpipe.errors.FramingError` naming the field, what was expected and what arrived.
+
+Ownership
+---------
+* :func:`encode` does not copy C-contiguous arrays: the frames it returns are views of the caller's arrays, meant to
+  be sent with ``copy=False``. The caller must not modify those arrays until the send is complete (on ``inproc``,
+  until the receiver is done with them). Non-contiguous arrays are copied once, on purpose, into C order.
+* :func:`decode` does not copy either: each tensor is a read-only ``np.frombuffer`` view of its frame, valid as
+  long as the array is referenced. Whoever needs to write (or needs 64-byte alignment, as TVM does) copies into a
+  buffer of its own; :func:`aligned_empty` makes one.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import FramingError
+
+__all__ = [
+    "MAGIC",
+    "PROTOCOL_VERSION",
+    "Kind",
+    "Limits",
+    "DEFAULT_LIMITS",
+    "Message",
+    "encode",
+    "decode",
+    "check_tensor",
+    "aligned_empty",
+]
+
+MAGIC = b"ZP"
+PROTOCOL_VERSION = 1
+_PREFIX = struct.Struct("!2sBB")
+
+# Byte order, kind, item size. Object, string, void, datetime and structured dtypes are never allowed on the wire.
+_DTYPE_RE = re.compile(r"^[<>|][biufc](1|2|4|8|16)$")
+_META_SCALARS = (str, int, float, bool, type(None))
+
+
+class Kind(enum.IntEnum):
+    """What a message is for."""
+
+    REQUEST = 1  # tensors travelling towards the next stage
+    REPLY = 2  # final outputs of a request
+    ERROR = 3  # a request failed; meta holds "stage", "error" and "message"
+    HEARTBEAT = 4  # liveness; no tensors
+    CONTROL = 5  # READY / STOP / status; meta holds "op"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Limits:
+    """Bounds every decoded field is checked against (and every encoded one, so we never send what a peer refuses)."""
+
+    max_header_bytes: int = 64 * 1024
+    max_tensors: int = 256
+    max_ndim: int = 32
+    max_name_chars: int = 256
+    max_tensor_bytes: int = 4 << 30
+
+    def __post_init__(self) -> None:
+        for name in ("max_header_bytes", "max_tensors", "max_ndim", "max_name_chars", "max_tensor_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Limits.{name} must be >= 1, got {getattr(self, name)!r}")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(slots=True)
+class Message:
+    """One request's worth of named tensors plus small JSON metadata.
+
+    ``request_id`` is an unsigned 63-bit integer chosen by whoever started the request; it is carried unchanged
+    through every stage, so replies and errors can be matched to it.
+    """
+
+    kind: Kind
+    request_id: int
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def check_tensor(name: str, array: Any, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """Return ``array`` as a C-contiguous ndarray of an allowed dtype, or raise :class:`FramingError`.
+
+    A non-contiguous array is copied into C order (the only copy :func:`encode` ever makes).
+    """
+    if not isinstance(name, str) or not name or len(name) > limits.max_name_chars:
+        raise FramingError(f"tensor name must be a non-empty str of at most {limits.max_name_chars} chars, "
+                           f"got {name!r}")
+    if isinstance(array, np.generic):
+        array = np.asarray(array)
+    if not isinstance(array, np.ndarray):
+        raise FramingError(f"tensor {name!r}: expected a numpy array, got {type(array).__name__}")
+    if not _DTYPE_RE.match(array.dtype.str):
+        raise FramingError(f"tensor {name!r}: dtype {array.dtype!s} ({array.dtype.str!r}) cannot travel; "
+                           "allowed are bool, int, uint, float and complex")
+    if array.ndim > limits.max_ndim:
+        raise FramingError(f"tensor {name!r}: {array.ndim} dimensions, limit is {limits.max_ndim}")
+    if array.nbytes > limits.max_tensor_bytes:
+        raise FramingError(f"tensor {name!r}: {array.nbytes} bytes, limit is {limits.max_tensor_bytes}")
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    return array
+
+
+def encode(message: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes | memoryview]:
+    """Turn ``message`` into frames for ``send_multipart(frames, copy=False)``. Tensor frames are views, not copies."""
+    kind = Kind(message.kind)
+    rid = message.request_id
+    if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < 2**63:
+        raise FramingError(f"request id must be an int in [0, 2**63), got {rid!r}")
+    if len(message.tensors) > limits.max_tensors:
+        raise FramingError(f"{len(message.tensors)} tensors in one message, limit is {limits.max_tensors}")
+    _check_meta(message.meta)
+    specs = []
+    frames: list[bytes | memoryview] = []
+    for name, array in message.tensors.items():
+        array = check_tensor(name, array, limits)
+        specs.append([name, array.dtype.str, list(array.shape)])
+        frames.append(memoryview(array.reshape(-1).view(np.uint8)) if array.size else b"")
+    header = json.dumps({"id": rid, "t": specs, "m": message.meta}, separators=(",", ":")).encode()
+    if len(header) > limits.max_header_bytes:
+        raise FramingError(f"header is {len(header)} bytes, limit is {limits.max_header_bytes}; "
+                           "too many tensors or too much metadata")
+    return [_PREFIX.pack(MAGIC, PROTOCOL_VERSION, kind), header, *frames]
+
+
+def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Turn received frames (``bytes``, ``memoryview`` or ``zmq.Frame``) into a :class:`Message` without copying.
+
+    Raises :class:`FramingError` for anything that breaks the format or ``limits``; nothing else escapes.
+    """
+    if len(frames) < 2:
+        raise FramingError(f"a message needs at least 2 frames (prefix, header), got {len(frames)}")
+    kind = _decode_prefix(_buffer(frames[0]))
+    rid, specs, meta = _decode_header(_buffer(frames[1]), limits)
+    if len(frames) - 2 != len(specs):
+        raise FramingError(f"request {rid}: header lists {len(specs)} tensors but {len(frames) - 2} tensor frames "
+                           "arrived")
+    tensors: dict[str, np.ndarray] = {}
+    for (name, dtype, shape), frame in zip(specs, frames[2:]):
+        buf = _buffer(frame)
+        expected = math.prod(shape) * dtype.itemsize
+        if buf.nbytes != expected:
+            raise FramingError(f"request {rid}: tensor {name!r} {dtype.str}{tuple(shape)} needs {expected} bytes, "
+                               f"frame has {buf.nbytes}")
+        array = np.frombuffer(buf, dtype=dtype).reshape(shape)
+        array.flags.writeable = False
+        tensors[name] = array
+    return Message(kind=kind, request_id=rid, tensors=tensors, meta=meta)
+
+
+def aligned_empty(shape: Sequence[int], dtype: Any, align: int = 64) -> np.ndarray:
+    """A new writable C-contiguous array whose data starts on an ``align``-byte boundary (TVM/DLPack needs 64)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    offset = -raw.ctypes.data % align
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def _buffer(frame: Any) -> memoryview:
+    obj = getattr(frame, "buffer", frame)  # zmq.Frame exposes its memory as .buffer
+    try:
+        view = memoryview(obj)
+    except TypeError as exc:
+        raise FramingError(f"a frame must be bytes-like, got {type(frame).__name__}") from exc
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _decode_prefix(buf: memoryview) -> Kind:
+    if buf.nbytes != _PREFIX.size:
+        raise FramingError(f"prefix frame must be {_PREFIX.size} bytes, got {buf.nbytes}")
+    magic, version, kind = _PREFIX.unpack(buf)
+    if magic != MAGIC:
+        raise FramingError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}: not a zpipe peer")
+    if version != PROTOCOL_VERSION:
+        raise FramingError(f"protocol version {version}, this zpipe speaks {PROTOCOL_VERSION}: upgrade the older side")
+    try:
+        return Kind(kind)
+    except ValueError:
+        raise FramingError(f"unknown message kind {kind}, expected one of {[int(k) for k in Kind]}") from None
+
+
+def _decode_header(buf: memoryview, limits: Limits) -> tuple[int, list[tuple[str, np.dtype, list[int]]], dict]:
+    if buf.nbytes > limits.max_header_bytes:
+        raise FramingError(f"header is {buf.nbytes} bytes, limit is {limits.max_header_bytes}")
+    try:
+        header = json.loads(bytes(buf).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FramingError(f"header is not valid UTF-8 JSON: {exc}") from exc
+    if not isinstance(header, dict) or set(header) != {"id", "t", "m"}:
+        raise FramingError(f"header must be an object with keys 'id', 't', 'm', got "
+                           f"{sorted(header) if isinstance(header, dict) else type(header).__name__}")
+    rid = header["id"]
+    if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < 2**63:
+        raise FramingError(f"request id must be an int in [0, 2**63), got {rid!r}")
+    meta = header["m"]
+    if not isinstance(meta, dict):
+        raise FramingError(f"request {rid}: meta must be an object, got {type(meta).__name__}")
+    _check_meta(meta, rid)
+    raw_specs = header["t"]
+    if not isinstance(raw_specs, list) or len(raw_specs) > limits.max_tensors:
+        raise FramingError(f"request {rid}: 't' must be a list of at most {limits.max_tensors} tensor specs")
+    specs = []
+    seen = set()
+    for spec in raw_specs:
+        specs.append(_decode_spec(spec, rid, limits))
+        if specs[-1][0] in seen:
+            raise FramingError(f"request {rid}: tensor {specs[-1][0]!r} appears twice")
+        seen.add(specs[-1][0])
+    return rid, specs, meta
+
+
+def _decode_spec(spec: Any, rid: int, limits: Limits) -> tuple[str, np.dtype, list[int]]:
+    if not (isinstance(spec, list) and len(spec) == 3):
+        raise FramingError(f"request {rid}: a tensor spec must be [name, dtype, shape], got {spec!r:.80}")
+    name, dtype_str, shape = spec
+    if not isinstance(name, str) or not name or len(name) > limits.max_name_chars:
+        raise FramingError(f"request {rid}: bad tensor name {name!r:.80}")
+    if not isinstance(dtype_str, str) or not _DTYPE_RE.match(dtype_str):
+        raise FramingError(f"request {rid}: tensor {name!r} has dtype {dtype_str!r:.40}, allowed are bool, int, "
+                           "uint, float and complex as '<f4', '>i8', '|u1'...")
+    dtype = np.dtype(dtype_str)
+    if dtype.str != dtype_str:
+        raise FramingError(f"request {rid}: tensor {name!r} dtype {dtype_str!r} is not canonical "
+                           f"(numpy spells it {dtype.str!r})")
+    if not isinstance(shape, list) or len(shape) > limits.max_ndim or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise FramingError(f"request {rid}: tensor {name!r} shape must be a list of at most {limits.max_ndim} "
+                           f"non-negative ints, got {shape!r:.80}")
+    if math.prod(shape) * dtype.itemsize > limits.max_tensor_bytes:
+        raise FramingError(f"request {rid}: tensor {name!r} of shape {shape} exceeds {limits.max_tensor_bytes} bytes")
+    return name, dtype, shape
+
+
+def _check_meta(meta: Mapping[str, Any], rid: int | None = None) -> None:
+    where = f"request {rid}: " if rid is not None else ""
+    if not isinstance(meta, Mapping):
+        raise FramingError(f"{where}meta must be a mapping, got {type(meta).__name__}")
+    for key, value in meta.items():
+        if not isinstance(key, str):
+            raise FramingError(f"{where}meta key {key!r} is not a str")
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, _META_SCALARS) for v in items):
+            raise FramingError(f"{where}meta {key!r} must be a JSON scalar or a flat list of them, got {value!r:.80}")

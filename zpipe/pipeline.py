@@ -1,0 +1,318 @@
+"""Run a topology on this host and submit requests to it: the embedding API, and what `zpipe run` drives.
+
+    with Pipeline(topology) as pipe:          # spawns the workers, waits for READY
+        outputs = pipe.infer({"x": x})        # blocking; raises RequestFailed with the stage and reason
+        future = pipe.submit({"x": x})        # concurrent.futures.Future[Result]; many may be in flight
+        result = await pipe.infer_async({"x": x})
+
+The pipeline is the source and the sink of the graph: it sends each request's inputs to the stages that read them
+and joins the outputs by request id. One I/O thread owns the sink socket, the supervisor's control socket and the
+deadlines; callers' threads only encode and send (under a lock). Every submitted request ends exactly once: with its
+outputs, or with a :class:`~zpipe.errors.RequestFailed` whose ``reason`` is one of ``stage_error``, ``timeout``,
+``worker_died`` or ``shutdown``; :meth:`Pipeline.stats` counts them so nothing goes unexplained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import heapq
+import itertools
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import zmq
+
+from .errors import PeerTimeout, PipelineClosed, RequestFailed, TopologyError
+from .framing import Kind, Message, check_tensor
+from .supervisor import Supervisor
+from .topology import LOCAL_HOST, REQUEST, Topology
+from .transport import ipc_endpoint, make_socket, new_context, recv_message, send_message
+
+__all__ = ["Pipeline", "Result"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished request: its outputs (read-only arrays), end-to-end latency, and each stage's (start, end).
+
+    Stage times are ``time.monotonic()`` readings taken in the workers: comparable with each other on one host.
+    """
+
+    request_id: int
+    outputs: dict[str, np.ndarray]
+    latency_s: float
+    stage_times: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+class _Pending:
+    __slots__ = ("future", "submitted", "deadline", "outputs", "meta")
+
+    def __init__(self, future: Future, submitted: float, deadline: float) -> None:
+        self.future = future
+        self.submitted = submitted
+        self.deadline = deadline
+        self.outputs: dict[str, np.ndarray] = {}
+        self.meta: dict[str, Any] = {}
+
+
+class Pipeline:
+    """A running topology on this host. Thread-safe: any thread may submit."""
+
+    def __init__(self, topology: Topology, *, start_timeout_s: float = 120.0, max_restarts: int = 3) -> None:
+        remote = sorted({s.host for s in topology.stages} - {LOCAL_HOST})
+        if remote:
+            raise TopologyError(f"stages placed on {remote} need an edge server; this version runs every stage on "
+                                f"{LOCAL_HOST!r} only")
+        self.topology = topology
+        self._start_timeout_s = start_timeout_s
+        self._max_restarts = max_restarts
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()  # guards _pending, _counts, _closing
+        self._send_lock = threading.Lock()  # guards the source sockets
+        self._drained = threading.Condition(self._lock)
+        self._pending: dict[int, _Pending] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._slots = threading.BoundedSemaphore(topology.max_in_flight)
+        self._closing = False
+        self._broken: str | None = None
+        self._started = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    def start(self) -> "Pipeline":
+        if self._started:
+            return self
+        self._rundir = tempfile.mkdtemp(prefix="zpipe-")
+        self._ctx = new_context()
+        self._sink = make_socket(self._ctx, zmq.PULL, hwm=self.topology.hwm)
+        self._sink.bind(ipc_endpoint(self._rundir, "sink"))
+        try:
+            self._supervisor = Supervisor(self.topology, self._ctx, self._rundir,
+                                          self._sink.getsockopt_string(zmq.LAST_ENDPOINT),
+                                          max_restarts=self._max_restarts)
+            self._sources = []
+            for consumer, tensors in self.topology.routes(REQUEST).items():
+                sock = make_socket(self._ctx, zmq.PUSH, hwm=self.topology.hwm)
+                sock.connect(self._supervisor.endpoints[consumer])
+                self._sources.append((sock, tensors))
+            self._supervisor.start(self._start_timeout_s)
+        except BaseException:
+            self._ctx.destroy(linger=0)
+            shutil.rmtree(self._rundir, ignore_errors=True)
+            raise
+        self._stop_loop = False
+        self._thread = threading.Thread(target=self._io_loop, name="zpipe-io", daemon=True)
+        self._thread.start()
+        self._started = True
+        return self
+
+    def close(self, *, drain_timeout_s: float = 30.0) -> None:
+        """Stop taking requests, wait up to ``drain_timeout_s`` for those in flight, fail the rest, stop workers."""
+        if not self._started:
+            return
+        with self._lock:
+            self._closing = True
+            deadline = time.monotonic() + drain_timeout_s
+            while self._pending and time.monotonic() < deadline:
+                self._drained.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
+        self._stop_loop = True
+        self._thread.join(timeout=10.0)
+        self._fail_all("shutdown", "the pipeline shut down before the request finished")
+        self._supervisor.stop()
+        for sock, _ in self._sources:
+            sock.close(linger=0)
+        self._ctx.destroy(linger=0)
+        shutil.rmtree(self._rundir, ignore_errors=True)
+        self._started = False
+
+    def __enter__(self) -> "Pipeline":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- requests ------------------------------------------------------------------------------------------------
+    def submit(self, inputs: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None,
+               timeout_s: float | None = None) -> Future:
+        """Send one request; returns a Future resolving to a :class:`Result` or raising :class:`RequestFailed`.
+
+        Blocks while ``max_in_flight`` requests are unanswered (backpressure). Input arrays are sent without
+        copying: do not modify them until the future is done.
+        """
+        arrays = self._check_inputs(inputs)
+        if not self._started or self._closing or self._broken:
+            raise PipelineClosed(self._broken or "the pipeline is not running; use start() or a with-block")
+        self._slots.acquire()
+        future: Future = Future()
+        rid = next(self._ids)
+        now = time.monotonic()
+        pending = _Pending(future, now, now + (timeout_s or self.topology.timeout_s))
+        with self._lock:
+            if self._closing or self._broken:
+                self._slots.release()
+                raise PipelineClosed(self._broken or "the pipeline is shutting down")
+            self._pending[rid] = pending
+            self._counts["submitted"] += 1
+        meta = dict(meta or {})
+        try:
+            with self._send_lock:
+                for sock, tensors in self._sources:
+                    send_message(sock, Message(kind=Kind.REQUEST, request_id=rid, meta=meta,
+                                               tensors={t: arrays[t] for t in tensors}))
+        except Exception as exc:
+            self._finish(rid, exc=RequestFailed(f"request {rid}: could not be sent: {exc}", request_id=rid,
+                                                reason="send_error"))
+            raise
+        with self._lock:
+            heapq.heappush(self._deadlines, (pending.deadline, rid))
+        return future
+
+    def infer(self, inputs: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None,
+              timeout_s: float | None = None) -> dict[str, np.ndarray]:
+        """Run one request and return its outputs; raises :class:`RequestFailed` (stage, reason) on failure."""
+        return self.submit(inputs, meta=meta, timeout_s=timeout_s).result().outputs
+
+    async def infer_async(self, inputs: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None,
+                          timeout_s: float | None = None) -> Result:
+        """Awaitable :meth:`submit` (the blocking part, backpressure, runs in the default executor)."""
+        loop = asyncio.get_running_loop()
+        future = await loop.run_in_executor(None, lambda: self.submit(inputs, meta=meta, timeout_s=timeout_s))
+        return await asyncio.wrap_future(future)
+
+    def stats(self) -> dict[str, int]:
+        """Counters: submitted, ok, failed, in_flight, late (replies after their request ended) and per reason."""
+        with self._lock:
+            counts = dict(self._counts)
+            counts["in_flight"] = len(self._pending)
+        for key in ("submitted", "ok", "failed", "late"):
+            counts.setdefault(key, 0)
+        return counts
+
+    def _check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        if not isinstance(inputs, Mapping):
+            raise TypeError(f"inputs must be a mapping of tensor name to array, got {type(inputs).__name__}")
+        expected = set(self.topology.inputs)
+        missing = sorted(expected - inputs.keys())
+        extra = sorted(inputs.keys() - expected)
+        if missing or extra:
+            raise TopologyError(f"pipeline {self.topology.name!r} takes inputs {sorted(expected)}; "
+                                f"missing {missing}, unexpected {extra}")
+        return {name: check_tensor(name, inputs[name]) for name in self.topology.inputs}
+
+    # -- the I/O loop --------------------------------------------------------------------------------------------
+    def _io_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sink, zmq.POLLIN)
+        poller.register(self._supervisor.control, zmq.POLLIN)
+        sentinels: dict[int, str] = {}
+        while not self._stop_loop:
+            try:
+                if not self._broken:
+                    for fd, name in self._supervisor.sentinels().items():
+                        if fd not in sentinels:
+                            sentinels[fd] = name
+                            poller.register(fd, zmq.POLLIN)
+                events = dict(poller.poll(50))
+                if self._sink in events:
+                    self._drain_sink()
+                if self._supervisor.control in events:
+                    self._supervisor.handle_control()
+                for fd in [fd for fd in sentinels if fd in events]:
+                    poller.unregister(fd)
+                    self._on_worker_exit(sentinels.pop(fd))
+                self._expire()
+            except Exception:  # never let the I/O thread die: that would strand every future
+                log.exception("error in the pipeline I/O loop")
+
+    def _drain_sink(self) -> None:
+        for _ in range(1000):
+            try:
+                _, msg = recv_message(self._sink, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except Exception as exc:
+                log.warning("malformed message at the sink dropped: %s", exc)
+                continue
+            self._on_sink_message(msg)
+
+    def _on_sink_message(self, msg: Message) -> None:
+        rid = msg.request_id
+        with self._lock:
+            pending = self._pending.get(rid)
+            if pending is None:
+                self._counts["late"] += 1
+                return
+        if msg.kind == Kind.ERROR:
+            stage, error, text = msg.meta.get("stage"), msg.meta.get("error"), msg.meta.get("message")
+            cls = PeerTimeout if error == "PeerTimeout" else RequestFailed
+            self._finish(rid, exc=cls(f"request {rid} failed in stage {stage!r}: {error}: {text}", request_id=rid,
+                                      stage=stage, reason="timeout" if cls is PeerTimeout else "stage_error"))
+            return
+        pending.outputs.update(msg.tensors)
+        pending.meta.update(msg.meta)
+        if len(pending.outputs) == len(self.topology.outputs):
+            times = {k[2:]: (v[0], v[1]) for k, v in pending.meta.items() if k.startswith("t:")}
+            self._finish(rid, result=Result(request_id=rid, outputs=dict(pending.outputs),
+                                            latency_s=time.monotonic() - pending.submitted, stage_times=times))
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                if not self._deadlines or self._deadlines[0][0] > now:
+                    return
+                _, rid = heapq.heappop(self._deadlines)
+                pending = self._pending.get(rid)
+            if pending is not None:
+                missing = sorted(set(self.topology.outputs) - pending.outputs.keys())
+                self._finish(rid, exc=PeerTimeout(
+                    f"request {rid}: no complete reply within {pending.deadline - pending.submitted:g}s "
+                    f"(missing outputs {missing})", request_id=rid, reason="timeout"))
+
+    def _on_worker_exit(self, name: str) -> None:
+        code = self._supervisor.exitcode(name)
+        restarted = not self._closing and self._supervisor.on_exit(name)
+        why = f"the worker of stage {name!r} died (exit code {code})"
+        if not restarted and not self._closing:
+            self._broken = f"{why} and was restarted {self._supervisor.max_restarts} times already; pipeline stopped"
+        self._fail_all("worker_died", why + (", restarted" if restarted else ""), stage=name)
+
+    def _fail_all(self, reason: str, text: str, *, stage: str | None = None) -> None:
+        with self._lock:
+            rids = list(self._pending)
+        for rid in rids:
+            cls = PipelineClosed if reason == "shutdown" else RequestFailed
+            exc = (cls(f"request {rid}: {text}") if cls is PipelineClosed
+                   else cls(f"request {rid}: {text}", request_id=rid, stage=stage, reason=reason))
+            self._finish(rid, exc=exc, reason=reason)
+
+    def _finish(self, rid: int, *, result: Result | None = None, exc: Exception | None = None,
+                reason: str | None = None) -> None:
+        with self._lock:
+            pending = self._pending.pop(rid, None)
+            if pending is None:
+                return
+            if exc is None:
+                self._counts["ok"] += 1
+            else:
+                self._counts["failed"] += 1
+                self._counts[f"failed:{reason or getattr(exc, 'reason', 'error')}"] += 1
+            if not self._pending:
+                self._drained.notify_all()
+        self._slots.release()
+        if exc is None:
+            pending.future.set_result(result)
+        else:
+            pending.future.set_exception(exc)
+

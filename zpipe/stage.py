@@ -1,0 +1,84 @@
+"""The stage contract, and how stage kinds named in topologies are found. No sockets here.
+
+A stage is a unit of placement: it turns a dict of named input arrays into a dict of named output arrays. zpipe
+builds the stage object in the parent (its constructor only stores and checks configuration), ships it to a worker
+process, and calls, in that process:
+
+* :meth:`Stage.setup` once, before the worker reports READY: load libraries, allocate buffers, warm up.
+* :meth:`Stage.process` once per request, one request at a time. It only computes; it never sees sockets.
+* :meth:`Stage.teardown` once at an orderly stop. It is best effort: it is **not** called when the worker is
+  killed (SIGKILL, a crash in native code) or when :meth:`setup` raised.
+
+Buffer ownership: the input arrays are read-only views of received frames; copy them to modify. The returned arrays
+belong to zpipe from then on and may be sent without copying, so the stage must not modify them afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Mapping
+
+import numpy as np
+
+from .errors import TopologyError, did_you_mean
+
+__all__ = ["Stage", "BUILTIN_KINDS", "resolve_kind", "import_object"]
+
+# Short names a topology may use for the built-in kinds (they live in stages/, installed as zpipe.stages).
+BUILTIN_KINDS = {
+    "python": "zpipe.stages.python:PythonStage",
+    "tvm": "zpipe.stages.tvm:TvmStage",
+    "merge": "zpipe.stages.merge:MergeStage",
+}
+
+
+class Stage:
+    """Base class of every stage kind. Subclasses take their configuration as keyword-only constructor arguments."""
+
+    #: Port names the stage reads and writes, or None when it takes whatever the topology wires to it.
+    input_names: tuple[str, ...] | None = None
+    output_names: tuple[str, ...] | None = None
+
+    def setup(self) -> None:
+        """Called once in the worker process before the first request."""
+
+    def process(self, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        """Compute one request's outputs from its inputs (both keyed by port name)."""
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        """Best-effort clean-up at an orderly stop; not called after SIGKILL, a native crash, or a failed setup."""
+
+
+def import_object(path: str, *, what: str = "object"):
+    """Import ``"package.module:attribute"`` (or ``package.module.attribute``) and return the attribute."""
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise TopologyError(f"{what} {path!r} is not a dotted path like 'package.module:name'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise TopologyError(f"{what} {path!r}: cannot import module {module_name!r}: {exc}") from exc
+    try:
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise TopologyError(f"{what} {path!r}: module {module_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def resolve_kind(kind: str) -> type[Stage]:
+    """The Stage subclass for a topology ``kind``: a built-in short name or a dotted path to a user class."""
+    if kind in BUILTIN_KINDS:
+        cls = import_object(BUILTIN_KINDS[kind], what="stage kind")
+    elif ":" in kind or "." in kind:
+        cls = import_object(kind, what="stage kind")
+    else:
+        raise TopologyError(f"unknown stage kind {kind!r}; built-in kinds are {sorted(BUILTIN_KINDS)}"
+                            f"{did_you_mean(kind, BUILTIN_KINDS)}, or give a dotted path 'package.module:Class'")
+    if not (isinstance(cls, type) and issubclass(cls, Stage)):
+        raise TopologyError(f"stage kind {kind!r} resolves to {cls!r}, which is not a zpipe.Stage subclass")
+    return cls

@@ -1,0 +1,177 @@
+"""Spawn the worker processes of a topology on this host, wait for READY, restart the dead, stop them in order.
+
+Workers are started with the ``spawn`` method: a child inherits no sockets, contexts or TVM state from the parent,
+only its :class:`~zpipe.worker.WorkerPlan`. Liveness of local workers is watched through their process sentinels
+(a file descriptor that becomes readable when the process ends), which the pipeline's I/O loop polls together with
+its sockets: a dead local worker is noticed at once, without heartbeat traffic.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from dataclasses import dataclass, field
+
+import cloudpickle
+import zmq
+
+from .errors import PeerTimeout, StageError, ZpipeError
+from .framing import Kind, Message
+from .topology import SINK, Topology
+from .transport import ipc_endpoint, make_socket, recv_message, send_message
+from .worker import WorkerPlan, run_worker
+
+__all__ = ["Supervisor"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Child:
+    plan: WorkerPlan
+    process: multiprocessing.process.BaseProcess | None = None
+    ready: bool = False
+    restarts: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class Supervisor:
+    """Owns the worker processes and the control socket. Not thread-safe: one thread drives it at a time."""
+
+    def __init__(self, topology: Topology, ctx: zmq.Context, rundir: str, sink_endpoint: str, *,
+                 max_restarts: int = 3) -> None:
+        self.topology = topology
+        self.max_restarts = max_restarts
+        self.control = make_socket(ctx, zmq.ROUTER, hwm=1000)
+        self.control.bind(ipc_endpoint(rundir, "control"))
+        control = self.control.getsockopt_string(zmq.LAST_ENDPOINT)
+        endpoints = {spec.name: ipc_endpoint(rundir, f"s{i}") for i, spec in enumerate(topology.stages)}
+        endpoints[SINK] = sink_endpoint
+        self.endpoints = endpoints
+        self.children: dict[str, _Child] = {}
+        for spec in topology.stages:
+            routes = tuple((consumer, endpoints[consumer], tensors)
+                           for consumer, tensors in topology.routes(spec.name).items())
+            plan = WorkerPlan(stage_name=spec.name, stage_blob=cloudpickle.dumps(spec.stage), inputs=spec.inputs,
+                              outputs=spec.outputs, endpoint=endpoints[spec.name], routes=routes, control=control,
+                              hwm=topology.hwm, join_timeout_s=topology.effective_join_timeout_s)
+            self.children[spec.name] = _Child(plan=plan)
+        self._mp = multiprocessing.get_context("spawn")
+
+    # -- start ---------------------------------------------------------------------------------------------------
+    def start(self, timeout_s: float) -> None:
+        """Spawn every worker and wait until all report READY; on any failure stop them all and raise."""
+        for name in self.topology.order():
+            self._spawn(name)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not all(c.ready for c in self.children.values()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    waiting = [n for n, c in self.children.items() if not c.ready]
+                    raise PeerTimeout(f"stages {waiting} did not report READY within {timeout_s:g}s; a slow setup() "
+                                      "(compiling? loading a large library?) needs a larger start timeout",
+                                      reason="start_timeout")
+                if self.control.poll(min(200, int(remaining * 1000) + 1)):
+                    self.handle_control()
+                for name, child in self.children.items():
+                    if not child.ready and not child.process.is_alive():
+                        # It may have sent "failed" just before exiting: read that first, for a better message.
+                        while self.control.poll(50):
+                            self.handle_control()
+                        raise StageError(f"stage {name!r}: worker exited with code {child.process.exitcode} "
+                                         "before it was ready", stage=name)
+        except BaseException:
+            self.stop(timeout_s=2.0)
+            raise
+
+    def _spawn(self, name: str) -> None:
+        child = self.children[name]
+        child.process = self._mp.Process(target=run_worker, args=(child.plan,), name=f"zpipe-{name}", daemon=True)
+        child.ready = False
+        child.started_at = time.monotonic()
+        child.process.start()
+
+    # -- control messages ----------------------------------------------------------------------------------------
+    def handle_control(self) -> Message | None:
+        """Read one control message from a worker; raises StageError when a worker reports a failed setup."""
+        try:
+            envelope, msg = recv_message(self.control, envelope_frames=1, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        except ZpipeError as exc:
+            log.warning("malformed control message: %s", exc)
+            return None
+        name = envelope[0].decode(errors="replace")
+        child = self.children.get(name)
+        if child is None:
+            log.warning("control message from unknown worker %r", name)
+            return None
+        op = msg.meta.get("op")
+        if op == "ready":
+            child.ready = True
+            log.info("stage %r ready (pid %s) in %.2fs", name, msg.meta.get("pid"),
+                     time.monotonic() - child.started_at)
+        elif op == "failed":
+            raise StageError(f"stage {name!r}: setup() raised {msg.meta.get('error')}: {msg.meta.get('message')}\n"
+                             f"{msg.meta.get('traceback', '')}", stage=name)
+        return msg
+
+    def status(self, name: str, timeout_s: float = 5.0) -> dict:
+        """Ask one worker for its counters (processed, failed, malformed...). Only while no I/O loop runs."""
+        self._order(name, "status")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.control.poll(50):
+                msg = self.handle_control()
+                if msg is not None and msg.meta.get("op") == "status" and msg.meta.get("stage") == name:
+                    return dict(msg.meta)
+        raise PeerTimeout(f"stage {name!r} did not answer a status request within {timeout_s:g}s")
+
+    # -- liveness ------------------------------------------------------------------------------------------------
+    def sentinels(self) -> dict[int, str]:
+        """Process sentinel fd -> stage name, for polling alongside sockets."""
+        return {c.process.sentinel: n for n, c in self.children.items() if c.process is not None}
+
+    def on_exit(self, name: str) -> bool:
+        """A worker ended unexpectedly: restart it if allowed. Returns False when it may not be restarted."""
+        child = self.children[name]
+        child.process.join(timeout=1.0)
+        log.error("stage %r worker (pid %s) died with exit code %s", name, child.process.pid, child.process.exitcode)
+        if child.restarts >= self.max_restarts:
+            return False
+        child.restarts += 1
+        self._spawn(name)
+        return True
+
+    def exitcode(self, name: str) -> int | None:
+        return self.children[name].process.exitcode
+
+    # -- stop ----------------------------------------------------------------------------------------------------
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Order every worker to stop (in topological order), wait, then terminate and kill stragglers."""
+        for name in self.topology.order():
+            child = self.children[name]
+            if child.process is not None and child.process.is_alive():
+                self._order(name, "stop")
+        deadline = time.monotonic() + timeout_s
+        for child in self.children.values():
+            if child.process is None:
+                continue
+            child.process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if child.process.is_alive():
+                log.warning("stage %r did not stop in time; terminating", child.plan.stage_name)
+                child.process.terminate()
+                child.process.join(timeout=2.0)
+                if child.process.is_alive():
+                    child.process.kill()
+                    child.process.join(timeout=2.0)
+        self.control.close(linger=0)
+
+    def _order(self, name: str, op: str) -> None:
+        try:
+            send_message(self.control, Message(kind=Kind.CONTROL, request_id=0, meta={"op": op}),
+                         envelope=[name.encode()], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # not connected (yet) or already gone
+            log.debug("could not send %r to stage %r: %s", op, name, exc)

@@ -1,0 +1,377 @@
+"""Topologies: which stages exist, where they run, and which tensor feeds which port. Frozen values; no sockets.
+
+A topology wires stages by **tensor name**, the way ONNX does: every tensor has exactly one producer (a stage, or
+the request itself for the pipeline inputs), and any number of consumers. A stage port reads or writes a tensor of
+the same name unless the topology maps it (``inputs = { x = "h" }``: port ``x`` reads tensor ``h``). Fan-out is one
+tensor read by several stages; fan-in is a stage reading tensors from several producers, which zpipe joins by
+request id before calling the stage. A TOML file looks like::
+
+    [pipeline]
+    name = "branchy"
+    inputs = ["x"]               # tensors every request carries
+    outputs = ["y"]              # tensors every reply carries
+    timeout_s = 30               # per-request deadline
+
+    [stages.stem]
+    kind = "tvm"                 # built-in short name, or "package.module:Class"
+    library = "build/stem.so"    # kind parameters; paths are relative to this file
+    inputs = ["x"]
+    outputs = ["h"]
+
+Everything is validated when the value is built, and errors name the stage and key at fault.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .errors import TopologyError, ZpipeError, did_you_mean
+from .stage import Stage, resolve_kind
+
+__all__ = ["StageSpec", "HostSpec", "Topology", "REQUEST", "SINK", "LOCAL_HOST"]
+
+REQUEST = "<request>"  # the producer of the pipeline inputs
+SINK = "<sink>"  # the consumer of the pipeline outputs
+LOCAL_HOST = "device"  # the host `zpipe run` runs on
+
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
+_PIPELINE_KEYS = ("name", "inputs", "outputs", "hwm", "max_in_flight", "timeout_s", "join_timeout_s")
+_STAGE_KEYS = ("kind", "inputs", "outputs", "host")
+_HOST_KEYS = ("endpoint", "server_key")
+_TOP_KEYS = ("pipeline", "stages", "hosts")
+
+Ports = tuple[tuple[str, str], ...]  # (port name, tensor name) pairs
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostSpec:
+    """A host other than this device (an edge server), named in a topology's ``[hosts]`` table."""
+
+    name: str
+    endpoint: str
+    server_key: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageSpec:
+    """One stage of a topology: its name, the configured stage object, its wiring and its host.
+
+    ``inputs``/``outputs`` accept a list of names (port = tensor) or a mapping port -> tensor; they are stored as
+    tuples of ``(port, tensor)`` pairs.
+    """
+
+    name: str
+    stage: Stage
+    inputs: Ports | Sequence[str] | Mapping[str, str]
+    outputs: Ports | Sequence[str] | Mapping[str, str]
+    host: str = LOCAL_HOST
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+            raise TopologyError(f"stage name {self.name!r} must start with a letter or '_' and hold only letters, "
+                                "digits, '_', '.', '-' (at most 128 chars)")
+        if not isinstance(self.stage, Stage):
+            raise TopologyError(f"stage {self.name!r}: expected a zpipe.Stage instance, got "
+                                f"{type(self.stage).__name__}; wrap plain functions in zpipe.PythonStage")
+        object.__setattr__(self, "inputs", _ports(self.name, "inputs", self.inputs))
+        object.__setattr__(self, "outputs", _ports(self.name, "outputs", self.outputs))
+        _check_ports(self.name, "inputs", self.inputs, self.stage.input_names, require_all=True)
+        _check_ports(self.name, "outputs", self.outputs, self.stage.output_names, require_all=False)
+
+    def tensors_in(self) -> tuple[str, ...]:
+        return tuple(tensor for _, tensor in self.inputs)
+
+    def tensors_out(self) -> tuple[str, ...]:
+        return tuple(tensor for _, tensor in self.outputs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Topology:
+    """A validated pipeline: stages, wiring, hosts and run-time bounds.
+
+    ``hwm`` bounds each link's queue (messages); ``max_in_flight`` bounds requests submitted but not answered
+    (submit blocks beyond it: backpressure); ``timeout_s`` is each request's deadline; ``join_timeout_s`` is how
+    long a stage waits for the rest of a request's inputs once the first part arrived (default: ``timeout_s``).
+    """
+
+    name: str = "pipeline"
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    stages: tuple[StageSpec, ...]
+    hosts: tuple[HostSpec, ...] = ()
+    hwm: int = 16
+    max_in_flight: int = 64
+    timeout_s: float = 60.0
+    join_timeout_s: float | None = None
+    source: Path | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "outputs", tuple(self.outputs))
+        object.__setattr__(self, "stages", tuple(self.stages))
+        object.__setattr__(self, "hosts", tuple(self.hosts))
+        _positive(self.name, "hwm", self.hwm, int)
+        _positive(self.name, "max_in_flight", self.max_in_flight, int)
+        _positive(self.name, "timeout_s", self.timeout_s, (int, float))
+        if self.join_timeout_s is not None:
+            _positive(self.name, "join_timeout_s", self.join_timeout_s, (int, float))
+        self._validate()
+
+    # -- queries -------------------------------------------------------------------------------------------------
+    def stage(self, name: str) -> StageSpec:
+        for spec in self.stages:
+            if spec.name == name:
+                return spec
+        raise TopologyError(f"no stage {name!r} in topology {self.name!r}"
+                            f"{did_you_mean(name, [s.name for s in self.stages])}")
+
+    def producer(self, tensor: str) -> str:
+        """The stage name producing ``tensor``, or :data:`REQUEST` for a pipeline input."""
+        if tensor in self.inputs:
+            return REQUEST
+        for spec in self.stages:
+            if tensor in spec.tensors_out():
+                return spec.name
+        raise TopologyError(f"nothing produces tensor {tensor!r} in topology {self.name!r}")
+
+    def routes(self, producer: str) -> dict[str, tuple[str, ...]]:
+        """Where ``producer``'s tensors go: consumer stage name (or :data:`SINK`) -> tensor names it needs."""
+        produced = self.inputs if producer == REQUEST else self.stage(producer).tensors_out()
+        out: dict[str, tuple[str, ...]] = {}
+        for spec in self.stages:
+            needed = tuple(t for t in spec.tensors_in() if t in produced)
+            if needed:
+                out[spec.name] = needed
+        to_sink = tuple(t for t in self.outputs if t in produced)
+        if to_sink:
+            out[SINK] = to_sink
+        return out
+
+    def order(self) -> tuple[str, ...]:
+        """Stage names in a topological order (producers before consumers)."""
+        return self._order
+
+    @property
+    def effective_join_timeout_s(self) -> float:
+        return self.timeout_s if self.join_timeout_s is None else self.join_timeout_s
+
+    # -- loading -------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Topology":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise TopologyError(f"cannot read topology file {str(path)!r}: {exc.strerror}") from exc
+        return cls.from_toml(text, base_dir=path.parent, source=path)
+
+    @classmethod
+    def from_toml(cls, text: str, *, base_dir: str | Path = ".", source: Path | None = None) -> "Topology":
+        where = str(source) if source else "<topology>"
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise TopologyError(f"{where}: not valid TOML: {exc}") from exc
+        return cls.from_dict(doc, base_dir=Path(base_dir), source=source)
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], *, base_dir: Path = Path("."), source: Path | None = None
+                  ) -> "Topology":
+        _unknown_keys(doc, _TOP_KEYS, "top level")
+        pipeline = _table(doc, "pipeline", "top level")
+        _unknown_keys(pipeline, _PIPELINE_KEYS, "[pipeline]")
+        for key in ("inputs", "outputs"):
+            if key not in pipeline:
+                raise TopologyError(f"[pipeline] needs {key!r}: the list of tensor names every request "
+                                    f"{'carries' if key == 'inputs' else 'gets back'}")
+            if not _is_str_list(pipeline[key]):
+                raise TopologyError(f"[pipeline] {key!r} must be a list of tensor names, got {pipeline[key]!r}")
+        hosts = []
+        for host_name, table in _table(doc, "hosts", "top level", required=False).items():
+            _unknown_keys(table, _HOST_KEYS, f"[hosts.{host_name}]")
+            if "endpoint" not in table:
+                raise TopologyError(f"[hosts.{host_name}] needs 'endpoint', e.g. 'tcp://10.0.0.2:5555'")
+            hosts.append(HostSpec(name=host_name, **table))
+        stages = [_stage_from_table(name, table, base_dir)
+                  for name, table in _table(doc, "stages", "top level").items()]
+        options = {k: v for k, v in pipeline.items() if k not in ("inputs", "outputs")}
+        try:
+            return cls(inputs=pipeline["inputs"], outputs=pipeline["outputs"], stages=stages, hosts=hosts,
+                       source=source, **options)
+        except TypeError as exc:  # wrong value type for a dataclass field
+            raise TopologyError(f"[pipeline]: {exc}") from exc
+
+    # -- validation ----------------------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        names = [s.name for s in self.stages]
+        if not names:
+            raise TopologyError(f"topology {self.name!r} has no stages")
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise TopologyError(f"stage names must be unique; repeated: {sorted(dupes)}")
+        host_names = {h.name for h in self.hosts} | {LOCAL_HOST}
+        for spec in self.stages:
+            if spec.host not in host_names:
+                raise TopologyError(f"stage {spec.name!r}: host {spec.host!r} is not {LOCAL_HOST!r} and not in "
+                                    f"[hosts]{did_you_mean(spec.host, host_names)}")
+        producers: dict[str, str] = {}
+        for tensor in self.inputs:
+            _claim(producers, tensor, REQUEST)
+        for spec in self.stages:
+            for tensor in spec.tensors_out():
+                _claim(producers, tensor, spec.name)
+        for spec in self.stages:
+            for port, tensor in spec.inputs:
+                if tensor not in producers:
+                    raise TopologyError(f"stage {spec.name!r} input {port!r} reads tensor {tensor!r}, which no "
+                                        f"stage produces and the pipeline does not take as input"
+                                        f"{did_you_mean(tensor, producers)}")
+        consumed = {t for spec in self.stages for t in spec.tensors_in()} | set(self.outputs)
+        for tensor in self.outputs:
+            if tensor not in producers:
+                raise TopologyError(f"pipeline output {tensor!r} is produced by no stage"
+                                    f"{did_you_mean(tensor, producers)}")
+            if producers[tensor] == REQUEST:
+                raise TopologyError(f"pipeline output {tensor!r} is also a pipeline input; route it through a stage")
+        for tensor, producer in producers.items():
+            if tensor not in consumed:
+                who = "pipeline input" if producer == REQUEST else f"output of stage {producer!r}"
+                raise TopologyError(f"{who} {tensor!r} is not connected: no stage reads it and it is not a pipeline "
+                                    "output; wire it or remove it")
+        object.__setattr__(self, "_order", self._toposort(producers))
+
+    def _toposort(self, producers: Mapping[str, str]) -> tuple[str, ...]:
+        deps = {s.name: {producers[t] for t in s.tensors_in()} - {REQUEST} for s in self.stages}
+        order: list[str] = []
+        state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+        def visit(name: str, path: list[str]) -> None:
+            if state.get(name) == 2:
+                return
+            if state.get(name) == 1:
+                cycle = path[path.index(name):] + [name]
+                raise TopologyError(f"the stages form a cycle: {' -> '.join(cycle)}")
+            state[name] = 1
+            for dep in sorted(deps[name]):
+                visit(dep, path + [name])
+            state[name] = 2
+            order.append(name)
+
+        for spec in self.stages:
+            visit(spec.name, [])
+        return tuple(order)
+
+
+def _stage_from_table(name: str, table: Any, base_dir: Path) -> StageSpec:
+    where = f"[stages.{name}]"
+    if not isinstance(table, dict):
+        raise TopologyError(f"{where} must be a table, got {type(table).__name__}")
+    if "kind" not in table:
+        raise TopologyError(f"{where} needs 'kind': a built-in kind ('python', 'tvm', 'merge') or "
+                            "'package.module:Class'")
+    for key in ("inputs", "outputs"):
+        if key not in table:
+            raise TopologyError(f"{where} needs {key!r}: a list of tensor names or a table port = tensor")
+    cls = resolve_kind(table["kind"])
+    params = {k: v for k, v in table.items() if k not in _STAGE_KEYS}
+    accepted = _accepted_params(cls)
+    for key in params:
+        if key not in accepted:
+            raise TopologyError(f"{where}: unknown key {key!r} for kind {table['kind']!r}"
+                                f"{did_you_mean(key, [*_STAGE_KEYS, *accepted])}; "
+                                f"this kind takes {sorted(accepted) or 'no parameters'}")
+    missing = [k for k, p in accepted.items() if p.default is inspect.Parameter.empty and k not in params]
+    if missing:
+        raise TopologyError(f"{where}: kind {table['kind']!r} needs {missing}")
+    for key in getattr(cls, "path_params", ()):
+        if isinstance(params.get(key), str):
+            params[key] = str((base_dir / params[key]).resolve())
+    try:
+        stage = cls(**params)
+    except ZpipeError as exc:
+        raise type(exc)(f"{where}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise TopologyError(f"{where}: {exc}") from exc
+    return StageSpec(name=name, stage=stage, inputs=table["inputs"], outputs=table["outputs"],
+                     host=table.get("host", LOCAL_HOST))
+
+
+def _accepted_params(cls: type) -> dict[str, inspect.Parameter]:
+    sig = inspect.signature(cls.__init__)
+    return {n: p for n, p in sig.parameters.items()
+            if n != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def _ports(stage: str, key: str, value: Any) -> Ports:
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        pairs = [(v, v) for v in value]
+    elif isinstance(value, tuple) and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+        pairs = list(value)
+    else:
+        raise TopologyError(f"stage {stage!r} {key!r} must be a list of tensor names or a table port = tensor, "
+                            f"got {value!r}")
+    if not pairs:
+        raise TopologyError(f"stage {stage!r} needs at least one entry in {key!r}")
+    for port, tensor in pairs:
+        if not (isinstance(port, str) and isinstance(tensor, str) and port and tensor):
+            raise TopologyError(f"stage {stage!r} {key!r}: {port!r} = {tensor!r} is not a pair of names")
+    ports = [p for p, _ in pairs]
+    tensors = [t for _, t in pairs]
+    for label, names in (("port", ports), ("tensor", tensors)):
+        if len(set(names)) != len(names):
+            raise TopologyError(f"stage {stage!r} {key!r} repeats a {label}: {names}")
+    return tuple(pairs)
+
+
+def _check_ports(stage: str, key: str, ports: Ports, declared: Iterable[str] | None, *, require_all: bool) -> None:
+    if declared is None:
+        return
+    declared = tuple(declared)
+    for port, _ in ports:
+        if port not in declared:
+            raise TopologyError(f"stage {stage!r} has no {key[:-1]} port {port!r}{did_you_mean(port, declared)}; "
+                                f"its {key} are {list(declared)}")
+    if require_all:
+        missing = [p for p in declared if p not in {p for p, _ in ports}]
+        if missing:
+            raise TopologyError(f"stage {stage!r} {key} {missing} are not wired; its {key} are {list(declared)}")
+
+
+def _claim(producers: dict[str, str], tensor: str, producer: str) -> None:
+    if tensor in producers:
+        def who(p: str) -> str:
+            return "the request (pipeline input)" if p == REQUEST else f"stage {p!r}"
+        raise TopologyError(f"tensor {tensor!r} is produced twice: by {who(producers[tensor])} and by {who(producer)}")
+    producers[tensor] = producer
+
+
+def _unknown_keys(table: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise TopologyError(f"{where}: unknown key {key!r}{did_you_mean(key, allowed)}; allowed: {list(allowed)}")
+
+
+def _table(doc: Mapping[str, Any], key: str, where: str, *, required: bool = True) -> dict:
+    if key not in doc:
+        if required:
+            raise TopologyError(f"{where}: missing [{key}] table")
+        return {}
+    if not isinstance(doc[key], dict):
+        raise TopologyError(f"{where}: {key!r} must be a table, got {type(doc[key]).__name__}")
+    return doc[key]
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+
+
+def _positive(topology: str, key: str, value: Any, types: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, types) or value <= 0:
+        raise TopologyError(f"topology {topology!r}: {key} must be a positive number, got {value!r}")

@@ -1,0 +1,73 @@
+"""The only module that creates ZeroMQ sockets: socket options, endpoints, and framed send/receive.
+
+Every socket gets ``linger=0`` (closing never hangs on unsent data: zpipe accounts for requests itself) and
+explicit high-water marks (bounded queues: PUSH and DEALER block at the mark, so a slow consumer back-pressures its
+producers instead of growing memory). Messages go through :mod:`zpipe.framing` and are sent with ``copy=False``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import zmq
+
+from .framing import DEFAULT_LIMITS, Limits, Message, decode, encode
+
+__all__ = ["new_context", "make_socket", "ipc_endpoint", "send_message", "recv_message", "bound_endpoint"]
+
+
+def new_context() -> zmq.Context:
+    """A fresh context for this process (never inherit one across fork/spawn)."""
+    return zmq.Context()
+
+
+def make_socket(ctx: zmq.Context, kind: int, *, hwm: int, identity: bytes | None = None,
+                max_message_bytes: int | None = None) -> zmq.Socket:
+    """A socket with zpipe's options. Options that libzmq reads only at bind/connect are set here, before either."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    if max_message_bytes is not None:
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown peer is an error, not a silent drop
+    return sock
+
+
+def ipc_endpoint(rundir: str | Path, name: str) -> str:
+    """``ipc://`` endpoint for ``name`` inside ``rundir``; raises ValueError when the path is too long for a socket."""
+    path = os.path.join(str(rundir), name)
+    if len(path.encode()) > 100:  # sun_path holds 108 bytes, including the terminator
+        raise ValueError(f"ipc path {path!r} is too long for a unix socket; use a shorter run directory")
+    return f"ipc://{path}"
+
+
+def bound_endpoint(sock: zmq.Socket) -> str:
+    """The endpoint a socket actually bound to (resolves ``tcp://127.0.0.1:*`` to the real port)."""
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def send_message(sock: zmq.Socket, message: Message, *, envelope: list[bytes] | None = None, flags: int = 0,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
+    """Encode and send ``message`` without copying its tensors. ``envelope`` prefixes ROUTER identity frames.
+
+    The arrays in ``message`` must not be modified until the message has left (see :mod:`zpipe.framing`).
+    """
+    frames = encode(message, limits)
+    sock.send_multipart((envelope or []) + frames, flags=flags, copy=False)
+
+
+def recv_message(sock: zmq.Socket, *, envelope_frames: int = 0, flags: int = 0,
+                 limits: Limits = DEFAULT_LIMITS) -> tuple[list[bytes], Message]:
+    """Receive one message; returns the envelope (ROUTER identity frames) and the decoded :class:`Message`.
+
+    Tensors are read-only views of the received frames (no copy). Raises :class:`~zpipe.errors.FramingError` for a
+    malformed message, after it has been received whole, so the socket stays usable.
+    """
+    frames = sock.recv_multipart(flags=flags, copy=False)
+    envelope = [f.bytes for f in frames[:envelope_frames]]
+    return envelope, decode(frames[envelope_frames:], limits)

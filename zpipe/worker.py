@@ -1,0 +1,253 @@
+"""One worker process hosting one stage: receive, join by request id, process, send on. Sockets are built here.
+
+The worker binds a PULL socket (its input), connects one PUSH socket per consumer (other stages, or the pipeline's
+sink), and a DEALER to the supervisor for the READY handshake and orders. Its loop is the one dispatch point: a
+malformed message or a raising stage costs one request (an ERROR message travels downstream in its place, naming
+the stage), never the worker.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import cloudpickle
+import numpy as np
+import zmq
+
+from .errors import FramingError, StageError
+from .framing import DEFAULT_LIMITS, Kind, Limits, Message, encode
+from .stage import Stage
+from .transport import make_socket, new_context, recv_message, send_message
+
+__all__ = ["WorkerPlan", "run_worker", "normalise_outputs"]
+
+log = logging.getLogger(__name__)
+
+_FAILED_MEMORY = 10_000  # request ids remembered as failed, so their late parts are dropped, not re-joined
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerPlan:
+    """Everything a worker needs, as plain picklable values (endpoints, not sockets)."""
+
+    stage_name: str
+    stage_blob: bytes  # cloudpickle of the configured Stage; built by our own parent, never read from a socket
+    inputs: tuple[tuple[str, str], ...]  # (port, tensor)
+    outputs: tuple[tuple[str, str], ...]
+    endpoint: str  # where this worker's PULL binds
+    routes: tuple[tuple[str, str, tuple[str, ...]], ...]  # (consumer, endpoint, tensors it needs)
+    control: str  # the supervisor's ROUTER
+    hwm: int
+    join_timeout_s: float
+    limits: Limits = DEFAULT_LIMITS
+
+
+def run_worker(plan: WorkerPlan) -> None:
+    """Entry point of the worker process (spawned, so nothing is inherited but ``plan``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which orders an orderly stop
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    logging.basicConfig(level=os.environ.get("ZPIPE_WORKER_LOG", "WARNING"),
+                        format=f"%(asctime)s worker[{plan.stage_name}] %(levelname)s %(message)s")
+    _Worker(plan, stopping).run()
+
+
+class _Join:
+    __slots__ = ("tensors", "meta", "deadline")
+
+    def __init__(self, deadline: float) -> None:
+        self.tensors: dict[str, np.ndarray] = {}
+        self.meta: dict[str, Any] = {}
+        self.deadline = deadline
+
+
+class _Worker:
+    def __init__(self, plan: WorkerPlan, stopping: list) -> None:
+        self.plan = plan
+        self.name = plan.stage_name
+        self.stopping = stopping
+        self.needed = frozenset(t for _, t in plan.inputs)
+        self.joins: dict[int, _Join] = {}
+        self.failed: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.counts = collections.Counter()
+
+    def run(self) -> None:
+        plan = self.plan
+        ctx = new_context()
+        self.control = make_socket(ctx, zmq.DEALER, hwm=1000, identity=self.name.encode())
+        self.control.connect(plan.control)
+        try:
+            self.stage: Stage = cloudpickle.loads(plan.stage_blob)
+            self.data_in = make_socket(ctx, zmq.PULL, hwm=plan.hwm)
+            self.data_in.bind(plan.endpoint)
+            self.outs = []
+            for consumer, endpoint, tensors in plan.routes:
+                sock = make_socket(ctx, zmq.PUSH, hwm=plan.hwm)
+                sock.connect(endpoint)
+                self.outs.append((consumer, sock, tensors))
+            self.stage.setup()
+        except Exception as exc:
+            log.exception("setup failed")
+            self._control("failed", error=type(exc).__name__, message=str(exc)[:4000],
+                          traceback=traceback.format_exc()[-8000:])
+            ctx.destroy(linger=0)
+            return
+        self._control("ready", pid=os.getpid())
+        try:
+            self._loop()
+        finally:
+            try:
+                self.stage.teardown()
+            except Exception:
+                log.exception("teardown failed")
+            ctx.destroy(linger=0)
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.data_in, zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        while not self.stopping:
+            timeout_ms = 200
+            if self.joins:
+                first = next(iter(self.joins.values()))
+                timeout_ms = max(0, min(timeout_ms, int((first.deadline - time.monotonic()) * 1000) + 1))
+            events = dict(poller.poll(timeout_ms))
+            if self.control in events and self._on_control():
+                return
+            if self.data_in in events:
+                self._on_data()
+            self._expire_joins()
+
+    def _on_control(self) -> bool:
+        """Handle one order from the supervisor; True means stop."""
+        try:
+            _, msg = recv_message(self.control, limits=self.plan.limits)
+        except FramingError as exc:
+            log.warning("malformed control message: %s", exc)
+            return False
+        op = msg.meta.get("op")
+        if op == "stop":
+            return True
+        if op == "status":
+            self._control("status", **{k: int(v) for k, v in self.counts.items()}, joins=len(self.joins))
+        else:
+            log.warning("unknown control op %r", op)
+        return False
+
+    def _on_data(self) -> None:
+        try:
+            _, msg = recv_message(self.data_in, flags=zmq.NOBLOCK, limits=self.plan.limits)
+        except zmq.Again:
+            return
+        except FramingError as exc:
+            self.counts["malformed"] += 1
+            log.warning("dropped a malformed message: %s", exc)
+            return
+        rid = msg.request_id
+        if msg.kind == Kind.ERROR:
+            if self.joins.pop(rid, None) is not None or rid not in self.failed:
+                self._forward_error(rid, msg.meta)
+            return
+        if msg.kind != Kind.REQUEST:
+            self.counts["unexpected_kind"] += 1
+            log.warning("request %d: unexpected message kind %s dropped", rid, msg.kind.name)
+            return
+        if rid in self.failed:
+            self.counts["dropped_after_failure"] += 1
+            return
+        join = self.joins.get(rid)
+        if join is None and self.needed <= msg.tensors.keys():
+            self._run(rid, msg.tensors, msg.meta)
+            return
+        if join is None:
+            join = self.joins[rid] = _Join(time.monotonic() + self._join_timeout_s())
+        join.tensors.update(msg.tensors)
+        join.meta.update(msg.meta)
+        if self.needed <= join.tensors.keys():
+            del self.joins[rid]
+            self._run(rid, join.tensors, join.meta)
+
+    def _join_timeout_s(self) -> float:
+        own = getattr(self.stage, "join_timeout_s", None)
+        return own if own is not None else self.plan.join_timeout_s
+
+    def _expire_joins(self) -> None:
+        now = time.monotonic()
+        while self.joins:
+            rid, join = next(iter(self.joins.items()))
+            if join.deadline > now:
+                return
+            del self.joins[rid]
+            missing = sorted(self.needed - join.tensors.keys())
+            self.counts["join_timeouts"] += 1
+            self._fail(rid, join.meta, "PeerTimeout",
+                       f"stage {self.name!r} waited {self._join_timeout_s():g}s for tensors {missing} of request "
+                       f"{rid} (got {sorted(join.tensors)})")
+
+    def _run(self, rid: int, tensors: Mapping[str, np.ndarray], meta: dict[str, Any]) -> None:
+        inputs = {port: tensors[tensor] for port, tensor in self.plan.inputs}
+        start = time.monotonic()
+        try:
+            result = self.stage.process(inputs)
+            outputs = normalise_outputs(self.name, result, [p for p, _ in self.plan.outputs])
+            end = time.monotonic()
+            meta = {**meta, f"t:{self.name}": [start, end]}
+            by_tensor = {tensor: outputs[port] for port, tensor in self.plan.outputs}
+            # Encode every outgoing message before sending any, so a bad output fails the request as a whole.
+            batches = [(sock, encode(Message(kind=Kind.REQUEST, request_id=rid, meta=meta,
+                                             tensors={t: by_tensor[t] for t in tensors}), self.plan.limits))
+                       for _, sock, tensors in self.outs]
+        except Exception as exc:  # the one place a stage's failure is contained
+            log.debug("request %d failed", rid, exc_info=True)
+            self._fail(rid, meta, type(exc).__name__, str(exc))
+            return
+        for sock, frames in batches:
+            sock.send_multipart(frames, copy=False)
+        self.counts["processed"] += 1
+
+    def _fail(self, rid: int, meta: Mapping[str, Any], error: str, message: str) -> None:
+        self.counts["failed"] += 1
+        self._forward_error(rid, {**meta, "stage": self.name, "error": error, "message": message[:4000]})
+
+    def _forward_error(self, rid: int, meta: Mapping[str, Any]) -> None:
+        self.failed[rid] = None
+        if len(self.failed) > _FAILED_MEMORY:
+            self.failed.popitem(last=False)
+        for _, sock, _ in self.outs:
+            send_message(sock, Message(kind=Kind.ERROR, request_id=rid, meta=dict(meta)), limits=self.plan.limits)
+
+    def _control(self, op: str, **meta: Any) -> None:
+        send_message(self.control, Message(kind=Kind.CONTROL, request_id=0,
+                                           meta={"op": op, "stage": self.name, **meta}))
+
+
+def normalise_outputs(stage: str, result: Any, ports: list[str]) -> dict[str, np.ndarray]:
+    """Map what ``Stage.process`` returned onto output ports.
+
+    A mapping is taken by port name; a single array fills the only port; a tuple or list fills ports in order.
+    """
+    if isinstance(result, Mapping):
+        missing = [p for p in ports if p not in result]
+        if missing:
+            raise StageError(f"stage {stage!r} returned {sorted(result)} but the topology wires outputs {missing}",
+                             stage=stage)
+        return {p: result[p] for p in ports}
+    if isinstance(result, (np.ndarray, np.generic)):
+        if len(ports) != 1:
+            raise StageError(f"stage {stage!r} returned one array but has {len(ports)} output ports {ports}; "
+                             "return a dict", stage=stage)
+        return {ports[0]: result}
+    if isinstance(result, (tuple, list)):
+        if len(result) != len(ports):
+            raise StageError(f"stage {stage!r} returned {len(result)} values for {len(ports)} output ports {ports}",
+                             stage=stage)
+        return dict(zip(ports, result))
+    raise StageError(f"stage {stage!r} returned {type(result).__name__}; expected a dict of arrays, an array, "
+                     "or a tuple of arrays", stage=stage)
