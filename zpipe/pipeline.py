@@ -231,6 +231,9 @@ class Pipeline:
                 for fd in [fd for fd in sentinels if fd in events]:
                     poller.unregister(fd)
                     self._on_worker_exit(sentinels.pop(fd))
+                if not sentinels and not self._broken:  # no pidfd on this platform: poll the processes
+                    for name in self._supervisor.exited():
+                        self._on_worker_exit(name)
                 self._expire()
             except Exception:  # never let the I/O thread die: that would strand every future
                 log.exception("error in the pipeline I/O loop")

@@ -1,15 +1,20 @@
 """Spawn the worker processes of a topology on this host, wait for READY, restart the dead, stop them in order.
 
-Workers are started with the ``spawn`` method: a child inherits no sockets, contexts or TVM state from the parent,
-only its :class:`~zpipe.worker.WorkerPlan`. Liveness of local workers is watched through their process sentinels
-(a file descriptor that becomes readable when the process ends), which the pipeline's I/O loop polls together with
-its sockets: a dead local worker is noticed at once, without heartbeat traffic.
+Workers are fresh interpreters (``python -c "from zpipe.worker import main; main()"``) that read their
+:class:`~zpipe.worker.WorkerPlan` from a pipe: a child inherits no sockets, contexts or TVM state from the parent,
+and, unlike ``multiprocessing``'s spawn, never re-imports the caller's ``__main__`` (so scripts need no
+``if __name__ == "__main__"`` guard and work from stdin or a notebook). Liveness of local workers is watched through
+a pidfd per child (a file descriptor that becomes readable when the process ends), which the pipeline's I/O loop
+polls together with its sockets: a dead local worker is noticed at once, without heartbeat traffic.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
+import os
+import pickle
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -20,7 +25,7 @@ from .errors import PeerTimeout, StageError, ZpipeError
 from .framing import Kind, Message
 from .topology import SINK, Topology
 from .transport import ipc_endpoint, make_socket, recv_message, send_message
-from .worker import WorkerPlan, run_worker
+from .worker import WorkerPlan
 
 __all__ = ["Supervisor"]
 
@@ -30,7 +35,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Child:
     plan: WorkerPlan
-    process: multiprocessing.process.BaseProcess | None = None
+    process: subprocess.Popen | None = None
+    pidfd: int | None = None
     ready: bool = False
     restarts: int = 0
     started_at: float = field(default_factory=time.monotonic)
@@ -55,9 +61,9 @@ class Supervisor:
                            for consumer, tensors in topology.routes(spec.name).items())
             plan = WorkerPlan(stage_name=spec.name, stage_blob=cloudpickle.dumps(spec.stage), inputs=spec.inputs,
                               outputs=spec.outputs, endpoint=endpoints[spec.name], routes=routes, control=control,
-                              hwm=topology.hwm, join_timeout_s=topology.effective_join_timeout_s)
+                              hwm=topology.hwm, join_timeout_s=topology.effective_join_timeout_s,
+                              sys_path=tuple(sys.path), parent_pid=os.getpid())
             self.children[spec.name] = _Child(plan=plan)
-        self._mp = multiprocessing.get_context("spawn")
 
     # -- start ---------------------------------------------------------------------------------------------------
     def start(self, timeout_s: float) -> None:
@@ -76,11 +82,11 @@ class Supervisor:
                 if self.control.poll(min(200, int(remaining * 1000) + 1)):
                     self.handle_control()
                 for name, child in self.children.items():
-                    if not child.ready and not child.process.is_alive():
+                    if not child.ready and child.process.poll() is not None:
                         # It may have sent "failed" just before exiting: read that first, for a better message.
                         while self.control.poll(50):
                             self.handle_control()
-                        raise StageError(f"stage {name!r}: worker exited with code {child.process.exitcode} "
+                        raise StageError(f"stage {name!r}: worker exited with code {child.process.returncode} "
                                          "before it was ready", stage=name)
         except BaseException:
             self.stop(timeout_s=2.0)
@@ -88,10 +94,23 @@ class Supervisor:
 
     def _spawn(self, name: str) -> None:
         child = self.children[name]
-        child.process = self._mp.Process(target=run_worker, args=(child.plan,), name=f"zpipe-{name}", daemon=True)
+        self._close_pidfd(child)
+        child.process = subprocess.Popen(
+            [sys.executable, "-c", "from zpipe.worker import main; main()"], stdin=subprocess.PIPE,
+            start_new_session=False)
+        # The plan holds only our own values (endpoints, and the stage cloudpickled by this process). It travels
+        # over a private pipe to our own child: never over a socket.
+        child.process.stdin.write(pickle.dumps(child.plan))
+        child.process.stdin.close()
+        child.pidfd = os.pidfd_open(child.process.pid) if hasattr(os, "pidfd_open") else None
         child.ready = False
         child.started_at = time.monotonic()
-        child.process.start()
+
+    @staticmethod
+    def _close_pidfd(child: _Child) -> None:
+        if child.pidfd is not None:
+            os.close(child.pidfd)
+            child.pidfd = None
 
     # -- control messages ----------------------------------------------------------------------------------------
     def handle_control(self) -> Message | None:
@@ -131,42 +150,52 @@ class Supervisor:
 
     # -- liveness ------------------------------------------------------------------------------------------------
     def sentinels(self) -> dict[int, str]:
-        """Process sentinel fd -> stage name, for polling alongside sockets."""
-        return {c.process.sentinel: n for n, c in self.children.items() if c.process is not None}
+        """pidfd -> stage name, for polling alongside sockets (readable once the process has ended)."""
+        return {c.pidfd: n for n, c in self.children.items() if c.pidfd is not None}
+
+    def exited(self) -> list[str]:
+        """Stages whose worker process has ended (for platforms without pidfd, polled by the I/O loop)."""
+        return [n for n, c in self.children.items() if c.process is not None and c.process.poll() is not None]
 
     def on_exit(self, name: str) -> bool:
         """A worker ended unexpectedly: restart it if allowed. Returns False when it may not be restarted."""
         child = self.children[name]
-        child.process.join(timeout=1.0)
-        log.error("stage %r worker (pid %s) died with exit code %s", name, child.process.pid, child.process.exitcode)
+        child.process.wait(timeout=1.0)
+        log.error("stage %r worker (pid %s) died with exit code %s", name, child.process.pid, child.process.returncode)
         if child.restarts >= self.max_restarts:
+            self._close_pidfd(child)
             return False
         child.restarts += 1
         self._spawn(name)
         return True
 
     def exitcode(self, name: str) -> int | None:
-        return self.children[name].process.exitcode
+        return self.children[name].process.poll()
 
     # -- stop ----------------------------------------------------------------------------------------------------
     def stop(self, timeout_s: float = 5.0) -> None:
         """Order every worker to stop (in topological order), wait, then terminate and kill stragglers."""
+        if self.control.closed:
+            return
         for name in self.topology.order():
             child = self.children[name]
-            if child.process is not None and child.process.is_alive():
+            if child.process is not None and child.process.poll() is None:
                 self._order(name, "stop")
         deadline = time.monotonic() + timeout_s
         for child in self.children.values():
             if child.process is None:
                 continue
-            child.process.join(timeout=max(0.0, deadline - time.monotonic()))
-            if child.process.is_alive():
+            try:
+                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 log.warning("stage %r did not stop in time; terminating", child.plan.stage_name)
                 child.process.terminate()
-                child.process.join(timeout=2.0)
-                if child.process.is_alive():
+                try:
+                    child.process.wait(timeout=2.0)
+                except subprocess.TimeoutExpired:
                     child.process.kill()
-                    child.process.join(timeout=2.0)
+                    child.process.wait(timeout=2.0)
+            self._close_pidfd(child)
         self.control.close(linger=0)
 
     def _order(self, name: str, op: str) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import pickle
 import signal
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from .framing import DEFAULT_LIMITS, Kind, Limits, Message, encode
 from .stage import Stage
 from .transport import make_socket, new_context, recv_message, send_message
 
-__all__ = ["WorkerPlan", "run_worker", "normalise_outputs"]
+__all__ = ["WorkerPlan", "main", "run_worker", "normalise_outputs"]
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +48,22 @@ class WorkerPlan:
     control: str  # the supervisor's ROUTER
     hwm: int
     join_timeout_s: float
+    sys_path: tuple[str, ...] = ()  # the parent's import path, so dotted paths resolve the same way
+    parent_pid: int = 0  # the worker exits when this process is gone
     limits: Limits = DEFAULT_LIMITS
 
 
+def main() -> None:
+    """Entry point of a worker process: read the pickled plan from stdin (a private pipe from the parent), run it."""
+    plan = pickle.loads(sys.stdin.buffer.read())  # our own parent's bytes over a pipe, never from a socket
+    for entry in reversed(plan.sys_path):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    run_worker(plan)
+
+
 def run_worker(plan: WorkerPlan) -> None:
-    """Entry point of the worker process (spawned, so nothing is inherited but ``plan``)."""
+    """Run one worker in this process until told to stop, sent SIGTERM, or orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which orders an orderly stop
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
@@ -114,6 +127,9 @@ class _Worker:
         poller.register(self.data_in, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
         while not self.stopping:
+            if self.plan.parent_pid and os.getppid() != self.plan.parent_pid:
+                log.error("parent process %d is gone; exiting", self.plan.parent_pid)
+                return
             timeout_ms = 200
             if self.joins:
                 first = next(iter(self.joins.values()))

@@ -1,0 +1,125 @@
+"""Topology files: what loads, and the precise error for each way one can be wrong."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from zpipe import ArtifactError, StageSpec, Topology, TopologyError
+from zpipe.testing import Scale
+from zpipe.topology import REQUEST, SINK
+
+GOOD = """
+[pipeline]
+name = "t"
+inputs = ["x"]
+outputs = ["y"]
+
+[stages.a]
+kind = "zpipe.testing:Scale"
+factor = 2.0
+inputs = ["x"]
+outputs = { out = "h" }
+
+[stages.b]
+kind = "zpipe.testing:Scale"
+inputs = { x = "h" }
+outputs = { out = "b" }
+
+[stages.c]
+kind = "zpipe.testing:Scale"
+inputs = { x = "h" }
+outputs = { out = "c" }
+
+[stages.m]
+kind = "merge"
+op = "add"
+inputs = ["b", "c"]
+outputs = ["y"]
+"""
+
+
+def load(text: str, tmp_path=None) -> Topology:
+    return Topology.from_toml(textwrap.dedent(text), base_dir=tmp_path or ".")
+
+
+def test_good_topology_wiring():
+    topo = load(GOOD)
+    assert topo.order()[0] == "a" and topo.order()[-1] == "m"
+    assert topo.routes(REQUEST) == {"a": ("x",)}
+    assert topo.routes("a") == {"b": ("h",), "c": ("h",)}
+    assert topo.routes("m") == {SINK: ("y",)}
+    assert topo.producer("h") == "a"
+    assert topo.stage("a").stage.factor == 2.0
+
+
+@pytest.mark.parametrize("edit, error, match", [
+    (lambda t: t.replace('name = "t"', 'nmae = "t"'), TopologyError, r"unknown key 'nmae'; did you mean 'name'"),
+    (lambda t: t.replace("factor = 2.0", "facter = 2.0"), TopologyError,
+     r"\[stages.a\]: unknown key 'facter' for kind 'zpipe.testing:Scale'; did you mean 'factor'"),
+    (lambda t: t + "\n[extra]\n", TopologyError, "top level: unknown key 'extra'"),
+    (lambda t: t.replace('kind = "merge"', 'kind = "merj"'), TopologyError,
+     r"unknown stage kind 'merj'.*did you mean 'merge'"),
+    (lambda t: t.replace('kind = "merge"', 'kind = "nosuch.module:X"'), TopologyError, "cannot import module"),
+    (lambda t: t.replace('inputs = ["b", "c"]', 'inputs = ["b", "cc"]'), TopologyError,
+     r"stage 'm' input 'cc' reads tensor 'cc', which no stage produces.*did you mean 'c'"),
+    (lambda t: t.replace('outputs = ["y"]\n\n[stages.a]', 'outputs = ["z"]\n\n[stages.a]'), TopologyError,
+     "pipeline output 'z' is produced by no stage"),
+    (lambda t: t.replace('outputs = { out = "c" }', 'outputs = { out = "b" }'), TopologyError,
+     "tensor 'b' is produced twice: by stage 'b' and by stage 'c'"),
+    (lambda t: t.replace('inputs = { x = "h" }\noutputs = { out = "b" }', 'inputs = { x = "y" }\noutputs = { out = "b" }'),
+     TopologyError, "the stages form a cycle: (b -> m -> b|m -> b -> m)"),
+    (lambda t: t.replace('inputs = { x = "h" }\noutputs = { out = "c" }', 'inputs = { x = "x" }\noutputs = { out = "c" }')
+     .replace('inputs = ["b", "c"]', 'inputs = ["b"]'), TopologyError,
+     "output of stage 'c' 'c' is not connected"),
+    (lambda t: t.replace('inputs = { x = "h" }\noutputs = { out = "b" }', 'inputs = { q = "h" }\noutputs = { out = "b" }'),
+     TopologyError, "stage 'b' has no input port 'q'"),
+    (lambda t: t.replace('[stages.m]\nkind = "merge"', '[stages.m]\nkind = "merge"\nhost = "edge"'),
+     TopologyError, "host 'edge' is not 'device' and not in \\[hosts\\]"),
+    (lambda t: t.replace('op = "add"', 'op = "mul"'), TopologyError, "merge op 'mul' is not one of"),
+    (lambda t: t.replace('name = "t"', 'name = "t"\nhwm = 0'), TopologyError, "hwm must be a positive"),
+    (lambda t: t.replace("[stages.a]", "[stages.a]\nkind2 = 1"), TopologyError, "unknown key 'kind2'"),
+    (lambda t: t.replace("[pipeline]", "[pipeline"), TopologyError, "not valid TOML"),
+])
+def test_topology_errors_name_the_culprit(edit, error, match):
+    with pytest.raises(error, match=match):
+        load(edit(textwrap.dedent(GOOD)))
+
+
+def test_missing_artifact(tmp_path):
+    text = """
+    [pipeline]
+    inputs = ["x"]
+    outputs = ["y"]
+    [stages.model]
+    kind = "tvm"
+    library = "missing.so"
+    inputs = ["x"]
+    outputs = ["y"]
+    """
+    with pytest.raises(ArtifactError, match=r"\[stages.model\]: TVM library '.*missing.so' does not exist"):
+        load(text, tmp_path)
+    (tmp_path / "missing.so").write_bytes(b"\x7fELF")
+    with pytest.raises(ArtifactError, match="manifest '.*missing.json' does not exist"):
+        load(text, tmp_path)
+    (tmp_path / "missing.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not JSON"):
+        load(text, tmp_path)
+
+
+def test_unreadable_file(tmp_path):
+    with pytest.raises(TopologyError, match="cannot read topology file"):
+        Topology.from_file(tmp_path / "nope.toml")
+
+
+def test_in_code_topology_and_port_forms():
+    topo = Topology(inputs=["x"], outputs=["y"], stages=[
+        StageSpec(name="s", stage=Scale(factor=3.0), inputs={"x": "x"}, outputs={"out": "y"})])
+    assert topo.stage("s").inputs == (("x", "x"),)
+    with pytest.raises(TopologyError, match="expected a zpipe.Stage instance.*PythonStage"):
+        StageSpec(name="s", stage=lambda d: d, inputs=["x"], outputs=["y"])
+    with pytest.raises(TopologyError, match="stage name 'bad name'"):
+        StageSpec(name="bad name", stage=Scale(), inputs=["x"], outputs={"out": "y"})
+    with pytest.raises(TopologyError, match="stage 's' needs at least one entry in 'inputs'"):
+        StageSpec(name="s", stage=Scale(), inputs={}, outputs={"out": "y"})
