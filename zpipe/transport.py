@@ -29,6 +29,9 @@ def make_socket(ctx: zmq.Context, kind: int, *, hwm: int, identity: bytes | None
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
+    # Peers start in any order; libzmq's default 100 ms retry would delay a pipeline's first requests.
+    sock.setsockopt(zmq.RECONNECT_IVL, 10)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
     if max_message_bytes is not None:

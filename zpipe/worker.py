@@ -110,8 +110,9 @@ class _Worker:
             log.exception("setup failed")
             self._control("failed", error=type(exc).__name__, message=str(exc)[:4000],
                           traceback=traceback.format_exc()[-8000:])
+            self.control.close(linger=2000)  # let the report leave before the context goes
             ctx.destroy(linger=0)
-            return
+            raise SystemExit(2)
         self._control("ready", pid=os.getpid())
         try:
             self._loop()
