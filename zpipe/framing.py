@@ -2,11 +2,12 @@
 
 A message is one ZeroMQ multipart message::
 
-    frame 0   prefix   4 bytes: b"ZP", protocol version (1 byte), kind (1 byte)
-    frame 1   header   UTF-8 JSON object: {"id": request id, "t": [[name, dtype.str, shape], ...], "m": {meta}}
+    frame 0   prefix   12 bytes, network order: b"ZP", protocol version (u8), kind (u8), request id (u64 < 2**63)
+    frame 1   header   UTF-8 JSON object: {"t": [[name, dtype.str, shape], ...], "m": {meta}}
     frame 2+  tensors  one raw C-order byte frame per entry of "t", in order
 
-The header is JSON, never pickle: decoding runs no code chosen by the sender. ``dtype.str`` makes byte order
+The request id sits in the fixed-size prefix, so a router can match replies without parsing JSON. The header is
+JSON, never pickle: decoding runs no code chosen by the sender. ``dtype.str`` makes byte order
 explicit (``"<f4"``, ``">i8"``, ``"|u1"``). Every field is checked against :class:`Limits` before it is used, and any
 violation raises :class:`~zpipe.errors.FramingError` naming the field, what was expected and what arrived.
 
@@ -43,13 +44,16 @@ __all__ = [
     "Message",
     "encode",
     "decode",
+    "decode_head",
+    "Head",
     "check_tensor",
     "aligned_empty",
 ]
 
 MAGIC = b"ZP"
 PROTOCOL_VERSION = 1
-_PREFIX = struct.Struct("!2sBB")
+_PREFIX = struct.Struct("!2sBBQ")
+_CACHE_SIZE = 256  # validated headers remembered by their bytes (same shapes, no meta: the common case)
 
 # Byte order, kind, item size. Object, string, void, datetime and structured dtypes are never allowed on the wire.
 _DTYPE_RE = re.compile(r"^[<>|][biufc](1|2|4|8|16)$")
@@ -136,13 +140,29 @@ def encode(message: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes | me
     frames: list[bytes | memoryview] = []
     for name, array in message.tensors.items():
         array = check_tensor(name, array, limits)
-        specs.append([name, array.dtype.str, list(array.shape)])
+        specs.append((name, array.dtype.str, array.shape))
         frames.append(memoryview(array.reshape(-1).view(np.uint8)) if array.size else b"")
-    header = json.dumps({"id": rid, "t": specs, "m": message.meta}, separators=(",", ":")).encode()
-    if len(header) > limits.max_header_bytes:
-        raise FramingError(f"header is {len(header)} bytes, limit is {limits.max_header_bytes}; "
-                           "too many tensors or too much metadata")
-    return [_PREFIX.pack(MAGIC, PROTOCOL_VERSION, kind), header, *frames]
+    header = _encode_header(tuple(specs), message.meta, limits)
+    return [_PREFIX.pack(MAGIC, PROTOCOL_VERSION, kind, rid), header, *frames]
+
+
+_encoded_headers: dict[tuple, bytes] = {}
+
+
+def _encode_header(specs: tuple, meta: Mapping[str, Any], limits: Limits) -> bytes:
+    key = (specs, limits) if not meta else None
+    header = _encoded_headers.get(key) if key else None
+    if header is None:
+        header = json.dumps({"t": [[n, d, list(s)] for n, d, s in specs], "m": meta},
+                            separators=(",", ":")).encode()
+        if len(header) > limits.max_header_bytes:
+            raise FramingError(f"header is {len(header)} bytes, limit is {limits.max_header_bytes}; "
+                               "too many tensors or too much metadata")
+        if key:
+            if len(_encoded_headers) >= _CACHE_SIZE:
+                _encoded_headers.clear()
+            _encoded_headers[key] = header
+    return header
 
 
 def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
@@ -152,22 +172,52 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
     """
     if len(frames) < 2:
         raise FramingError(f"a message needs at least 2 frames (prefix, header), got {len(frames)}")
-    kind = _decode_prefix(_buffer(frames[0]))
-    rid, specs, meta = _decode_header(_buffer(frames[1]), limits)
-    if len(frames) - 2 != len(specs):
-        raise FramingError(f"request {rid}: header lists {len(specs)} tensors but {len(frames) - 2} tensor frames "
-                           "arrived")
-    tensors: dict[str, np.ndarray] = {}
-    for (name, dtype, shape), frame in zip(specs, frames[2:]):
+    head = decode_head(frames[0], frames[1], limits)
+    if len(frames) - 2 != len(head.specs):
+        raise FramingError(f"request {head.request_id}: header lists {len(head.specs)} tensors but "
+                           f"{len(frames) - 2} tensor frames arrived")
+    return head.message([head.tensor(i, frame) for i, frame in enumerate(frames[2:])])
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The validated prefix and header of a message: enough to know how many tensor frames follow and their sizes.
+
+    Receivers that read frame by frame use it to choose, per tensor, between a copy (small frames: cheaper than a
+    zero-copy frame object) and a zero-copy view (large frames).
+    """
+
+    kind: Kind
+    request_id: int
+    specs: tuple[tuple[str, np.dtype, tuple[int, ...]], ...]
+    meta: dict[str, Any]
+
+    def nbytes(self, index: int) -> int:
+        _, dtype, shape = self.specs[index]
+        return math.prod(shape) * dtype.itemsize
+
+    def tensor(self, index: int, frame: Any) -> np.ndarray:
+        """The read-only array for tensor ``index`` as a view of ``frame``; checks the frame's size."""
+        name, dtype, shape = self.specs[index]
         buf = _buffer(frame)
-        expected = math.prod(shape) * dtype.itemsize
+        expected = self.nbytes(index)
         if buf.nbytes != expected:
-            raise FramingError(f"request {rid}: tensor {name!r} {dtype.str}{tuple(shape)} needs {expected} bytes, "
-                               f"frame has {buf.nbytes}")
+            raise FramingError(f"request {self.request_id}: tensor {name!r} {dtype.str}{tuple(shape)} needs "
+                               f"{expected} bytes, frame has {buf.nbytes}")
         array = np.frombuffer(buf, dtype=dtype).reshape(shape)
         array.flags.writeable = False
-        tensors[name] = array
-    return Message(kind=kind, request_id=rid, tensors=tensors, meta=meta)
+        return array
+
+    def message(self, arrays: Sequence[np.ndarray]) -> Message:
+        return Message(kind=self.kind, request_id=self.request_id, meta=self.meta,
+                       tensors={spec[0]: array for spec, array in zip(self.specs, arrays)})
+
+
+def decode_head(prefix: Any, header: Any, limits: Limits = DEFAULT_LIMITS) -> Head:
+    """Validate frame 0 and frame 1 of a message; raises :class:`FramingError`."""
+    kind, rid = _decode_prefix(_buffer(prefix))
+    specs, meta = _decode_header(_buffer(header), rid, limits)
+    return Head(kind=kind, request_id=rid, specs=specs, meta=meta)
 
 
 def aligned_empty(shape: Sequence[int], dtype: Any, align: int = 64) -> np.ndarray:
@@ -188,33 +238,39 @@ def _buffer(frame: Any) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-def _decode_prefix(buf: memoryview) -> Kind:
+def _decode_prefix(buf: memoryview) -> tuple[Kind, int]:
     if buf.nbytes != _PREFIX.size:
         raise FramingError(f"prefix frame must be {_PREFIX.size} bytes, got {buf.nbytes}")
-    magic, version, kind = _PREFIX.unpack(buf)
+    magic, version, kind, rid = _PREFIX.unpack(buf)
     if magic != MAGIC:
         raise FramingError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}: not a zpipe peer")
     if version != PROTOCOL_VERSION:
         raise FramingError(f"protocol version {version}, this zpipe speaks {PROTOCOL_VERSION}: upgrade the older side")
+    if rid >= 2**63:
+        raise FramingError(f"request id {rid} is out of range [0, 2**63)")
     try:
-        return Kind(kind)
+        return Kind(kind), rid
     except ValueError:
         raise FramingError(f"unknown message kind {kind}, expected one of {[int(k) for k in Kind]}") from None
 
 
-def _decode_header(buf: memoryview, limits: Limits) -> tuple[int, list[tuple[str, np.dtype, list[int]]], dict]:
+_decoded_headers: dict[tuple, list] = {}
+
+
+def _decode_header(buf: memoryview, rid: int, limits: Limits) -> tuple[list[tuple[str, np.dtype, list[int]]], dict]:
     if buf.nbytes > limits.max_header_bytes:
-        raise FramingError(f"header is {buf.nbytes} bytes, limit is {limits.max_header_bytes}")
+        raise FramingError(f"request {rid}: header is {buf.nbytes} bytes, limit is {limits.max_header_bytes}")
+    raw = bytes(buf)
+    cached = _decoded_headers.get((raw, limits))
+    if cached is not None:
+        return cached, {}
     try:
-        header = json.loads(bytes(buf).decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise FramingError(f"header is not valid UTF-8 JSON: {exc}") from exc
-    if not isinstance(header, dict) or set(header) != {"id", "t", "m"}:
-        raise FramingError(f"header must be an object with keys 'id', 't', 'm', got "
+        raise FramingError(f"request {rid}: header is not valid UTF-8 JSON: {exc}") from exc
+    if not isinstance(header, dict) or set(header) != {"t", "m"}:
+        raise FramingError(f"request {rid}: header must be an object with keys 't' and 'm', got "
                            f"{sorted(header) if isinstance(header, dict) else type(header).__name__}")
-    rid = header["id"]
-    if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < 2**63:
-        raise FramingError(f"request id must be an int in [0, 2**63), got {rid!r}")
     meta = header["m"]
     if not isinstance(meta, dict):
         raise FramingError(f"request {rid}: meta must be an object, got {type(meta).__name__}")
@@ -229,7 +285,11 @@ def _decode_header(buf: memoryview, limits: Limits) -> tuple[int, list[tuple[str
         if specs[-1][0] in seen:
             raise FramingError(f"request {rid}: tensor {specs[-1][0]!r} appears twice")
         seen.add(specs[-1][0])
-    return rid, specs, meta
+    if not meta:
+        if len(_decoded_headers) >= _CACHE_SIZE:
+            _decoded_headers.clear()
+        _decoded_headers[(raw, limits)] = specs = tuple(specs)
+    return specs, meta
 
 
 def _decode_spec(spec: Any, rid: int, limits: Limits) -> tuple[str, np.dtype, list[int]]:
@@ -251,7 +311,7 @@ def _decode_spec(spec: Any, rid: int, limits: Limits) -> tuple[str, np.dtype, li
                            f"non-negative ints, got {shape!r:.80}")
     if math.prod(shape) * dtype.itemsize > limits.max_tensor_bytes:
         raise FramingError(f"request {rid}: tensor {name!r} of shape {shape} exceeds {limits.max_tensor_bytes} bytes")
-    return name, dtype, shape
+    return name, dtype, tuple(shape)
 
 
 def _check_meta(meta: Mapping[str, Any], rid: int | None = None) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import zmq
 
-from .framing import DEFAULT_LIMITS, Limits, Message, decode, encode
+from .errors import FramingError
+from .framing import DEFAULT_LIMITS, Limits, Message, decode_head, encode
 
 __all__ = ["new_context", "make_socket", "ipc_endpoint", "send_message", "recv_message", "bound_endpoint"]
 
@@ -68,9 +69,33 @@ def recv_message(sock: zmq.Socket, *, envelope_frames: int = 0, flags: int = 0,
                  limits: Limits = DEFAULT_LIMITS) -> tuple[list[bytes], Message]:
     """Receive one message; returns the envelope (ROUTER identity frames) and the decoded :class:`Message`.
 
-    Tensors are read-only views of the received frames (no copy). Raises :class:`~zpipe.errors.FramingError` for a
-    malformed message, after it has been received whole, so the socket stays usable.
+    Frames are read one by one: the header is validated first, then each tensor frame is received as a copy when
+    it is small (cheaper than a frame object) or as a zero-copy ``zmq.Frame`` when it reaches zmq's copy threshold;
+    either way the tensor is a read-only view. Raises :class:`~zpipe.errors.FramingError` for a malformed message
+    only after consuming all of its frames, so the socket stays in step.
     """
-    frames = sock.recv_multipart(flags=flags, copy=False)
-    envelope = [f.bytes for f in frames[:envelope_frames]]
-    return envelope, decode(frames[envelope_frames:], limits)
+    first = sock.recv(flags=flags)  # zmq.Again escapes here, before anything is consumed
+    parts = [first]
+    try:
+        while len(parts) < envelope_frames + 2:
+            if not sock.getsockopt(zmq.RCVMORE):
+                raise FramingError(f"a message needs {envelope_frames + 2} frames before its tensors, "
+                                   f"got {len(parts)}")
+            parts.append(sock.recv())
+        envelope = parts[:envelope_frames]
+        head = decode_head(parts[envelope_frames], parts[envelope_frames + 1], limits)
+        arrays = []
+        for index in range(len(head.specs)):
+            if not sock.getsockopt(zmq.RCVMORE):
+                raise FramingError(f"request {head.request_id}: header lists {len(head.specs)} tensors but "
+                                   f"{index} tensor frames arrived")
+            frame = sock.recv(copy=head.nbytes(index) < zmq.COPY_THRESHOLD)
+            arrays.append(head.tensor(index, frame))
+        if sock.getsockopt(zmq.RCVMORE):
+            raise FramingError(f"request {head.request_id}: more frames than the {len(head.specs)} tensors "
+                               "its header lists")
+    except FramingError:
+        while sock.getsockopt(zmq.RCVMORE):  # drop the rest of the bad message
+            sock.recv(copy=False)
+        raise
+    return envelope, head.message(arrays)
