@@ -40,7 +40,7 @@ ALLOWED = {
     "manifest": {"errors"},
     "stage": {"errors"},
     "topology": {"errors", "stage"},
-    "transport": {"framing"},
+    "transport": {"errors", "framing"},
     "tvm_runtime": {"errors"},
     "worker": {"errors", "framing", "stage", "transport"},
     "supervisor": {"errors", "framing", "topology", "transport", "worker"},
