@@ -1,0 +1,30 @@
+"""Every example checks its own result; run them as a user would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_embed_basic():
+    proc = run("embed_basic.py")
+    assert proc.returncode == 0, proc.stderr
+    assert "50 pipelined requests ok" in proc.stdout
+    assert "failed in stage 'check'" in proc.stdout
+
+
+@pytest.mark.tvm
+def test_run_demo_topology(tmp_path):
+    pytest.importorskip("tvm")
+    proc = run("run_demo_topology.py", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "max |pipeline - whole model|" in proc.stdout
