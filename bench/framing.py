@@ -8,6 +8,9 @@ a REPLY message re-encoded from those views. The client (this process) alternate
 both see the same machine noise. A third row runs a whole zpipe Pipeline (driver -> worker process with an
 identity stage -> driver, over ipc) against a raw ipc echo with the same process layout.
 
+A "raw 3-frame" column sends raw pyzmq messages with zpipe's frame layout (two small frames, then the tensor) and
+no zpipe code, to separate the cost of the layout from the cost of zpipe's Python.
+
 Prints a table of median round-trip times and the ratio zpipe/raw per payload size, then one JSON line.
 """
 
@@ -64,6 +67,20 @@ def _time_raw(sock: zmq.Socket, payload: np.ndarray, iters: int) -> list[float]:
     return times
 
 
+def _time_raw3(sock: zmq.Socket, payload: np.ndarray, iters: int) -> list[float]:
+    """Raw pyzmq with zpipe's frame layout (two small frames, then the tensor), no framing code: isolates the
+    cost of the multipart layout itself from the cost of zpipe's Python."""
+    prefix, header = b"ZP\x01\x01" + bytes(8), b'{"t":[["x","<f4",[%d]]],"m":{}}' % payload.size
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        sock.send_multipart([prefix, header, payload], copy=False)
+        frames = sock.recv_multipart(copy=False)
+        np.frombuffer(frames[-1].buffer, dtype=payload.dtype)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def _time_zpipe(sock: zmq.Socket, payload: np.ndarray, iters: int) -> list[float]:
     times = []
     for i in range(iters):
@@ -90,11 +107,12 @@ def bench_sockets(rounds: int, scale: float) -> dict:
             iters = max(5, int(ITERS[label] * scale))
             _time_raw(raw, payload, max(3, iters // 10))  # warm-up both paths
             _time_zpipe(zp, payload, max(3, iters // 10))
-            raw_t, zp_t = [], []
+            raw_t, raw3_t, zp_t = [], [], []
             for _ in range(rounds):
                 raw_t += _time_raw(raw, payload, iters // rounds or 1)
+                raw3_t += _time_raw3(raw, payload, iters // rounds or 1)
                 zp_t += _time_zpipe(zp, payload, iters // rounds or 1)
-            results[label] = (float(np.median(raw_t)), float(np.median(zp_t)))
+            results[label] = (float(np.median(raw_t)), float(np.median(zp_t)), float(np.median(raw3_t)))
     finally:
         raw.send(b"quit")
         server.wait(timeout=10)
@@ -167,19 +185,20 @@ def main() -> None:
     sockets = bench_sockets(args.rounds, scale)
     pipeline = bench_pipeline(args.rounds, scale)
     print("tensor echo round trip, median; ratio = zpipe / raw pyzmq measured in the same run")
-    print(f"{'payload':>8} | {'raw tcp':>12} | {'zpipe tcp':>12} | {'ratio':>6} | {'target':>6} || "
-          f"{'raw ipc':>12} | {'Pipeline ipc':>12} | {'ratio':>6}")
+    print(f"{'payload':>8} | {'raw tcp':>12} | {'zpipe tcp':>12} | {'ratio':>6} | {'target':>9} | "
+          f"{'raw 3-frame':>12} | {'ratio':>6} || {'raw ipc':>12} | {'Pipeline ipc':>12} | {'ratio':>6}")
     figures = {}
     for label in SIZES:
-        raw_t, zp_t = sockets[label]
+        raw_t, zp_t, raw3_t = sockets[label]
         praw, pzp = pipeline[label]
         target = TARGETS[label]
         ratio = zp_t / raw_t
         figures[label] = {"raw_tcp_s": raw_t, "zpipe_tcp_s": zp_t, "ratio": round(ratio, 3), "target": target,
+                          "raw_3frame_tcp_s": raw3_t, "ratio_3frame": round(raw3_t / raw_t, 3),
                           "raw_ipc_s": praw, "pipeline_ipc_s": pzp, "pipeline_ratio": round(pzp / praw, 3)}
         mark = "" if target is None else ("ok" if ratio <= target else "MISS")
-        print(f"{label:>8} | {_fmt(raw_t)} | {_fmt(zp_t)} | {ratio:6.2f} | {str(target or '-'):>4} {mark:<4}|| "
-              f"{_fmt(praw)} | {_fmt(pzp)} | {pzp / praw:6.2f}")
+        print(f"{label:>8} | {_fmt(raw_t)} | {_fmt(zp_t)} | {ratio:6.2f} | {str(target or '-'):>4} {mark:<4} | "
+              f"{_fmt(raw3_t)} | {raw3_t / raw_t:6.2f} || {_fmt(praw)} | {_fmt(pzp)} | {pzp / praw:6.2f}")
     print(json.dumps({"bench": "framing", "quick": args.quick, "results": figures}))
 
 

@@ -57,6 +57,8 @@ _CACHE_SIZE = 256  # validated headers remembered by their bytes (same shapes, n
 
 # Byte order, kind, item size. Object, string, void, datetime and structured dtypes are never allowed on the wire.
 _DTYPE_RE = re.compile(r"^[<>|][biufc](1|2|4|8|16)$")
+_WIRE_DTYPES = frozenset(np.dtype(f"{order}{code}").str for order in "<>" for code in
+                         ("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"))
 _META_SCALARS = (str, int, float, bool, type(None))
 
 
@@ -68,6 +70,9 @@ class Kind(enum.IntEnum):
     ERROR = 3  # a request failed; meta holds "stage", "error" and "message"
     HEARTBEAT = 4  # liveness; no tensors
     CONTROL = 5  # READY / STOP / status; meta holds "op"
+
+
+_KINDS = {int(k): k for k in Kind}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -115,7 +120,7 @@ def check_tensor(name: str, array: Any, limits: Limits = DEFAULT_LIMITS) -> np.n
         array = np.asarray(array)
     if not isinstance(array, np.ndarray):
         raise FramingError(f"tensor {name!r}: expected a numpy array, got {type(array).__name__}")
-    if not _DTYPE_RE.match(array.dtype.str):
+    if array.dtype.str not in _WIRE_DTYPES:
         raise FramingError(f"tensor {name!r}: dtype {array.dtype!s} ({array.dtype.str!r}) cannot travel; "
                            "allowed are bool, int, uint, float and complex")
     if array.ndim > limits.max_ndim:
@@ -146,11 +151,11 @@ def encode(message: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes | me
     return [_PREFIX.pack(MAGIC, PROTOCOL_VERSION, kind, rid), header, *frames]
 
 
-_encoded_headers: dict[tuple, bytes] = {}
+_encoded_headers: dict[tuple, bytes] = {}  # specs -> header bytes, for messages without meta
 
 
 def _encode_header(specs: tuple, meta: Mapping[str, Any], limits: Limits) -> bytes:
-    key = (specs, limits) if not meta else None
+    key = specs if not meta and limits is DEFAULT_LIMITS else None  # only the default limits are cached
     header = _encoded_headers.get(key) if key else None
     if header is None:
         header = json.dumps({"t": [[n, d, list(s)] for n, d, s in specs], "m": meta},
@@ -189,23 +194,25 @@ class Head:
 
     kind: Kind
     request_id: int
-    specs: tuple[tuple[str, np.dtype, tuple[int, ...]], ...]
+    specs: tuple[tuple[str, np.dtype, tuple[int, ...], int], ...]  # name, dtype, shape, nbytes
     meta: dict[str, Any]
 
     def nbytes(self, index: int) -> int:
-        _, dtype, shape = self.specs[index]
-        return math.prod(shape) * dtype.itemsize
+        return self.specs[index][3]
 
     def tensor(self, index: int, frame: Any) -> np.ndarray:
         """The read-only array for tensor ``index`` as a view of ``frame``; checks the frame's size."""
-        name, dtype, shape = self.specs[index]
-        buf = _buffer(frame)
-        expected = self.nbytes(index)
-        if buf.nbytes != expected:
-            raise FramingError(f"request {self.request_id}: tensor {name!r} {dtype.str}{tuple(shape)} needs "
-                               f"{expected} bytes, frame has {buf.nbytes}")
-        array = np.frombuffer(buf, dtype=dtype).reshape(shape)
-        array.flags.writeable = False
+        name, dtype, shape, expected = self.specs[index]
+        buf = frame if isinstance(frame, bytes) else _buffer(frame)
+        size = len(buf) if isinstance(buf, bytes) else buf.nbytes
+        if size != expected:
+            raise FramingError(f"request {self.request_id}: tensor {name!r} {dtype.str}{shape} needs "
+                               f"{expected} bytes, frame has {size}")
+        array = np.frombuffer(buf, dtype=dtype)
+        if len(shape) != 1:
+            array = array.reshape(shape)
+        if array.flags.writeable:
+            array.flags.writeable = False
         return array
 
     def message(self, arrays: Sequence[np.ndarray]) -> Message:
@@ -215,8 +222,8 @@ class Head:
 
 def decode_head(prefix: Any, header: Any, limits: Limits = DEFAULT_LIMITS) -> Head:
     """Validate frame 0 and frame 1 of a message; raises :class:`FramingError`."""
-    kind, rid = _decode_prefix(_buffer(prefix))
-    specs, meta = _decode_header(_buffer(header), rid, limits)
+    kind, rid = _decode_prefix(prefix if isinstance(prefix, bytes) else _buffer(prefix))
+    specs, meta = _decode_header(header if isinstance(header, bytes) else bytes(_buffer(header)), rid, limits)
     return Head(kind=kind, request_id=rid, specs=specs, meta=meta)
 
 
@@ -238,9 +245,9 @@ def _buffer(frame: Any) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-def _decode_prefix(buf: memoryview) -> tuple[Kind, int]:
-    if buf.nbytes != _PREFIX.size:
-        raise FramingError(f"prefix frame must be {_PREFIX.size} bytes, got {buf.nbytes}")
+def _decode_prefix(buf: bytes | memoryview) -> tuple[Kind, int]:
+    if len(buf) != _PREFIX.size:
+        raise FramingError(f"prefix frame must be {_PREFIX.size} bytes, got {len(buf)}")
     magic, version, kind, rid = _PREFIX.unpack(buf)
     if magic != MAGIC:
         raise FramingError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}: not a zpipe peer")
@@ -248,20 +255,19 @@ def _decode_prefix(buf: memoryview) -> tuple[Kind, int]:
         raise FramingError(f"protocol version {version}, this zpipe speaks {PROTOCOL_VERSION}: upgrade the older side")
     if rid >= 2**63:
         raise FramingError(f"request id {rid} is out of range [0, 2**63)")
-    try:
-        return Kind(kind), rid
-    except ValueError:
-        raise FramingError(f"unknown message kind {kind}, expected one of {[int(k) for k in Kind]}") from None
+    found = _KINDS.get(kind)
+    if found is None:
+        raise FramingError(f"unknown message kind {kind}, expected one of {sorted(_KINDS)}")
+    return found, rid
 
 
-_decoded_headers: dict[tuple, list] = {}
+_decoded_headers: dict[bytes, tuple] = {}  # header bytes -> validated specs, for messages without meta
 
 
-def _decode_header(buf: memoryview, rid: int, limits: Limits) -> tuple[list[tuple[str, np.dtype, list[int]]], dict]:
-    if buf.nbytes > limits.max_header_bytes:
-        raise FramingError(f"request {rid}: header is {buf.nbytes} bytes, limit is {limits.max_header_bytes}")
-    raw = bytes(buf)
-    cached = _decoded_headers.get((raw, limits))
+def _decode_header(raw: bytes, rid: int, limits: Limits) -> tuple[tuple, dict]:
+    if len(raw) > limits.max_header_bytes:
+        raise FramingError(f"request {rid}: header is {len(raw)} bytes, limit is {limits.max_header_bytes}")
+    cached = _decoded_headers.get(raw) if limits is DEFAULT_LIMITS else None
     if cached is not None:
         return cached, {}
     try:
@@ -285,14 +291,15 @@ def _decode_header(buf: memoryview, rid: int, limits: Limits) -> tuple[list[tupl
         if specs[-1][0] in seen:
             raise FramingError(f"request {rid}: tensor {specs[-1][0]!r} appears twice")
         seen.add(specs[-1][0])
-    if not meta:
+    specs = tuple(specs)
+    if not meta and limits is DEFAULT_LIMITS:
         if len(_decoded_headers) >= _CACHE_SIZE:
             _decoded_headers.clear()
-        _decoded_headers[(raw, limits)] = specs = tuple(specs)
+        _decoded_headers[raw] = specs
     return specs, meta
 
 
-def _decode_spec(spec: Any, rid: int, limits: Limits) -> tuple[str, np.dtype, list[int]]:
+def _decode_spec(spec: Any, rid: int, limits: Limits) -> tuple[str, np.dtype, tuple[int, ...], int]:
     if not (isinstance(spec, list) and len(spec) == 3):
         raise FramingError(f"request {rid}: a tensor spec must be [name, dtype, shape], got {spec!r:.80}")
     name, dtype_str, shape = spec
@@ -311,7 +318,7 @@ def _decode_spec(spec: Any, rid: int, limits: Limits) -> tuple[str, np.dtype, li
                            f"non-negative ints, got {shape!r:.80}")
     if math.prod(shape) * dtype.itemsize > limits.max_tensor_bytes:
         raise FramingError(f"request {rid}: tensor {name!r} of shape {shape} exceeds {limits.max_tensor_bytes} bytes")
-    return name, dtype, tuple(shape)
+    return name, dtype, tuple(shape), math.prod(shape) * dtype.itemsize
 
 
 def _check_meta(meta: Mapping[str, Any], rid: int | None = None) -> None:

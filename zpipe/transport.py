@@ -62,7 +62,12 @@ def send_message(sock: zmq.Socket, message: Message, *, envelope: list[bytes] | 
     The arrays in ``message`` must not be modified until the message has left (see :mod:`zpipe.framing`).
     """
     frames = encode(message, limits)
-    sock.send_multipart((envelope or []) + frames, flags=flags, copy=False)
+    if envelope:
+        frames = envelope + frames
+    more = flags | zmq.SNDMORE
+    for frame in frames[:-1]:
+        sock.send(frame, more, copy=False)
+    sock.send(frames[-1], flags, copy=False)
 
 
 def recv_message(sock: zmq.Socket, *, envelope_frames: int = 0, flags: int = 0,
