@@ -25,8 +25,8 @@ class MergeStage(Stage):
     def __init__(self, *, op: str = "concat", axis: int = 1, timeout_s: float | None = None) -> None:
         if op not in _OPS:
             raise TopologyError(f"merge op {op!r} is not one of {list(_OPS)}")
-        if timeout_s is not None and not timeout_s > 0:
-            raise TopologyError(f"merge timeout_s must be > 0, got {timeout_s!r}")
+        if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and 0 < timeout_s < float("inf")):
+            raise TopologyError(f"merge timeout_s must be a positive finite number, got {timeout_s!r}")
         self.op = op
         self.axis = axis
         self.join_timeout_s = timeout_s

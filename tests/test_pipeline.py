@@ -261,3 +261,42 @@ def test_sigterm_to_a_worker_is_accounted():
         os.kill(pipe._supervisor.children["victim"].process.pid, signal.SIGKILL)
         with pytest.raises(RequestFailed, match="died"):
             future.result(timeout=10)
+
+
+def test_cancelled_or_callback_futures_do_not_break_the_pipeline():
+    with Pipeline(chain3()) as pipe:
+        future = pipe.submit({"x": np.ones(2)})
+        assert not future.cancel()  # a submitted request is answered, not cancelled
+        assert future.result(timeout=10).outputs["y"][0] == -3.0
+        errors = []
+
+        def callback(f):
+            try:
+                pipe.submit({"x": np.ones(2)})
+            except RuntimeError as exc:
+                errors.append(exc)
+
+        pipe.submit({"x": np.ones(2)}).add_done_callback(callback)
+        deadline = time.monotonic() + 10
+        while not errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert errors and "done-callback" in str(errors[0])
+        assert pipe.infer({"x": np.zeros(2)})["y"][0] == -1.0
+
+
+def test_oversized_meta_fails_one_request_and_keeps_the_worker():
+    with Pipeline(chain3()) as pipe:
+        pids = [c.process.pid for c in pipe._supervisor.children.values()]
+        with pytest.raises(RequestFailed, match="header is .* bytes, limit is 65536"):
+            pipe.infer({"x": np.ones(2)}, meta={"s": "a" * 65400})
+        assert pipe.infer({"x": np.ones(2)})["y"][0] == -3.0
+        assert [c.process.pid for c in pipe._supervisor.children.values()] == pids  # no worker died
+        with pytest.raises(ValueError, match="reserved"):
+            pipe.submit({"x": np.ones(2)}, meta={"t:a": 1})
+
+
+def test_closed_pipeline_cannot_restart():
+    pipe = Pipeline(chain3()).start()
+    pipe.close()
+    with pytest.raises(PipelineClosed, match="create a new Pipeline"):
+        pipe.start()

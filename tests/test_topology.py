@@ -81,6 +81,11 @@ def test_good_topology_wiring():
     (lambda t: t.replace('name = "t"', 'name = "t"\nhwm = 0'), TopologyError, "hwm must be a positive"),
     (lambda t: t.replace("[stages.a]", "[stages.a]\nkind2 = 1"), TopologyError, "unknown key 'kind2'"),
     (lambda t: t.replace("[pipeline]", "[pipeline"), TopologyError, "not valid TOML"),
+    (lambda t: t.replace('outputs = ["y"]\n\n[stages.a]', 'outputs = ["y", "y"]\n\n[stages.a]'), TopologyError,
+     "outputs repeats a tensor"),
+    (lambda t: t.replace('name = "t"', 'name = "t"\ntimeout_s = inf'), TopologyError, "positive finite number"),
+    (lambda t: t.replace('name = "t"', 'name = "t"\njoin_timeout_s = nan'), TopologyError, "positive finite"),
+    (lambda t: t.replace('kind = "merge"', 'kind = 5'), TopologyError, "'kind' must be a string"),
 ])
 def test_topology_errors_name_the_culprit(edit, error, match):
     with pytest.raises(error, match=match):

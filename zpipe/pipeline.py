@@ -40,6 +40,8 @@ __all__ = ["Pipeline", "Result"]
 
 log = logging.getLogger(__name__)
 
+_RESERVED_META = frozenset({"stage", "error", "message", "op"})  # zpipe's own keys in message metadata
+
 
 @dataclass(frozen=True)
 class Result:
@@ -93,11 +95,13 @@ class Pipeline:
     def start(self) -> "Pipeline":
         if self._started:
             return self
+        if self._closing:
+            raise PipelineClosed("this pipeline was closed; create a new Pipeline to run the topology again")
         self._rundir = tempfile.mkdtemp(prefix="zpipe-")
         self._ctx = new_context()
-        self._sink = make_socket(self._ctx, zmq.PULL, hwm=self.topology.hwm)
-        self._sink.bind(ipc_endpoint(self._rundir, "sink"))
         try:
+            self._sink = make_socket(self._ctx, zmq.PULL, hwm=self.topology.hwm)
+            self._sink.bind(ipc_endpoint(self._rundir, "sink"))
             self._supervisor = Supervisor(self.topology, self._ctx, self._rundir,
                                           self._sink.getsockopt_string(zmq.LAST_ENDPOINT),
                                           max_restarts=self._max_restarts)
@@ -118,7 +122,10 @@ class Pipeline:
         return self
 
     def close(self, *, drain_timeout_s: float = 30.0) -> None:
-        """Stop taking requests, wait up to ``drain_timeout_s`` for those in flight, fail the rest, stop workers."""
+        """Stop taking requests, wait up to ``drain_timeout_s`` for those in flight, fail the rest, stop workers.
+
+        A closed pipeline cannot be started again.
+        """
         if not self._started:
             return
         with self._lock:
@@ -126,12 +133,15 @@ class Pipeline:
             deadline = time.monotonic() + drain_timeout_s
             while self._pending and time.monotonic() < deadline:
                 self._drained.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
-        self._stop_loop = True
+        self._stop_loop = True  # also makes blocked submit() calls give up within their poll interval
         self._thread.join(timeout=10.0)
+        if self._thread.is_alive():
+            log.error("the pipeline I/O thread did not stop within 10 s")
         self._fail_all("shutdown", "the pipeline shut down before the request finished")
         self._supervisor.stop()
-        for sock, _ in self._sources:
-            sock.close(linger=0)
+        with self._send_lock:  # no submit() is inside a send on these sockets any more
+            for sock, _ in self._sources:
+                sock.close(linger=0)
         self._ctx.destroy(linger=0)
         shutil.rmtree(self._rundir, ignore_errors=True)
         self._started = False
@@ -148,35 +158,51 @@ class Pipeline:
         """Send one request; returns a Future resolving to a :class:`Result` or raising :class:`RequestFailed`.
 
         Blocks while ``max_in_flight`` requests are unanswered (backpressure). Input arrays are sent without
-        copying: do not modify them until the future is done.
+        copying: do not modify them until the future is done. A submitted request cannot be cancelled. Futures
+        are resolved on zpipe's I/O thread, so a done-callback must not call ``submit``/``infer`` itself.
         """
         arrays = self._check_inputs(inputs)
+        meta = self._check_meta(meta)
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("submit()/infer() called from a future's done-callback, which runs on zpipe's I/O "
+                               "thread and would deadlock it; submit from another thread or an executor")
         if not self._started or self._closing or self._broken:
             raise PipelineClosed(self._broken or "the pipeline is not running; use start() or a with-block")
         self._slots.acquire()
         future: Future = Future()
+        future.set_running_or_notify_cancel()  # from here on the request cannot be cancelled, only answered
         rid = next(self._ids)
         now = time.monotonic()
-        pending = _Pending(future, now, now + (timeout_s or self.topology.timeout_s))
+        pending = _Pending(future, now, now + (self.topology.timeout_s if timeout_s is None else timeout_s))
         with self._lock:
             if self._closing or self._broken:
                 self._slots.release()
                 raise PipelineClosed(self._broken or "the pipeline is shutting down")
             self._pending[rid] = pending
             self._counts["submitted"] += 1
-        meta = dict(meta or {})
+            heapq.heappush(self._deadlines, (pending.deadline, rid))
         try:
             with self._send_lock:
                 for sock, tensors in self._sources:
-                    send_message(sock, Message(kind=Kind.REQUEST, request_id=rid, meta=meta,
-                                               tensors={t: arrays[t] for t in tensors}))
-        except Exception as exc:
-            self._finish(rid, exc=RequestFailed(f"request {rid}: could not be sent: {exc}", request_id=rid,
+                    self._send(sock, Message(kind=Kind.REQUEST, request_id=rid, meta=meta,
+                                             tensors={t: arrays[t] for t in tensors}))
+        except BaseException as exc:
+            self._finish(rid, exc=RequestFailed(f"request {rid}: could not be sent: {exc!r}", request_id=rid,
                                                 reason="send_error"))
             raise
-        with self._lock:
-            heapq.heappush(self._deadlines, (pending.deadline, rid))
         return future
+
+    def _send(self, sock: zmq.Socket, message: Message) -> None:
+        """Send, waiting while the link is full (backpressure), but give up when the pipeline closes."""
+        while True:
+            try:
+                send_message(sock, message, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                if self._stop_loop or self._broken:
+                    raise PipelineClosed(self._broken or "the pipeline shut down while the request waited to be "
+                                         "sent") from None
+                sock.poll(100, zmq.POLLOUT)
 
     def infer(self, inputs: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None,
               timeout_s: float | None = None) -> dict[str, np.ndarray]:
@@ -198,6 +224,15 @@ class Pipeline:
         for key in ("submitted", "ok", "failed", "late"):
             counts.setdefault(key, 0)
         return counts
+
+    @staticmethod
+    def _check_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
+        meta = dict(meta or {})
+        for key in meta:
+            if not isinstance(key, str) or key.startswith("t:") or key in _RESERVED_META:
+                raise ValueError(f"meta key {key!r} is reserved by zpipe (reserved: 't:*', "
+                                 f"{sorted(_RESERVED_META)}); choose another name")
+        return meta
 
     def _check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if not isinstance(inputs, Mapping):
@@ -258,9 +293,9 @@ class Pipeline:
                 return
         if msg.kind == Kind.ERROR:
             stage, error, text = msg.meta.get("stage"), msg.meta.get("error"), msg.meta.get("message")
-            cls = PeerTimeout if error == "PeerTimeout" else RequestFailed
-            self._finish(rid, exc=cls(f"request {rid} failed in stage {stage!r}: {error}: {text}", request_id=rid,
-                                      stage=stage, reason="timeout" if cls is PeerTimeout else "stage_error"))
+            reason = "timeout" if error == "PeerTimeout" else "stage_error"
+            self._finish(rid, exc=_failure(reason, f"request {rid} failed in stage {stage!r}: {error}: {text}",
+                                           request_id=rid, stage=stage))
             return
         pending.outputs.update(msg.tensors)
         pending.meta.update(msg.meta)
@@ -279,26 +314,29 @@ class Pipeline:
                 pending = self._pending.get(rid)
             if pending is not None:
                 missing = sorted(set(self.topology.outputs) - pending.outputs.keys())
-                self._finish(rid, exc=PeerTimeout(
-                    f"request {rid}: no complete reply within {pending.deadline - pending.submitted:g}s "
-                    f"(missing outputs {missing})", request_id=rid, reason="timeout"))
+                self._finish(rid, exc=_failure(
+                    "timeout", f"request {rid}: no complete reply within {pending.deadline - pending.submitted:g}s "
+                    f"(missing outputs {missing})", request_id=rid))
 
     def _on_worker_exit(self, name: str) -> None:
         code = self._supervisor.exitcode(name)
-        restarted = not self._closing and self._supervisor.on_exit(name)
         why = f"the worker of stage {name!r} died (exit code {code})"
-        if not restarted and not self._closing:
-            self._broken = f"{why} and was restarted {self._supervisor.max_restarts} times already; pipeline stopped"
-        self._fail_all("worker_died", why + (", restarted" if restarted else ""), stage=name)
+        restarted = False
+        try:
+            restarted = not self._closing and self._supervisor.on_exit(name)
+            if not restarted and not self._closing:
+                self._broken = (f"{why} and was restarted {self._supervisor.max_restarts} times already; "
+                                "pipeline stopped")
+        finally:
+            # A local pipeline runs every request through every stage, so all requests in flight are affected.
+            self._fail_all("worker_died", why + (", restarted" if restarted else ""), stage=name)
 
     def _fail_all(self, reason: str, text: str, *, stage: str | None = None) -> None:
         with self._lock:
             rids = list(self._pending)
         for rid in rids:
-            cls = PipelineClosed if reason == "shutdown" else RequestFailed
-            exc = (cls(f"request {rid}: {text}") if cls is PipelineClosed
-                   else cls(f"request {rid}: {text}", request_id=rid, stage=stage, reason=reason))
-            self._finish(rid, exc=exc, reason=reason)
+            self._finish(rid, exc=_failure(reason, f"request {rid}: {text}", request_id=rid, stage=stage),
+                         reason=reason)
 
     def _finish(self, rid: int, *, result: Result | None = None, exc: Exception | None = None,
                 reason: str | None = None) -> None:
@@ -319,3 +357,10 @@ class Pipeline:
         else:
             pending.future.set_exception(exc)
 
+
+def _failure(reason: str, text: str, *, request_id: int, stage: str | None = None) -> Exception:
+    """The exception a request ends with, by reason."""
+    if reason == "shutdown":
+        return PipelineClosed(text)
+    cls = PeerTimeout if reason == "timeout" else RequestFailed
+    return cls(text, request_id=request_id, stage=stage, reason=reason)

@@ -31,6 +31,8 @@ __all__ = ["Supervisor"]
 
 log = logging.getLogger(__name__)
 
+_STABLE_S = 60.0  # a worker that ran this long before dying gets its restart budget back
+
 
 @dataclass
 class _Child:
@@ -50,6 +52,7 @@ class Supervisor:
         self.topology = topology
         self.max_restarts = max_restarts
         self.control = make_socket(ctx, zmq.ROUTER, hwm=1000)
+        self.control.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes over its identity
         self.control.bind(ipc_endpoint(rundir, "control"))
         control = self.control.getsockopt_string(zmq.LAST_ENDPOINT)
         endpoints = {spec.name: ipc_endpoint(rundir, f"s{i}") for i, spec in enumerate(topology.stages)}
@@ -68,10 +71,10 @@ class Supervisor:
     # -- start ---------------------------------------------------------------------------------------------------
     def start(self, timeout_s: float) -> None:
         """Spawn every worker and wait until all report READY; on any failure stop them all and raise."""
-        for name in self.topology.order():
-            self._spawn(name)
         deadline = time.monotonic() + timeout_s
         try:
+            for name in self.topology.order():
+                self._spawn(name)
             while not all(c.ready for c in self.children.values()):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -100,8 +103,11 @@ class Supervisor:
             start_new_session=False)
         # The plan holds only our own values (endpoints, and the stage cloudpickled by this process). It travels
         # over a private pipe to our own child: never over a socket.
-        child.process.stdin.write(pickle.dumps(child.plan))
-        child.process.stdin.close()
+        try:
+            child.process.stdin.write(pickle.dumps(child.plan))
+            child.process.stdin.close()
+        except BrokenPipeError:  # the child died at once; its exit is noticed and reported like any other
+            log.error("stage %r worker exited before reading its plan", name)
         child.pidfd = os.pidfd_open(child.process.pid) if hasattr(os, "pidfd_open") else None
         child.ready = False
         child.started_at = time.monotonic()
@@ -162,6 +168,8 @@ class Supervisor:
         child = self.children[name]
         child.process.wait(timeout=1.0)
         log.error("stage %r worker (pid %s) died with exit code %s", name, child.process.pid, child.process.returncode)
+        if time.monotonic() - child.started_at > _STABLE_S:
+            child.restarts = 0  # it ran well for a while: crashes long apart do not add up to "broken"
         if child.restarts >= self.max_restarts:
             self._close_pidfd(child)
             return False

@@ -24,6 +24,7 @@ Everything is validated when the value is built, and errors name the stage and k
 from __future__ import annotations
 
 import inspect
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -208,6 +209,13 @@ class Topology:
 
     # -- validation ----------------------------------------------------------------------------------------------
     def _validate(self) -> None:
+        for key in ("inputs", "outputs"):
+            tensors = getattr(self, key)
+            if not tensors or not all(isinstance(t, str) and t for t in tensors):
+                raise TopologyError(f"topology {self.name!r}: {key} must be a non-empty list of tensor names, "
+                                    f"got {list(tensors)!r}")
+            if len(set(tensors)) != len(tensors):
+                raise TopologyError(f"topology {self.name!r}: {key} repeats a tensor: {list(tensors)}")
         names = [s.name for s in self.stages]
         if not names:
             raise TopologyError(f"topology {self.name!r} has no stages")
@@ -277,6 +285,8 @@ def _stage_from_table(name: str, table: Any, base_dir: Path) -> StageSpec:
     for key in ("inputs", "outputs"):
         if key not in table:
             raise TopologyError(f"{where} needs {key!r}: a list of tensor names or a table port = tensor")
+    if not isinstance(table["kind"], str):
+        raise TopologyError(f"{where} 'kind' must be a string, got {table['kind']!r}")
     cls = resolve_kind(table["kind"])
     params = {k: v for k, v in table.items() if k not in _STAGE_KEYS}
     accepted = _accepted_params(cls)
@@ -373,5 +383,5 @@ def _is_str_list(value: Any) -> bool:
 
 
 def _positive(topology: str, key: str, value: Any, types: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, types) or value <= 0:
-        raise TopologyError(f"topology {topology!r}: {key} must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, types) or not math.isfinite(value) or value <= 0:
+        raise TopologyError(f"topology {topology!r}: {key} must be a positive finite number, got {value!r}")

@@ -99,8 +99,8 @@ def recv_message(sock: zmq.Socket, *, envelope_frames: int = 0, flags: int = 0,
         if sock.getsockopt(zmq.RCVMORE):
             raise FramingError(f"request {head.request_id}: more frames than the {len(head.specs)} tensors "
                                "its header lists")
-    except FramingError:
-        while sock.getsockopt(zmq.RCVMORE):  # drop the rest of the bad message
+    except Exception:
+        while sock.getsockopt(zmq.RCVMORE):  # drop the rest of the bad message, keeping the socket in step
             sock.recv(copy=False)
         raise
     return envelope, head.message(arrays)

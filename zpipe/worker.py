@@ -136,11 +136,17 @@ class _Worker:
                 first = next(iter(self.joins.values()))
                 timeout_ms = max(0, min(timeout_ms, int((first.deadline - time.monotonic()) * 1000) + 1))
             events = dict(poller.poll(timeout_ms))
-            if self.control in events and self._on_control():
-                return
-            if self.data_in in events:
-                self._on_data()
-            self._expire_joins()
+            try:  # the one dispatch point: nothing a message or a stage does may end the worker
+                if self.control in events and self._on_control():
+                    return
+                if self.data_in in events:
+                    for _ in range(100):  # drain a burst, but keep serving control and deadlines
+                        if not self._on_data():
+                            break
+                self._expire_joins()
+            except Exception:
+                self.counts["internal_errors"] += 1
+                log.exception("error while handling a message; the worker carries on")
 
     def _on_control(self) -> bool:
         """Handle one order from the supervisor; True means stop."""
@@ -158,31 +164,34 @@ class _Worker:
             log.warning("unknown control op %r", op)
         return False
 
-    def _on_data(self) -> None:
+    def _on_data(self) -> bool:
+        """Handle one message from the data socket; False when none was waiting."""
         try:
             _, msg = recv_message(self.data_in, flags=zmq.NOBLOCK, limits=self.plan.limits)
         except zmq.Again:
-            return
+            return False
         except FramingError as exc:
             self.counts["malformed"] += 1
             log.warning("dropped a malformed message: %s", exc)
-            return
+            return True
         rid = msg.request_id
         if msg.kind == Kind.ERROR:
-            if self.joins.pop(rid, None) is not None or rid not in self.failed:
+            first_news = rid not in self.failed
+            self.joins.pop(rid, None)
+            if first_news:  # forward each failure once, whichever branch reports it first
                 self._forward_error(rid, msg.meta)
-            return
+            return True
         if msg.kind != Kind.REQUEST:
             self.counts["unexpected_kind"] += 1
             log.warning("request %d: unexpected message kind %s dropped", rid, msg.kind.name)
-            return
+            return True
         if rid in self.failed:
             self.counts["dropped_after_failure"] += 1
-            return
+            return True
         join = self.joins.get(rid)
         if join is None and self.needed <= msg.tensors.keys():
             self._run(rid, msg.tensors, msg.meta)
-            return
+            return True
         if join is None:
             join = self.joins[rid] = _Join(time.monotonic() + self._join_timeout_s())
         join.tensors.update(msg.tensors)
@@ -190,6 +199,7 @@ class _Worker:
         if self.needed <= join.tensors.keys():
             del self.joins[rid]
             self._run(rid, join.tensors, join.meta)
+        return True
 
     def _join_timeout_s(self) -> float:
         own = getattr(self.stage, "join_timeout_s", None)
@@ -230,15 +240,17 @@ class _Worker:
         self.counts["processed"] += 1
 
     def _fail(self, rid: int, meta: Mapping[str, Any], error: str, message: str) -> None:
+        del meta  # an error carries only what names the failure: bounded, whatever the request's meta held
         self.counts["failed"] += 1
-        self._forward_error(rid, {**meta, "stage": self.name, "error": error, "message": message[:4000]})
+        self._forward_error(rid, {"stage": self.name, "error": error, "message": message[:4000]})
 
     def _forward_error(self, rid: int, meta: Mapping[str, Any]) -> None:
         self.failed[rid] = None
         if len(self.failed) > _FAILED_MEMORY:
             self.failed.popitem(last=False)
+        error = {k: meta[k] for k in ("stage", "error", "message") if k in meta}
         for _, sock, _ in self.outs:
-            send_message(sock, Message(kind=Kind.ERROR, request_id=rid, meta=dict(meta)), limits=self.plan.limits)
+            send_message(sock, Message(kind=Kind.ERROR, request_id=rid, meta=error), limits=self.plan.limits)
 
     def _control(self, op: str, **meta: Any) -> None:
         send_message(self.control, Message(kind=Kind.CONTROL, request_id=0,
