@@ -186,5 +186,15 @@ class _interrupts_as_flag:
             signal.signal(sig, handler)
 
 
+def _register_model_path() -> None:
+    from .compile.commands import compile_command, inspect_command
+
+    cli.add_command(compile_command)
+    cli.add_command(inspect_command)
+
+
+_register_model_path()
+
+
 def main() -> None:
     cli(prog_name="zpipe")
