@@ -40,7 +40,7 @@ __all__ = ["Pipeline", "Result"]
 
 log = logging.getLogger(__name__)
 
-_RESERVED_META = frozenset({"stage", "error", "message", "op"})  # zpipe's own keys in message metadata
+_RESERVED_META = frozenset({"stage", "error", "message", "op", "skipped"})  # zpipe's own keys in message metadata
 
 
 @dataclass(frozen=True)
@@ -296,6 +296,12 @@ class Pipeline:
             reason = "timeout" if error == "PeerTimeout" else "stage_error"
             self._finish(rid, exc=_failure(reason, f"request {rid} failed in stage {stage!r}: {error}: {text}",
                                            request_id=rid, stage=stage))
+            return
+        skipped = msg.meta.get("skipped")
+        if skipped:
+            self._finish(rid, exc=_failure(
+                "stage_error", f"request {rid}: pipeline outputs {skipped} were skipped by a gate; join the gated "
+                "branches with a merge of op 'select' before the outputs", request_id=rid))
             return
         pending.outputs.update(msg.tensors)
         pending.meta.update(msg.meta)

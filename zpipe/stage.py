@@ -16,7 +16,7 @@ belong to zpipe from then on and may be sent without copying, so the stage must 
 from __future__ import annotations
 
 import importlib
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -29,6 +29,7 @@ BUILTIN_KINDS = {
     "python": "zpipe.stages.python:PythonStage",
     "tvm": "zpipe.stages.tvm:TvmStage",
     "merge": "zpipe.stages.merge:MergeStage",
+    "gate": "zpipe.stages.gate:GateStage",
 }
 
 
@@ -38,6 +39,12 @@ class Stage:
     #: Port names the stage reads and writes, or None when it takes whatever the topology wires to it.
     input_names: tuple[str, ...] | None = None
     output_names: tuple[str, ...] | None = None
+    #: A stage that joins gated branches sets this: it is then called when some of its inputs were skipped (the
+    #: gate sent the request the other way), with ``None`` for those ports. Other stages fail such a request.
+    accepts_skipped: bool = False
+    #: A stage that routes (the gate) sets this: output ports it leaves out of its result are *skipped*, and the
+    #: consumers of those tensors receive a skip notice (no tensors, no compute, no network traffic).
+    may_skip_outputs: bool = False
 
     def setup(self) -> None:
         """Called once in the worker process before the first request."""
@@ -45,6 +52,15 @@ class Stage:
     def process(self, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         """Compute one request's outputs from its inputs (both keyed by port name)."""
         raise NotImplementedError
+
+    def handle(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Any:
+        """What the worker calls per request. Stages that need the request's metadata (the gate reads X from it
+        when the app sets X per request) override this; the rest implement :meth:`process`."""
+        return self.process(inputs)
+
+    def check_wiring(self, name: str, inputs: Sequence[tuple[str, str]], outputs: Sequence[tuple[str, str]]) -> None:
+        """Called while the topology is validated, in the parent: raise TopologyError for wiring this kind cannot
+        serve. ``inputs``/``outputs`` are (port, tensor) pairs."""
 
     def teardown(self) -> None:
         """Best-effort clean-up at an orderly stop; not called after SIGKILL, a native crash, or a failed setup."""

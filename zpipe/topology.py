@@ -83,6 +83,7 @@ class StageSpec:
         object.__setattr__(self, "outputs", _ports(self.name, "outputs", self.outputs))
         _check_ports(self.name, "inputs", self.inputs, self.stage.input_names, require_all=True)
         _check_ports(self.name, "outputs", self.outputs, self.stage.output_names, require_all=False)
+        self.stage.check_wiring(self.name, self.inputs, self.outputs)
 
     def tensors_in(self) -> tuple[str, ...]:
         return tuple(tensor for _, tensor in self.inputs)

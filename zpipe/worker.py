@@ -28,10 +28,11 @@ from .framing import DEFAULT_LIMITS, Kind, Limits, Message, encode
 from .stage import Stage
 from .transport import make_socket, new_context, recv_message, send_message
 
-__all__ = ["WorkerPlan", "main", "run_worker", "normalise_outputs"]
+__all__ = ["WorkerPlan", "main", "run_worker", "normalise_outputs", "SKIPPED"]
 
 log = logging.getLogger(__name__)
 
+SKIPPED = "skipped"  # meta key: tensors of this message that the gate routed away (sent as names, not data)
 _FAILED_MEMORY = 10_000  # request ids remembered as failed, so their late parts are dropped, not re-joined
 
 
@@ -73,10 +74,11 @@ def run_worker(plan: WorkerPlan) -> None:
 
 
 class _Join:
-    __slots__ = ("tensors", "meta", "deadline")
+    __slots__ = ("tensors", "skipped", "meta", "deadline")
 
     def __init__(self, deadline: float) -> None:
         self.tensors: dict[str, np.ndarray] = {}
+        self.skipped: set[str] = set()  # tensors the gate routed away from this path for this request
         self.meta: dict[str, Any] = {}
         self.deadline = deadline
 
@@ -188,17 +190,19 @@ class _Worker:
         if rid in self.failed:
             self.counts["dropped_after_failure"] += 1
             return True
+        skipped = _skipped(msg.meta)
         join = self.joins.get(rid)
-        if join is None and self.needed <= msg.tensors.keys():
-            self._run(rid, msg.tensors, msg.meta)
+        if join is None and self.needed <= msg.tensors.keys() | skipped:
+            self._run(rid, msg.tensors, skipped, msg.meta)
             return True
         if join is None:
             join = self.joins[rid] = _Join(time.monotonic() + self._join_timeout_s())
         join.tensors.update(msg.tensors)
+        join.skipped |= skipped
         join.meta.update(msg.meta)
-        if self.needed <= join.tensors.keys():
+        if self.needed <= join.tensors.keys() | join.skipped:
             del self.joins[rid]
-            self._run(rid, join.tensors, join.meta)
+            self._run(rid, join.tensors, join.skipped, join.meta)
         return True
 
     def _join_timeout_s(self) -> float:
@@ -218,26 +222,46 @@ class _Worker:
                        f"stage {self.name!r} waited {self._join_timeout_s():g}s for tensors {missing} of request "
                        f"{rid} (got {sorted(join.tensors)})")
 
-    def _run(self, rid: int, tensors: Mapping[str, np.ndarray], meta: dict[str, Any]) -> None:
-        inputs = {port: tensors[tensor] for port, tensor in self.plan.inputs}
+    def _run(self, rid: int, tensors: Mapping[str, np.ndarray], skipped: set[str], meta: dict[str, Any]) -> None:
+        meta = {k: v for k, v in meta.items() if k != SKIPPED}
+        skipped_in = self.needed & skipped
+        if skipped_in == self.needed:  # the gate sent this request the other way: pass the skip on, run nothing
+            self._send_all(rid, {}, meta)
+            self.counts["skipped"] += 1
+            return
         start = time.monotonic()
         try:
-            result = self.stage.process(inputs)
-            outputs = normalise_outputs(self.name, result, [p for p, _ in self.plan.outputs])
-            end = time.monotonic()
-            meta = {**meta, f"t:{self.name}": [start, end]}
-            by_tensor = {tensor: outputs[port] for port, tensor in self.plan.outputs}
-            # Encode every outgoing message before sending any, so a bad output fails the request as a whole.
-            batches = [(sock, encode(Message(kind=Kind.REQUEST, request_id=rid, meta=meta,
-                                             tensors={t: by_tensor[t] for t in tensors}), self.plan.limits))
-                       for _, sock, tensors in self.outs]
+            if skipped_in and not self.stage.accepts_skipped:
+                raise StageError(f"stage {self.name!r} got inputs {sorted(self.needed - skipped_in)} but "
+                                 f"{sorted(skipped_in)} were skipped by a gate; join gated branches with a "
+                                 "merge of op 'select'", stage=self.name)
+            inputs = {port: tensors.get(tensor) for port, tensor in self.plan.inputs}
+            result = self.stage.handle(inputs, meta)
+            outputs = normalise_outputs(self.name, result, [p for p, _ in self.plan.outputs],
+                                        allow_missing=self.stage.may_skip_outputs)
+            meta = {**meta, f"t:{self.name}": [start, time.monotonic()]}
+            self._send_all(rid, {tensor: outputs[port] for port, tensor in self.plan.outputs if port in outputs},
+                           meta)
         except Exception as exc:  # the one place a stage's failure is contained
             log.debug("request %d failed", rid, exc_info=True)
             self._fail(rid, meta, type(exc).__name__, str(exc))
             return
+        self.counts["processed"] += 1
+
+    def _send_all(self, rid: int, by_tensor: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        """Send each consumer the tensors it reads; tensors absent from ``by_tensor`` travel as skipped.
+
+        Every message is encoded before any is sent, so a bad output fails the request as a whole.
+        """
+        batches = []
+        for _, sock, tensors in self.outs:
+            missing = [t for t in tensors if t not in by_tensor]
+            message = Message(kind=Kind.REQUEST, request_id=rid,
+                              meta={**meta, SKIPPED: missing} if missing else dict(meta),
+                              tensors={t: by_tensor[t] for t in tensors if t in by_tensor})
+            batches.append((sock, encode(message, self.plan.limits)))
         for sock, frames in batches:
             sock.send_multipart(frames, copy=False)
-        self.counts["processed"] += 1
 
     def _fail(self, rid: int, meta: Mapping[str, Any], error: str, message: str) -> None:
         del meta  # an error carries only what names the failure: bounded, whatever the request's meta held
@@ -257,12 +281,16 @@ class _Worker:
                                            meta={"op": op, "stage": self.name, **meta}))
 
 
-def normalise_outputs(stage: str, result: Any, ports: list[str]) -> dict[str, np.ndarray]:
+def normalise_outputs(stage: str, result: Any, ports: list[str], *, allow_missing: bool = False
+                      ) -> dict[str, np.ndarray]:
     """Map what ``Stage.process`` returned onto output ports.
 
     A mapping is taken by port name; a single array fills the only port; a tuple or list fills ports in order.
+    With ``allow_missing`` (routing stages), ports absent from a mapping are left out: they are skipped.
     """
     if isinstance(result, Mapping):
+        if allow_missing:
+            return {p: result[p] for p in ports if p in result}
         missing = [p for p in ports if p not in result]
         if missing:
             raise StageError(f"stage {stage!r} returned {sorted(result)} but the topology wires outputs {missing}",
@@ -280,3 +308,12 @@ def normalise_outputs(stage: str, result: Any, ports: list[str]) -> dict[str, np
         return dict(zip(ports, result))
     raise StageError(f"stage {stage!r} returned {type(result).__name__}; expected a dict of arrays, an array, "
                      "or a tuple of arrays", stage=stage)
+
+
+def _skipped(meta: Mapping[str, Any]) -> set[str]:
+    value = meta.get(SKIPPED)
+    if value is None:
+        return set()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise FramingError(f"meta {SKIPPED!r} must be a list of tensor names, got {value!r:.80}")
+    return set(value)

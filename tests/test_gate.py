@@ -1,0 +1,128 @@
+"""The gate: each request runs exactly one of two branches; the other gets a skip notice and computes nothing."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+
+from zpipe import Pipeline, RequestFailed, StageSpec, Topology, TopologyError
+from zpipe.testing import Scale
+
+GATED = """
+[pipeline]
+inputs = ["x", "ctl"]
+outputs = ["z"]
+timeout_s = 20
+
+[stages.pre]
+kind = "zpipe.testing:Scale"
+inputs = ["x"]
+outputs = { out = "h" }
+
+[stages.gate]
+kind = "gate"
+control = "ctl"
+inputs = { ctl = "ctl", h = "h" }
+outputs = { "then.h" = "h@then", "else.h" = "h@else" }
+
+[stages.remote_branch]
+kind = "zpipe.testing:Scale"
+factor = 10.0
+inputs = { x = "h@then" }
+outputs = { out = "y@then" }
+
+[stages.local_branch]
+kind = "zpipe.testing:Scale"
+factor = -1.0
+inputs = { x = "h@else" }
+outputs = { out = "y@else" }
+
+[stages.select]
+kind = "merge"
+op = "select"
+inputs = ["y@then", "y@else"]
+outputs = ["y"]
+
+[stages.post]
+kind = "zpipe.testing:Scale"
+offset = 0.5
+inputs = { x = "y" }
+outputs = { out = "z" }
+"""
+
+
+def gated(text: str = GATED) -> Topology:
+    return Topology.from_toml(textwrap.dedent(text))
+
+
+def test_each_request_runs_exactly_the_branch_its_x_chooses():
+    with Pipeline(gated()) as pipe:
+        xs = [np.full(4, float(i), np.float32) for i in range(40)]
+        ctls = [np.array(i % 3 == 0) for i in range(40)]  # bool X
+        futures = [pipe.submit({"x": x, "ctl": c}) for x, c in zip(xs, ctls)]
+        for x, c, f in zip(xs, ctls, futures):
+            result = f.result(timeout=20)
+            expected = x * 10 + 0.5 if c else -x + 0.5
+            np.testing.assert_allclose(result.outputs["z"], expected)
+            ran = set(result.stage_times)
+            assert ran == {"pre", "gate", "select", "post", "remote_branch" if c else "local_branch"}, ran
+
+
+def test_integer_x_and_x_from_request_meta():
+    text = GATED.replace('control = "ctl"', 'control = "ctl"\nmeta_key = "offload"')
+    with Pipeline(gated(text)) as pipe:
+        x = np.ones(2, np.float32)
+        assert pipe.infer({"x": x, "ctl": np.array([1], np.int64)})["z"][0] == 10.5
+        assert pipe.infer({"x": x, "ctl": np.array([1], np.int64)}, meta={"offload": 0})["z"][0] == -0.5
+        assert pipe.infer({"x": x, "ctl": np.array(0, np.int8)}, meta={"offload": True})["z"][0] == 10.5
+
+
+@pytest.mark.parametrize("ctl, match", [
+    (np.array(2), "X must be 0 .* or 1"),
+    (np.array([0.0]), "one bool or integer value, got float64"),
+    (np.array([1, 0]), r"one bool or integer value, got int64\[2\]"),
+])
+def test_bad_x_fails_the_request_and_names_the_gate(ctl, match):
+    with Pipeline(gated()) as pipe:
+        with pytest.raises(RequestFailed, match=match) as info:
+            pipe.infer({"x": np.ones(2, np.float32), "ctl": ctl})
+        assert info.value.stage == "gate"
+        assert pipe.infer({"x": np.ones(2, np.float32), "ctl": np.array(True)})["z"][0] == 10.5
+
+
+def test_a_skipped_tensor_reaching_a_plain_stage_is_an_error():
+    text = GATED.replace('kind = "merge"\nop = "select"\ninputs = ["y@then", "y@else"]\noutputs = ["y"]',
+                         'kind = "merge"\nop = "add"\ninputs = ["y@then", "y@else"]\noutputs = ["y"]')
+    with Pipeline(gated(text)) as pipe:
+        with pytest.raises(RequestFailed, match="were skipped by a gate; join gated branches with a merge of op "
+                                                "'select'"):
+            pipe.infer({"x": np.ones(2, np.float32), "ctl": np.array(True)})
+
+
+@pytest.mark.parametrize("old, new, match", [
+    ('"then.h" = "h@then"', '"maybe.h" = "h@then"', "must be 'then.<input>' or 'else.<input>'"),
+    ('"else.h" = "h@else"', '"then.x" = "h@else"', "must be 'then.<input>'"),
+    ('control = "ctl"', 'control = "ctrl"', "control port 'ctrl' is not among its inputs"),
+    ('inputs = ["y@then", "y@else"]', 'inputs = ["y@then", "y@else", "x"]', "two inputs per output"),
+])
+def test_gate_wiring_errors(old, new, match):
+    with pytest.raises(TopologyError, match=match):
+        gated(GATED.replace(old, new))
+
+
+def test_all_skipped_outputs_reaching_the_pipeline_fail_clearly():
+    from zpipe import Topology as T
+
+    from zpipe.stage import resolve_kind
+
+    gate = resolve_kind("gate")(control="c")
+    topo = T(inputs=["x", "c"], outputs=["a", "b"], stages=[
+        StageSpec(name="g", stage=gate, inputs=["c", "x"], outputs={"then.x": "t", "else.x": "e"}),
+        StageSpec(name="ta", stage=Scale(), inputs={"x": "t"}, outputs={"out": "a"}),
+        StageSpec(name="eb", stage=Scale(), inputs={"x": "e"}, outputs={"out": "b"}),
+    ])
+    with Pipeline(topo) as pipe:
+        with pytest.raises(RequestFailed, match=r"pipeline outputs \['b'\] were skipped by a gate"):
+            pipe.infer({"x": np.ones(1), "c": np.array(True)})
