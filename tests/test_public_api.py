@@ -10,7 +10,7 @@ import zpipe
 ROOT = Path(__file__).resolve().parents[1]
 
 EXPORTED = {
-    "ArtifactError", "FramingError", "HostSpec", "Kind", "Limits", "Manifest", "Message", "PeerTimeout", "Pipeline",
+    "ArtifactError", "Busy", "FramingError", "HostSpec", "Kind", "Limits", "Manifest", "Message", "PeerTimeout", "Pipeline",
     "PipelineClosed", "PythonStage", "MergeStage", "TvmStage", "RequestFailed", "Result", "Stage", "StageError",
     "StageSpec", "TensorSpec", "Topology", "TopologyError", "ZpipeError", "__version__",
 }
@@ -44,7 +44,7 @@ ALLOWED = {
     "tvm_runtime": {"errors"},
     "worker": {"errors", "framing", "stage", "transport"},
     "supervisor": {"errors", "framing", "topology", "transport", "worker"},
-    "pipeline": {"errors", "framing", "supervisor", "topology", "transport"},
+    "pipeline": {"errors", "framing", "supervisor", "topology", "transport", "worker"},
     "testing": {"errors", "stage"},
 }
 

@@ -6,6 +6,7 @@ ZeroMQ with a zero-copy framing layer; topologies wire them by tensor name. See 
 
 from .errors import (
     ArtifactError,
+    Busy,
     FramingError,
     PeerTimeout,
     PipelineClosed,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArtifactError",
+    "Busy",
     "FramingError",
     "HostSpec",
     "Kind",

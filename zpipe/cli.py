@@ -146,6 +146,86 @@ def demo(out_dir: Path | None, n_requests: int, seed: int) -> None:
             click.echo(f"run it again: zpipe run {out_dir / 'topology.toml'} --inputs IN.npz")
 
 
+@cli.command()
+@click.option("--repo", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Model repository: REPO/<model>/<version>/ holding a stage library and its manifest.")
+@click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True, help="Endpoint to serve on.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes per model.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Requests waiting per model before new ones are refused as busy.")
+@click.option("--server-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="This server's key pair (NAME.key_secret from zpipe keygen): turns CurveZMQ on.")
+@click.option("--clients", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of allowed client public keys (*.key).")
+@click.option("--allow-upload", is_flag=True, help="Accept compiled stages from allow-listed clients (native "
+              "code: remote code execution by design).")
+@click.option("--max-upload-mb", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback endpoint without CurveZMQ.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus metrics on 127.0.0.1:PORT.")
+@click.option("--poll-s", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
+              help="How often the repository is scanned for new versions.")
+@click.option("--drain-timeout-s", type=click.FloatRange(min=0), default=30.0, show_default=True)
+@_zpipe_errors
+def serve(repo: Path, bind: str, workers: int, max_queue: int, server_key: Path | None, clients: Path | None,
+          allow_upload: bool, max_upload_mb: int, insecure: bool, metrics_port: int | None, poll_s: float,
+          drain_timeout_s: float) -> None:
+    """Serve the models of a repository to devices (the edge server). SIGTERM drains and exits."""
+    from .server import Server, ServerConfig
+
+    config = ServerConfig(repo=repo, bind=bind, workers=workers, max_queue=max_queue, server_key=server_key,
+                          clients=clients, allow_upload=allow_upload, max_upload_bytes=max_upload_mb << 20,
+                          insecure=insecure, metrics_port=metrics_port, poll_s=poll_s,
+                          drain_timeout_s=drain_timeout_s)
+    server = Server(config).start()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: server.stop())
+    status = server.repository.status()
+    click.echo(f"zpipe serve: listening on {server.endpoint}; models: "
+               + (", ".join(f"{m} v{s.version} ({s.state})" for m, s in sorted(status.items())) or "none yet"),
+               err=True)
+    server.run()
+    click.echo("zpipe serve: drained and stopped", err=True)
+
+
+@cli.command()
+@click.argument("endpoint")
+@click.option("--server-key", help="The server's public key (file or Z85 text), when it uses CurveZMQ.")
+@click.option("--client-key", type=click.Path(exists=True, dir_okay=False), help="Our key pair (.key_secret).")
+@click.option("--timeout-s", type=click.FloatRange(min=0.01), default=5.0, show_default=True)
+@click.option("--live", is_flag=True, help="Only check that the server answers (liveness), not that it is ready.")
+def health(endpoint: str, server_key: str | None, client_key: str | None, timeout_s: float, live: bool) -> None:
+    """Exit 0 when the server at ENDPOINT is ready (all its models available), 1 otherwise. Prints its status."""
+    from .client import RemoteClient
+
+    try:
+        with RemoteClient(endpoint, server_key=server_key, client_key=client_key, timeout_s=timeout_s) as server:
+            answer = server.health(timeout_s=timeout_s)
+    except ZpipeError as exc:
+        click.echo(json.dumps({"endpoint": endpoint, "live": False, "error": str(exc)}))
+        sys.exit(1)
+    answer.pop("op", None)
+    click.echo(json.dumps({"endpoint": endpoint, **answer}))
+    sys.exit(0 if answer.get("live") and (live or answer.get("ready")) else 1)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--dir", "key_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True)
+def keygen(name: str, key_dir: Path) -> None:
+    """Write a CurveZMQ key pair: NAME.key (public: give it to peers) and NAME.key_secret (keep it private)."""
+    import zmq.auth
+
+    key_dir.mkdir(parents=True, exist_ok=True)
+    public, secret = key_dir / f"{name}.key", key_dir / f"{name}.key_secret"
+    if public.exists() or secret.exists():
+        raise click.ClickException(f"{public} or {secret} already exists; refusing to overwrite a key")
+    zmq.auth.create_certificates(key_dir, name)
+    secret.chmod(0o600)
+    click.echo(f"public key: {public}\nsecret key: {secret} (mode 600; never share it)")
+
+
 def _summary(wanted: int, sent: int, results: list, failures: list, elapsed: float) -> dict:
     lat = np.array([r.latency_s for r in results]) * 1000 if results else np.zeros(0)
     reasons: dict[str, int] = {}

@@ -10,7 +10,8 @@ it, and each carries the exit code the CLI uses::
     ├── StageError (6)             a stage raised while processing one request (carries the stage name)
     ├── RequestFailed (7)          a request ended without outputs (carries the request id and the reason)
     │   └── PeerTimeout (8)        a deadline passed waiting for a peer (stage, worker, server)
-    └── PipelineClosed (9)         the pipeline is shut down (or shutting down) and takes no more requests
+    ├── PipelineClosed (9)         the pipeline is shut down (or shutting down) and takes no more requests
+    └── Busy (10)                  no capacity right now (max_in_flight reached, server queue full): retry later
 
 Messages name the culprit (stage, key, endpoint, request id) with ``!r``, say what was expected and what arrived,
 and where possible how to fix it. This module imports nothing from zpipe.
@@ -31,6 +32,7 @@ __all__ = [
     "RequestFailed",
     "PeerTimeout",
     "PipelineClosed",
+    "Busy",
 ]
 
 
@@ -91,6 +93,12 @@ class PipelineClosed(ZpipeError):
     """The pipeline is closed or draining and accepts no new requests."""
 
     exit_code = 9
+
+
+class Busy(ZpipeError):
+    """No capacity right now: a non-blocking submit found max_in_flight reached, or a server's queue is full."""
+
+    exit_code = 10
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -30,17 +30,18 @@ from typing import Any, Mapping
 import numpy as np
 import zmq
 
-from .errors import PeerTimeout, PipelineClosed, RequestFailed, TopologyError
+from .errors import Busy, PeerTimeout, PipelineClosed, RequestFailed, TopologyError
 from .framing import Kind, Message, check_tensor
 from .supervisor import Supervisor
 from .topology import LOCAL_HOST, REQUEST, Topology
 from .transport import ipc_endpoint, make_socket, new_context, recv_message, send_message
+from .worker import DEADLINE, SKIPPED
 
 __all__ = ["Pipeline", "Result"]
 
 log = logging.getLogger(__name__)
 
-_RESERVED_META = frozenset({"stage", "error", "message", "op", "skipped"})  # zpipe's own keys in message metadata
+_RESERVED_META = frozenset({"stage", "error", "message", "op", SKIPPED, DEADLINE})  # zpipe's own keys in message metadata
 
 
 @dataclass(frozen=True)
@@ -154,10 +155,12 @@ class Pipeline:
 
     # -- requests ------------------------------------------------------------------------------------------------
     def submit(self, inputs: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None,
-               timeout_s: float | None = None) -> Future:
+               timeout_s: float | None = None, block: bool = True) -> Future:
         """Send one request; returns a Future resolving to a :class:`Result` or raising :class:`RequestFailed`.
 
-        Blocks while ``max_in_flight`` requests are unanswered (backpressure). Input arrays are sent without
+        Blocks while ``max_in_flight`` requests are unanswered (backpressure), or raises :class:`Busy` at once
+        when ``block`` is False. The request's deadline travels with it, and a stage that receives it too late
+        fails it instead of running it. Input arrays are sent without
         copying: do not modify them until the future is done. A submitted request cannot be cancelled. Futures
         are resolved on zpipe's I/O thread, so a done-callback must not call ``submit``/``infer`` itself.
         """
@@ -168,12 +171,14 @@ class Pipeline:
                                "thread and would deadlock it; submit from another thread or an executor")
         if not self._started or self._closing or self._broken:
             raise PipelineClosed(self._broken or "the pipeline is not running; use start() or a with-block")
-        self._slots.acquire()
+        if not self._slots.acquire(blocking=block):
+            raise Busy(f"pipeline {self.topology.name!r} has {self.topology.max_in_flight} requests in flight")
         future: Future = Future()
         future.set_running_or_notify_cancel()  # from here on the request cannot be cancelled, only answered
         rid = next(self._ids)
         now = time.monotonic()
         pending = _Pending(future, now, now + (self.topology.timeout_s if timeout_s is None else timeout_s))
+        meta[DEADLINE] = pending.deadline
         with self._lock:
             if self._closing or self._broken:
                 self._slots.release()
@@ -297,7 +302,7 @@ class Pipeline:
             self._finish(rid, exc=_failure(reason, f"request {rid} failed in stage {stage!r}: {error}: {text}",
                                            request_id=rid, stage=stage))
             return
-        skipped = msg.meta.get("skipped")
+        skipped = msg.meta.get(SKIPPED)
         if skipped:
             self._finish(rid, exc=_failure(
                 "stage_error", f"request {rid}: pipeline outputs {skipped} were skipped by a gate; join the gated "

@@ -15,7 +15,8 @@ import zmq
 from .errors import FramingError
 from .framing import DEFAULT_LIMITS, Limits, Message, decode_head, encode
 
-__all__ = ["new_context", "make_socket", "ipc_endpoint", "send_message", "recv_message", "bound_endpoint"]
+__all__ = ["new_context", "make_socket", "ipc_endpoint", "send_message", "recv_message", "bound_endpoint",
+           "curve_server", "curve_client", "read_public_key", "is_loopback"]
 
 
 def new_context() -> zmq.Context:
@@ -99,8 +100,64 @@ def recv_message(sock: zmq.Socket, *, envelope_frames: int = 0, flags: int = 0,
         if sock.getsockopt(zmq.RCVMORE):
             raise FramingError(f"request {head.request_id}: more frames than the {len(head.specs)} tensors "
                                "its header lists")
-    except Exception:
+    except Exception as exc:
         while sock.getsockopt(zmq.RCVMORE):  # drop the rest of the bad message, keeping the socket in step
             sock.recv(copy=False)
+        exc.envelope = parts[:envelope_frames]  # so a ROUTER can still answer the sender
         raise
     return envelope, head.message(arrays)
+
+
+# -- CurveZMQ --------------------------------------------------------------------------------------------------------
+# Keys are files written by `zpipe keygen NAME` (pyzmq's certificate format): NAME.key holds the public key,
+# NAME.key_secret both. A server needs its secret file and a folder of allowed clients' public files; a client
+# needs the server's public key and its own secret file.
+
+def read_public_key(path_or_key: str | Path) -> bytes:
+    """A Z85 public key, from a key file (``.key`` or ``.key_secret``) or given inline (40 chars)."""
+    import zmq.auth
+
+    text = str(path_or_key)
+    if len(text) == 40 and not os.path.exists(text):
+        return text.encode()
+    try:
+        public, _ = zmq.auth.load_certificate(text)
+    except (OSError, ValueError) as exc:
+        raise FramingError(f"cannot read a Curve public key from {text!r}: {exc}") from exc
+    return public
+
+
+def _read_secret(path: str | Path) -> tuple[bytes, bytes]:
+    import zmq.auth
+
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:
+        raise FramingError(f"cannot read a Curve key pair from {str(path)!r}: {exc}") from exc
+    if secret is None:
+        raise FramingError(f"{str(path)!r} holds only a public key; give the .key_secret file")
+    return public, secret
+
+
+def curve_server(sock: zmq.Socket, secret_file: str | Path) -> None:
+    """Make ``sock`` a Curve server with the key pair in ``secret_file`` (call before bind)."""
+    public, secret = _read_secret(secret_file)
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+    sock.curve_server = True
+
+
+def curve_client(sock: zmq.Socket, server_public: str | Path, secret_file: str | Path) -> None:
+    """Make ``sock`` a Curve client of the server whose public key is given (call before connect)."""
+    public, secret = _read_secret(secret_file)
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+    sock.curve_serverkey = read_public_key(server_public)
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for endpoints that cannot leave this host: inproc, ipc, tcp on 127.x / ::1 / localhost."""
+    if endpoint.startswith(("inproc://", "ipc://")):
+        return True
+    host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host.startswith("127.") or host in ("localhost", "::1")

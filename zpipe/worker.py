@@ -28,11 +28,12 @@ from .framing import DEFAULT_LIMITS, Kind, Limits, Message, encode
 from .stage import Stage
 from .transport import make_socket, new_context, recv_message, send_message
 
-__all__ = ["WorkerPlan", "main", "run_worker", "normalise_outputs", "SKIPPED"]
+__all__ = ["WorkerPlan", "main", "run_worker", "normalise_outputs", "SKIPPED", "DEADLINE"]
 
 log = logging.getLogger(__name__)
 
 SKIPPED = "skipped"  # meta key: tensors of this message that the gate routed away (sent as names, not data)
+DEADLINE = "deadline"  # meta key: time.monotonic() after which the request is not worth running (this host only)
 _FAILED_MEMORY = 10_000  # request ids remembered as failed, so their late parts are dropped, not re-joined
 
 
@@ -230,6 +231,12 @@ class _Worker:
             self.counts["skipped"] += 1
             return
         start = time.monotonic()
+        deadline = meta.get(DEADLINE)
+        if isinstance(deadline, (int, float)) and start > deadline:  # same host: monotonic clocks agree
+            self.counts["expired"] += 1
+            self._fail(rid, meta, "PeerTimeout", f"request {rid} reached stage {self.name!r} "
+                       f"{(start - deadline) * 1000:.1f} ms after its deadline; not run")
+            return
         try:
             if skipped_in and not self.stage.accepts_skipped:
                 raise StageError(f"stage {self.name!r} got inputs {sorted(self.needed - skipped_in)} but "

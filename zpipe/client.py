@@ -1,0 +1,303 @@
+"""The device side of an edge server: one DEALER connection carrying many requests in flight.
+
+    with RemoteClient("tcp://edge:5555", server_key="edge.key", client_key="me.key_secret") as server:
+        outputs = server.infer("resnet", {"x": x})              # blocking
+        future = server.submit("resnet", {"x": x})              # Future[Result]; many may be in flight
+        server.upload("branch_a", "build/branch_a.so")          # needs an authorised key and --allow-upload
+
+One I/O thread owns the socket: callers queue messages and wake it through a pipe, replies are matched to futures
+by request id. Every request ends: with its outputs, with the server's error (``reason`` is its code), with
+``PeerTimeout`` at its deadline, or at once when the connection is lost or the server refuses our key (the socket
+monitor sees the failed handshake; plain ZeroMQ would hang silently).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from .errors import ArtifactError, FramingError, PeerTimeout, PipelineClosed, RequestFailed, ZpipeError
+from .framing import Kind, Message, check_tensor
+from .manifest import Manifest, sha256_file
+from .pipeline import Result
+from .transport import curve_client, is_loopback, make_socket, new_context, recv_message, send_message
+
+__all__ = ["RemoteClient", "ServerRefused"]
+
+log = logging.getLogger(__name__)
+
+_MONITORED = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED
+              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+
+
+class ServerRefused(RequestFailed):
+    """The server refused this client's Curve key (not on its allowlist), or the handshake failed."""
+
+
+class _Pending:
+    __slots__ = ("future", "sent", "deadline", "what", "raw")
+
+    def __init__(self, future: Future, sent: float, deadline: float, what: str, raw: bool) -> None:
+        self.future, self.sent, self.deadline, self.what = future, sent, deadline, what
+        self.raw = raw  # resolve with the reply Message itself (control ops), not a Result
+
+
+class RemoteClient:
+    """A connection to one edge server. Thread-safe; start() or a with-block before use."""
+
+    def __init__(self, endpoint: str, *, server_key: str | Path | None = None, client_key: str | Path | None = None,
+                 timeout_s: float = 30.0, heartbeat_s: float = 1.0, identity: str | None = None,
+                 hwm: int = 1000) -> None:
+        if (server_key is None) != (client_key is None):
+            raise ZpipeError("Curve needs both server_key (the server's public key) and client_key (our .key_secret)")
+        if server_key is None and not is_loopback(endpoint):
+            log.warning("connecting to %s without encryption: configure server_key and client_key", endpoint)
+        self.endpoint = endpoint
+        self.server_key, self.client_key = server_key, client_key
+        self.timeout_s = timeout_s
+        self.heartbeat_s = heartbeat_s
+        self.identity = identity or f"{os.uname().nodename}-{os.getpid()}-{id(self) & 0xffff:x}"
+        self.hwm = hwm
+        self.connected = False
+        self.refused: str | None = None
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.bytes_sent = 0  # tensor bytes this client sent (the device-side count for the gate's X==0 proof)
+        self.requests_sent = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    def start(self) -> "RemoteClient":
+        if self._thread is not None:
+            return self
+        self._ctx = new_context()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        sock = make_socket(self._ctx, zmq.DEALER, hwm=self.hwm, identity=self.identity.encode())
+        ivl_ms = max(1, int(self.heartbeat_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl_ms)
+        if self.server_key is not None:
+            curve_client(sock, self.server_key, self.client_key)
+        self._monitor = sock.get_monitor_socket(_MONITORED)
+        sock.connect(self.endpoint)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._io_loop, name="zpipe-client", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        if self._thread is None:
+            return
+        self._stop = True
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout=5.0)
+        self._fail_all(PipelineClosed, "the client was closed")
+        self._ctx.destroy(linger=0)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._thread = None
+
+    def __enter__(self) -> "RemoteClient":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- requests ------------------------------------------------------------------------------------------------
+    def submit(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None,
+               timeout_s: float | None = None, meta: Mapping[str, Any] | None = None) -> Future:
+        """Send one inference request; the future resolves to a :class:`~zpipe.Result` or raises."""
+        tensors = {name: check_tensor(name, array) for name, array in inputs.items()}
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        request_meta = {**(meta or {}), "model": model, "timeout_ms": timeout * 1000}
+        if version is not None:
+            request_meta["version"] = version
+        future = self._send(Message(kind=Kind.REQUEST, request_id=0, tensors=tensors, meta=request_meta), timeout,
+                            f"model {model!r}")
+        with self._lock:
+            self.requests_sent += 1
+            self.bytes_sent += sum(a.nbytes for a in tensors.values())
+        return future
+
+    def infer(self, model: str, inputs: Mapping[str, Any], **kw: Any) -> dict[str, np.ndarray]:
+        return self.submit(model, inputs, **kw).result().outputs
+
+    def health(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        """The server's health answer: live, ready, models and their state/version/error."""
+        return self._control({"op": "health"}, timeout_s)
+
+    def stats(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        """The server's per-client request and byte counters."""
+        return self._control({"op": "stats"}, timeout_s)
+
+    def upload(self, model: str, library: str | Path, *, manifest: str | Path | None = None,
+               timeout_s: float = 120.0) -> int:
+        """Send a compiled stage (library + manifest) to the server; returns the version it was stored as."""
+        library = Path(library)
+        manifest_path = Path(manifest) if manifest else library.with_suffix(".json")
+        parsed = Manifest.load(manifest_path)
+        if not library.is_file():
+            raise ArtifactError(f"library {str(library)!r} does not exist")
+        if parsed.library_sha256 and parsed.library_sha256 != sha256_file(library):
+            raise ArtifactError(f"library {str(library)!r} does not match its manifest (sha256 differs)")
+        doc = json.loads(manifest_path.read_text())
+        doc["library"] = library.name
+        doc["library_sha256"] = sha256_file(library)
+        payload = np.frombuffer(library.read_bytes(), dtype=np.uint8)
+        reply = self._send(Message(kind=Kind.CONTROL, request_id=0, tensors={"library": payload},
+                                   meta={"op": "upload", "model": model, "manifest": json.dumps(doc)}),
+                           timeout_s, f"upload of {model!r}", raw=True).result()
+        return int(reply.meta["version"])
+
+    def _control(self, meta: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        reply = self._send(Message(kind=Kind.CONTROL, request_id=0, meta=meta), timeout_s, meta["op"],
+                           raw=True).result()
+        return dict(reply.meta)
+
+    def _send(self, message: Message, timeout_s: float, what: str, *, raw: bool = False) -> Future:
+        if self._thread is None or self._stop:
+            raise PipelineClosed("the client is not started (use start() or a with-block)")
+        if self.refused:
+            raise ServerRefused(self.refused, reason="refused")
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+        rid = next(self._ids)
+        message.request_id = rid
+        now = time.monotonic()
+        with self._lock:
+            self._pending[rid] = _Pending(future, now, now + timeout_s, what, raw)
+            heapq.heappush(self._deadlines, (now + timeout_s, rid))
+        self._outbox.put(message)
+        os.write(self._wake_w, b"m")
+        return future
+
+    # -- the I/O loop --------------------------------------------------------------------------------------------
+    def _io_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while not self._stop:
+            try:
+                events = dict(poller.poll(50))
+                if self._wake_r in events:
+                    try:
+                        os.read(self._wake_r, 65536)
+                    except BlockingIOError:
+                        pass
+                self._flush_outbox()
+                if self._monitor in events:
+                    self._on_monitor()
+                if self._sock in events:
+                    for _ in range(256):
+                        if not self._receive_one():
+                            break
+                self._expire()
+            except Exception:
+                log.exception("error in the client I/O loop")
+
+    def _flush_outbox(self) -> None:
+        while True:
+            try:
+                message = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                send_message(self._sock, message)  # blocks at the HWM: backpressure towards a slow server
+            except (zmq.ZMQError, FramingError) as exc:
+                self._finish(message.request_id, exc=RequestFailed(
+                    f"request {message.request_id} to {self.endpoint}: could not be sent: {exc}",
+                    request_id=message.request_id, reason="send_error"))
+
+    def _receive_one(self) -> bool:
+        try:
+            _, msg = recv_message(self._sock, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        except FramingError as exc:
+            log.warning("malformed reply from %s: %s", self.endpoint, exc)
+            return True
+        with self._lock:
+            pending = self._pending.get(msg.request_id)
+        if pending is None:
+            return True  # a late reply for a request that already ended
+        if msg.kind == Kind.ERROR:
+            code, text = msg.meta.get("error", "error"), msg.meta.get("message", "")
+            cls = PeerTimeout if code == "timeout" else RequestFailed
+            self._finish(msg.request_id, exc=cls(f"{self.endpoint} ({pending.what}): {code}: {text}",
+                                                 request_id=msg.request_id, stage=pending.what, reason=code))
+        else:
+            self._finish(msg.request_id, result=Result(request_id=msg.request_id, outputs=msg.tensors,
+                                                       latency_s=time.monotonic() - pending.sent,
+                                                       stage_times={}), reply=msg)
+        return True
+
+    def _on_monitor(self) -> None:
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected = True
+                self.refused = None
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.refused = (f"server {self.endpoint} refused our Curve key (it is not on the server's "
+                                "allowlist, or the server key is wrong)")
+                self._fail_all(ServerRefused, self.refused, reason="refused")
+            elif event in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                self.refused = (f"handshake with {self.endpoint} failed (wrong server key, or not a zpipe/ZeroMQ "
+                                "server)")
+                self._fail_all(ServerRefused, self.refused, reason="refused")
+            elif event == zmq.EVENT_DISCONNECTED and self.connected:
+                self.connected = False
+                # ZeroMQ silently loses what was in flight on a broken connection: fail it now, with a reason.
+                self._fail_all(RequestFailed, f"connection to {self.endpoint} lost", reason="disconnected")
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                if not self._deadlines or self._deadlines[0][0] > now:
+                    return
+                _, rid = heapq.heappop(self._deadlines)
+                pending = self._pending.get(rid)
+            if pending is not None:
+                state = "connected" if self.connected else "no connection established"
+                self._finish(rid, exc=PeerTimeout(
+                    f"server {self.endpoint} did not answer request {rid} ({pending.what}) within "
+                    f"{pending.deadline - pending.sent:g}s ({state})", request_id=rid, stage=pending.what,
+                    reason="timeout"))
+
+    def _fail_all(self, cls: type, text: str, *, reason: str = "closed") -> None:
+        with self._lock:
+            rids = list(self._pending)
+        for rid in rids:
+            exc = cls(text) if cls is PipelineClosed else cls(f"request {rid}: {text}", request_id=rid, reason=reason)
+            self._finish(rid, exc=exc)
+
+    def _finish(self, rid: int, *, result: Any = None, exc: Exception | None = None,
+                reply: Message | None = None) -> None:
+        with self._lock:
+            pending = self._pending.pop(rid, None)
+        if pending is None:
+            return
+        if exc is not None:
+            pending.future.set_exception(exc)
+        else:
+            pending.future.set_result(reply if pending.raw else result)

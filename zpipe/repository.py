@@ -1,0 +1,211 @@
+"""The edge server's model repository: versioned compiled stages on disk, loaded into worker pools, hot-swapped.
+
+Layout (what `zpipe compile` and uploads produce)::
+
+    REPO/<model>/<version>/<name>.so      version: a positive integer directory name
+    REPO/<model>/<version>/<name>.json    the stage manifest (zpipe.manifest), exactly one per version
+
+The newest version that loads is served. A version directory that appears later is loaded in the background and
+swapped in when ready; requests already running on the old version finish there (its pools drain), so a swap fails
+no request. A version that fails to load is reported (state ``failed`` with the error) and the previous version
+keeps serving; it is retried only when its directory changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ArtifactError, Busy
+from .manifest import Manifest
+from .pipeline import Pipeline
+from .topology import StageSpec, Topology
+
+__all__ = ["Repository", "ModelVersion", "ModelStatus"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelVersion:
+    """One loaded version of a model: its manifest and a pool of single-stage pipelines (one worker each)."""
+
+    model: str
+    version: int
+    manifest: Manifest
+    pools: list[Pipeline]
+
+    def pick(self) -> Pipeline:
+        """The least-loaded pipeline of the pool."""
+        return min(self.pools, key=lambda p: p.stats()["in_flight"])
+
+    def close(self, drain_timeout_s: float) -> None:
+        for pipe in self.pools:
+            pipe.close(drain_timeout_s=drain_timeout_s)
+
+
+@dataclass
+class ModelStatus:
+    state: str = "loading"  # loading | available | failed
+    version: int | None = None  # the version being served
+    error: str = ""  # why the newest version failed to load, if it did
+    failed: dict[int, float] = field(default_factory=dict)  # version -> directory mtime when it failed
+
+
+class Repository:
+    """Scans ``root`` for models and versions and keeps the newest loadable version of each one serving.
+
+    Thread-safe: the server's loop calls :meth:`get` while a background thread loads and swaps versions.
+    """
+
+    def __init__(self, root: str | Path, *, workers: int = 1, max_in_flight: int = 64, poll_s: float = 2.0,
+                 start_timeout_s: float = 120.0, drain_timeout_s: float = 30.0) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ArtifactError(f"model repository {str(self.root)!r} is not a directory")
+        self.workers = workers
+        self.max_in_flight = max_in_flight
+        self.poll_s = poll_s
+        self.start_timeout_s = start_timeout_s
+        self.drain_timeout_s = drain_timeout_s
+        self._lock = threading.Lock()
+        self._serving: dict[str, ModelVersion] = {}
+        self._status: dict[str, ModelStatus] = {}
+        self._stop = threading.Event()
+        self._scanned = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    def start(self, *, wait: bool = True) -> None:
+        """Start the background loader; with ``wait``, return after the first scan has loaded what it could."""
+        self._thread = threading.Thread(target=self._run, name="zpipe-repository", daemon=True)
+        self._thread.start()
+        if wait:
+            self._scanned.wait()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.start_timeout_s + 5)
+        with self._lock:
+            serving, self._serving = list(self._serving.values()), {}
+        for mv in serving:
+            mv.close(self.drain_timeout_s)
+
+    # -- queries -------------------------------------------------------------------------------------------------
+    def get(self, model: str, version: int | None = None) -> ModelVersion:
+        """The serving version of ``model`` (or exactly ``version``); raises ZpipeError naming what is missing."""
+        with self._lock:
+            mv = self._serving.get(model)
+            status = self._status.get(model)
+        if mv is None:
+            if status is not None and status.state == "loading":
+                raise Busy(f"model {model!r} is still loading")
+            known = sorted(self._status)
+            why = f": {status.error}" if status is not None and status.error else ""
+            raise ArtifactError(f"model {model!r} is not available on this server{why}; it serves {known}")
+        if version is not None and version != mv.version:
+            raise ArtifactError(f"model {model!r} version {version} is not on this server; it serves version "
+                                f"{mv.version}")
+        return mv
+
+    def status(self) -> dict[str, ModelStatus]:
+        with self._lock:
+            return {name: ModelStatus(state=s.state, version=s.version, error=s.error)
+                    for name, s in self._status.items()}
+
+    def ready(self) -> bool:
+        """Every model found in the repository has a version serving."""
+        with self._lock:
+            return bool(self._status) and all(s.version is not None for s in self._status.values())
+
+    def scan_now(self) -> None:
+        """Scan once, synchronously (the loader thread also scans every ``poll_s``)."""
+        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            self._consider(model_dir)
+
+    # -- loading -------------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.scan_now()
+            except Exception:
+                log.exception("repository scan failed")
+            self._scanned.set()
+            self._stop.wait(self.poll_s)
+
+    def _consider(self, model_dir: Path) -> None:
+        model = model_dir.name
+        with self._lock:
+            status = self._status.setdefault(model, ModelStatus())
+            current = self._serving.get(model)
+        versions = sorted((int(p.name), p) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        for version, path in reversed(versions):
+            if current is not None and version <= current.version:
+                return  # nothing newer than what is serving
+            mtime = path.stat().st_mtime
+            if status.failed.get(version) == mtime:
+                continue  # failed before and unchanged: try an older one
+            try:
+                mv = self._load(model, version, path)
+            except Exception as exc:
+                log.error("model %r version %d failed to load: %s", model, version, exc)
+                with self._lock:
+                    status.failed[version] = mtime
+                    status.error = f"version {version}: {exc}"
+                    status.state = "available" if current is not None else "failed"
+                continue
+            self._swap(mv, status)
+            return
+        if current is None and status.state == "loading":
+            with self._lock:
+                status.state = "failed"
+                status.error = status.error or f"no loadable version under {str(model_dir)!r}"
+
+    def _load(self, model: str, version: int, path: Path) -> ModelVersion:
+        manifests = sorted(path.glob("*.json"))
+        if len(manifests) != 1:
+            raise ArtifactError(f"{str(path)!r} must hold exactly one stage manifest (*.json), found "
+                                f"{[m.name for m in manifests]}")
+        manifest = Manifest.load(manifests[0])
+        from .stage import resolve_kind
+
+        stage = resolve_kind("tvm")(library=str(path / manifest.library), manifest=str(manifests[0]))
+        topology = Topology(name=f"{model}@{version}", inputs=[t.name for t in manifest.inputs],
+                            outputs=[t.name for t in manifest.outputs], max_in_flight=self.max_in_flight,
+                            stages=[StageSpec(name=_stage_name(model), stage=stage,
+                                              inputs=[t.name for t in manifest.inputs],
+                                              outputs=[t.name for t in manifest.outputs])])
+        started = time.monotonic()
+        pools: list[Pipeline] = []
+        try:
+            for _ in range(self.workers):
+                pools.append(Pipeline(topology, start_timeout_s=self.start_timeout_s).start())
+        except BaseException:
+            for pipe in pools:
+                pipe.close(drain_timeout_s=0)
+            raise
+        log.info("model %r version %d loaded in %.2fs (%d workers)", model, version, time.monotonic() - started,
+                 self.workers)
+        return ModelVersion(model=model, version=version, manifest=manifest, pools=pools)
+
+    def _swap(self, mv: ModelVersion, status: ModelStatus) -> None:
+        with self._lock:
+            old = self._serving.get(mv.model)
+            self._serving[mv.model] = mv
+            status.state, status.version = "available", mv.version
+            if status.error.startswith(f"version {mv.version}:"):
+                status.error = ""
+        if old is not None:
+            log.info("model %r: version %d replaces %d; draining the old one", mv.model, mv.version, old.version)
+            threading.Thread(target=old.close, args=(self.drain_timeout_s,), daemon=True,
+                             name=f"zpipe-drain-{mv.model}-{old.version}").start()
+
+
+def _stage_name(model: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "_.-" else "_" for c in model)
+    return cleaned if cleaned[:1].isalpha() or cleaned[:1] == "_" else f"m_{cleaned}"
+

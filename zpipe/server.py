@@ -1,0 +1,410 @@
+"""`zpipe serve`: the edge model server. One ROUTER front door, a repository of versioned models, worker pools.
+
+Protocol (zpipe framing on a DEALER→ROUTER connection; many requests in flight per connection, matched by id):
+
+    REQUEST  meta {"model": name, "version"?: int, "timeout_ms"?: number}, tensors = the model's inputs
+             -> REPLY  meta {"model", "version"}, tensors = the model's outputs
+             -> ERROR  meta {"error": code, "message": text}; codes: malformed, bad_request, not_found, busy,
+                       timeout, stage_error, shutting_down, upload_refused
+    CONTROL  {"op": "health"}  -> CONTROL {"live", "ready", "models": [...], "state:<m>", "version:<m>", "error:<m>"}
+    CONTROL  {"op": "stats"}   -> CONTROL {"requests": n, "request_bytes": n, "requests:<client>": n, ...}
+    CONTROL  {"op": "upload", "model": name, "manifest": json text}, tensor "library" (uint8 bytes of the .so)
+             -> CONTROL {"op": "upload", "model", "version"} once the new version is stored (it loads next scan)
+    HEARTBEAT -> HEARTBEAT (application-level ping)
+
+One thread runs the loop and owns the socket. Model workers answer through futures; their callbacks hand results
+back through a queue and a self-pipe, so only the loop thread ever touches the socket. Requests wait in a bounded
+queue per model when the workers are saturated, and expire there (answered ``timeout``, never run) when their
+deadline passes. No message on this socket is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from .errors import ArtifactError, Busy, FramingError, PipelineClosed, ZpipeError
+from .framing import DEFAULT_LIMITS, Kind, Limits, Message
+from .manifest import Manifest, sha256_file
+from .repository import Repository
+from .server_metrics import ServerMetrics
+from .transport import curve_server, is_loopback, make_socket, new_context, recv_message, send_message
+
+__all__ = ["ServerConfig", "Server"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """How a server runs. ``server_key`` (a ``.key_secret`` file) turns CurveZMQ on; ``clients`` is then the
+    folder of allowed client public keys. ``allow_upload`` needs both: uploads are native code."""
+
+    repo: Path
+    bind: str = "tcp://127.0.0.1:5555"
+    workers: int = 1
+    max_queue: int = 1024
+    max_in_flight: int = 64
+    default_timeout_s: float = 30.0
+    allow_upload: bool = False
+    max_upload_bytes: int = 256 << 20
+    server_key: Path | None = None
+    clients: Path | None = None
+    insecure: bool = False
+    poll_s: float = 2.0
+    drain_timeout_s: float = 30.0
+    metrics_port: int | None = None
+    limits: Limits = DEFAULT_LIMITS
+
+    def __post_init__(self) -> None:
+        if (self.server_key is None) != (self.clients is None):
+            raise ZpipeError("Curve needs both --server-key (this server's .key_secret) and --clients (a folder of "
+                             "allowed client public keys)")
+        if self.allow_upload and self.server_key is None:
+            raise ZpipeError("--allow-upload accepts native code from clients: it needs --server-key and --clients "
+                             "so that only allow-listed clients can connect")
+        if self.server_key is None and not is_loopback(self.bind) and not self.insecure:
+            raise ZpipeError(f"refusing to serve {self.bind!r} without encryption: it is reachable from other hosts. "
+                             "Configure keys (zpipe keygen; --server-key, --clients) or pass --insecure")
+        if self.workers < 1 or self.max_queue < 1:
+            raise ZpipeError("workers and max_queue must be >= 1")
+
+
+@dataclass
+class _Queued:
+    envelope: list[bytes]
+    message: Message
+    model: str
+    version: int | None
+    received: float
+    deadline: float
+
+
+class Server:
+    """An edge model server. ``start()`` binds and loads; ``run()`` serves until ``stop()`` (from any thread)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.repository = Repository(config.repo, workers=config.workers, max_in_flight=config.max_in_flight,
+                                     poll_s=config.poll_s, drain_timeout_s=config.drain_timeout_s)
+        self.metrics = ServerMetrics()
+        self._queues: dict[str, collections.deque[_Queued]] = collections.defaultdict(collections.deque)
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._in_flight = 0
+        self._stopping = False
+        self._stop_requested = False
+        self.endpoint: str | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    def start(self) -> "Server":
+        self.repository.start(wait=True)
+        self._ctx = new_context()
+        self._auth = None
+        self.socket = make_socket(self._ctx, zmq.ROUTER, hwm=10_000,
+                                  max_message_bytes=max(self.config.max_upload_bytes, 64 << 20) + (1 << 20))
+        if self.config.server_key is not None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._auth = ThreadAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=str(self.config.clients))
+            curve_server(self.socket, self.config.server_key)
+        try:
+            self.socket.bind(self.config.bind)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise ZpipeError(f"cannot bind {self.config.bind!r}: {exc}") from exc
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.config.metrics_port is not None:
+            self.metrics.serve(self.config.metrics_port)
+        log.info("serving %s on %s (curve %s, upload %s)", self.config.repo, self.endpoint,
+                 "on" if self._auth else "off", "on" if self.config.allow_upload else "off")
+        return self
+
+    def stop(self) -> None:
+        """Ask the loop to drain and return (safe from signal handlers and other threads)."""
+        self._stop_requested = True
+        os.write(self._wake_w, b"s")
+
+    def close(self) -> None:
+        self.repository.close()
+        if self._auth is not None:
+            self._auth.stop()
+        self._ctx.destroy(linger=0)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def run(self) -> None:
+        """Serve until stop(); then stop accepting, finish what is queued and in flight, and close."""
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        drain_deadline = None
+        try:
+            while True:
+                if self._stop_requested and not self._stopping:
+                    self._stopping = True
+                    drain_deadline = time.monotonic() + self.config.drain_timeout_s
+                    log.info("draining: %d queued, %d in flight", self._queued(), self._in_flight)
+                if self._stopping and (self._in_flight == 0 and self._queued() == 0
+                                       or time.monotonic() > drain_deadline):
+                    return
+                events = dict(poller.poll(50))
+                if self._wake_r in events:
+                    try:
+                        os.read(self._wake_r, 65536)
+                    except BlockingIOError:
+                        pass
+                self._collect_done()
+                if self.socket in events:
+                    for _ in range(256):
+                        if not self._receive_one():
+                            break
+                self._dispatch()
+        finally:
+            self._fail_queued("shutting_down", "the server stopped before the request ran")
+            self.close()
+
+    # -- receiving -----------------------------------------------------------------------------------------------
+    def _receive_one(self) -> bool:
+        try:
+            envelope, msg = recv_message(self.socket, envelope_frames=1, flags=zmq.NOBLOCK,
+                                         limits=self.config.limits)
+        except zmq.Again:
+            return False
+        except FramingError as exc:
+            envelope = getattr(exc, "envelope", [])
+            self.metrics.malformed.inc()
+            log.warning("malformed message from %s: %s", _client_name(envelope), exc)
+            if envelope:
+                self._reply_error(envelope, 0, "malformed", str(exc))
+            return True
+        try:
+            self._handle(envelope, msg)
+        except Exception as exc:  # one bad request never takes the loop down
+            log.exception("error handling request %d", msg.request_id)
+            self._reply_error(envelope, msg.request_id, "bad_request", f"{type(exc).__name__}: {exc}")
+        return True
+
+    def _handle(self, envelope: list[bytes], msg: Message) -> None:
+        client = _client_name(envelope)
+        nbytes = sum(a.nbytes for a in msg.tensors.values())
+        self.metrics.received(client, msg.kind.name.lower(), nbytes)
+        if msg.kind == Kind.HEARTBEAT:
+            self._send(envelope, Message(kind=Kind.HEARTBEAT, request_id=msg.request_id))
+        elif msg.kind == Kind.CONTROL:
+            self._control(envelope, msg)
+        elif msg.kind != Kind.REQUEST:
+            self._reply_error(envelope, msg.request_id, "bad_request", f"unexpected message kind {msg.kind.name}")
+        elif self._stopping:
+            self._reply_error(envelope, msg.request_id, "shutting_down", "the server is draining; retry elsewhere")
+        else:
+            self._enqueue(envelope, msg)
+
+    def _enqueue(self, envelope: list[bytes], msg: Message) -> None:
+        model, version = msg.meta.get("model"), msg.meta.get("version")
+        if not isinstance(model, str) or not model:
+            return self._reply_error(envelope, msg.request_id, "bad_request", "meta 'model' (a name) is required")
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            return self._reply_error(envelope, msg.request_id, "bad_request", f"meta 'version' {version!r} is "
+                                     "not an integer")
+        timeout_ms = msg.meta.get("timeout_ms", self.config.default_timeout_s * 1000)
+        if not isinstance(timeout_ms, (int, float)) or isinstance(timeout_ms, bool) or not 0 < timeout_ms < 1e9:
+            return self._reply_error(envelope, msg.request_id, "bad_request", f"timeout_ms {timeout_ms!r} is not "
+                                     "a positive number")
+        try:
+            mv = self.repository.get(model, version)
+        except Busy as exc:
+            return self._reply_error(envelope, msg.request_id, "busy", str(exc))
+        except ArtifactError as exc:
+            return self._reply_error(envelope, msg.request_id, "not_found", str(exc))
+        problem = _check_inputs(mv.manifest, msg.tensors)
+        if problem:
+            return self._reply_error(envelope, msg.request_id, "bad_request", f"model {model!r}: {problem}")
+        q = self._queues[model]
+        if len(q) >= self.config.max_queue:
+            self.metrics.finished(model, "busy", 0.0)
+            return self._reply_error(envelope, msg.request_id, "busy", f"model {model!r} has {len(q)} requests "
+                                     "queued; retry later")
+        now = time.monotonic()
+        q.append(_Queued(envelope, msg, model, version, now, now + timeout_ms / 1000))
+        self.metrics.queue_depth.labels(model).set(len(q))
+
+    # -- dispatching ---------------------------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        now = time.monotonic()
+        for model, q in self._queues.items():
+            while q:
+                item = q[0]
+                if item.deadline <= now:
+                    q.popleft()
+                    self.metrics.finished(model, "timeout", now - item.received)
+                    self._reply_error(item.envelope, item.message.request_id, "timeout",
+                                      f"request waited {(now - item.received) * 1000:.0f} ms in the queue of "
+                                      f"model {model!r}, past its deadline; not run")
+                    continue
+                try:
+                    mv = self.repository.get(model, item.version)
+                    future = mv.pick().submit(item.message.tensors, timeout_s=item.deadline - now, block=False)
+                except Busy:
+                    break  # workers saturated: keep the queue, try again when something finishes
+                except (ArtifactError, PipelineClosed) as exc:
+                    if isinstance(exc, PipelineClosed):  # a swap closed this pool in between: next round
+                        break
+                    q.popleft()
+                    self._reply_error(item.envelope, item.message.request_id, "not_found", str(exc))
+                    continue
+                q.popleft()
+                self._in_flight += 1
+                future.add_done_callback(lambda f, item=item, v=mv.version: self._completed(item, v, f))
+            self.metrics.queue_depth.labels(model).set(len(q))
+
+    def _completed(self, item: _Queued, version: int, future) -> None:
+        """Runs on a pipeline's I/O thread: hand the result to the loop thread."""
+        self._done.put((item, version, future))
+        os.write(self._wake_w, b"d")
+
+    def _collect_done(self) -> None:
+        while True:
+            try:
+                item, version, future = self._done.get_nowait()
+            except queue.Empty:
+                return
+            self._in_flight -= 1
+            elapsed = time.monotonic() - item.received
+            rid = item.message.request_id
+            exc = future.exception()
+            if exc is None:
+                self.metrics.finished(item.model, "ok", elapsed)
+                self._send(item.envelope, Message(kind=Kind.REPLY, request_id=rid, tensors=future.result().outputs,
+                                                  meta={"model": item.model, "version": version}))
+            else:
+                code = "timeout" if getattr(exc, "reason", "") == "timeout" else "stage_error"
+                self.metrics.finished(item.model, code, elapsed)
+                self._reply_error(item.envelope, rid, code, str(exc))
+
+    # -- control -------------------------------------------------------------------------------------------------
+    def _control(self, envelope: list[bytes], msg: Message) -> None:
+        op = msg.meta.get("op")
+        if op == "health":
+            reply: dict[str, Any] = {"op": "health", "live": True, "ready": self.repository.ready(),
+                                     "draining": self._stopping}
+            status = self.repository.status()
+            reply["models"] = sorted(status)
+            for name, st in status.items():
+                reply[f"state:{name}"], reply[f"version:{name}"], reply[f"error:{name}"] = st.state, st.version, \
+                    st.error[:500]
+            self._send(envelope, Message(kind=Kind.CONTROL, request_id=msg.request_id, meta=reply))
+        elif op == "stats":
+            self._send(envelope, Message(kind=Kind.CONTROL, request_id=msg.request_id,
+                                         meta={"op": "stats", **self.metrics.per_client()}))
+        elif op == "upload":
+            self._upload(envelope, msg)
+        else:
+            self._reply_error(envelope, msg.request_id, "bad_request", f"unknown control op {op!r}")
+
+    def _upload(self, envelope: list[bytes], msg: Message) -> None:
+        rid = msg.request_id
+        if not self.config.allow_upload:
+            return self._reply_error(envelope, rid, "upload_refused", "this server does not accept model uploads "
+                                     "(start it with --allow-upload, keys and a client allowlist)")
+        model, manifest_text, library = msg.meta.get("model"), msg.meta.get("manifest"), msg.tensors.get("library")
+        if not (isinstance(model, str) and model.replace("_", "").replace("-", "").isalnum()):
+            return self._reply_error(envelope, rid, "upload_refused", f"model name {model!r} must be letters, "
+                                     "digits, '_' or '-'")
+        if not isinstance(manifest_text, str) or library is None or library.dtype != np.uint8 or library.ndim != 1:
+            return self._reply_error(envelope, rid, "upload_refused", "an upload needs meta 'manifest' (JSON text) "
+                                     "and a uint8 tensor 'library'")
+        if library.nbytes > self.config.max_upload_bytes:
+            return self._reply_error(envelope, rid, "upload_refused", f"library is {library.nbytes} bytes, limit "
+                                     f"is {self.config.max_upload_bytes}")
+        try:
+            version = self._store_upload(model, manifest_text, library)
+        except ZpipeError as exc:
+            return self._reply_error(envelope, rid, "upload_refused", str(exc))
+        log.info("client %s uploaded model %r version %d (%d bytes)", _client_name(envelope), model, version,
+                 library.nbytes)
+        self.repository.scan_now()  # load it now rather than at the next poll
+        self._send(envelope, Message(kind=Kind.CONTROL, request_id=rid,
+                                     meta={"op": "upload", "model": model, "version": version}))
+
+    def _store_upload(self, model: str, manifest_text: str, library: np.ndarray) -> int:
+        staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.config.repo))
+        try:
+            doc = json.loads(manifest_text)
+            if not isinstance(doc, dict):
+                raise ArtifactError("the manifest is not a JSON object")
+            lib_name = Path(str(doc.get("library", ""))).name
+            if not lib_name.endswith(".so"):
+                raise ArtifactError(f"manifest 'library' must name a .so file, got {doc.get('library')!r}")
+            doc["library"] = lib_name
+            (staging / lib_name).write_bytes(library.tobytes())
+            (staging / "manifest.json").write_text(json.dumps(doc))
+            manifest = Manifest.load(staging / "manifest.json")
+            if not manifest.library_sha256 or sha256_file(staging / lib_name) != manifest.library_sha256:
+                raise ArtifactError("the library's sha256 does not match the manifest's library_sha256")
+            model_dir = self.config.repo / model
+            model_dir.mkdir(exist_ok=True)
+            existing = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()]
+            version = max(existing, default=0) + 1
+            os.rename(staging, model_dir / str(version))  # atomic: the loader never sees a half-written version
+            return version
+        except ValueError as exc:
+            raise ArtifactError(f"the manifest is not valid JSON: {exc}") from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    # -- replies -------------------------------------------------------------------------------------------------
+    def _reply_error(self, envelope: list[bytes], rid: int, code: str, text: str) -> None:
+        self._send(envelope, Message(kind=Kind.ERROR, request_id=rid, meta={"error": code, "message": text[:4000]}))
+
+    def _send(self, envelope: list[bytes], message: Message) -> None:
+        try:
+            send_message(self.socket, message, envelope=envelope, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # the client is gone (ROUTER_MANDATORY) or its queue is full
+            self.metrics.undeliverable.inc()
+            log.warning("reply %d to %s dropped: %s", message.request_id, _client_name(envelope), exc)
+        except FramingError as exc:  # an output that cannot travel: tell the client instead
+            self._reply_error(envelope, message.request_id, "stage_error", f"reply could not be encoded: {exc}")
+
+    def _queued(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def _fail_queued(self, code: str, text: str) -> None:
+        for q in self._queues.values():
+            while q:
+                item = q.popleft()
+                self._reply_error(item.envelope, item.message.request_id, code, text)
+
+
+def _check_inputs(manifest: Manifest, tensors: dict[str, np.ndarray]) -> str:
+    expected = {t.name: t for t in manifest.inputs}
+    if set(tensors) != set(expected):
+        return f"takes inputs {sorted(expected)}, got {sorted(tensors)}"
+    for name, spec in expected.items():
+        array = tensors[name]
+        if array.dtype != np.dtype(spec.dtype) or tuple(array.shape) != spec.shape:
+            return f"input {name!r} expects {spec.dtype}{list(spec.shape)}, got {array.dtype}{list(array.shape)}"
+    return ""
+
+
+def _client_name(envelope: list[bytes]) -> str:
+    if not envelope:
+        return "?"
+    ident = envelope[0]
+    return ident.decode() if ident.isascii() and ident.decode(errors="replace").isprintable() else ident.hex()
+

@@ -1,0 +1,65 @@
+"""The edge server's metrics: Prometheus series (prometheus-client) and per-client counters for the stats op.
+
+The per-client counters are what proves the gate's promise: a client whose requests all took the local branch
+shows zero requests and zero tensor bytes here. Each server has its own registry, so several servers (tests) can
+live in one process.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["ServerMetrics"]
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("zpipe_server_requests", "Requests finished, by model and outcome",
+                                ["model", "outcome"], registry=self.registry)
+        self.latency = Histogram("zpipe_server_request_seconds", "Time from arrival to reply, by model",
+                                 ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.queue_depth = Gauge("zpipe_server_queue_depth", "Requests waiting for a worker, by model", ["model"],
+                                 registry=self.registry)
+        self.messages = Counter("zpipe_server_received_messages", "Messages received, by client and kind",
+                                ["client", "kind"], registry=self.registry)
+        self.tensor_bytes = Counter("zpipe_server_received_tensor_bytes", "Tensor bytes received, by client",
+                                    ["client"], registry=self.registry)
+        self.malformed = Counter("zpipe_server_malformed_messages", "Messages that broke the wire format",
+                                 registry=self.registry)
+        self.undeliverable = Counter("zpipe_server_undeliverable_replies", "Replies to clients that were gone",
+                                     registry=self.registry)
+        self._lock = threading.Lock()
+        self._per_client: collections.Counter[str] = collections.Counter()
+
+    def received(self, client: str, kind: str, nbytes: int) -> None:
+        self.messages.labels(client, kind).inc()
+        with self._lock:
+            self._per_client[f"messages:{client}"] += 1
+            if kind == "request":
+                self.tensor_bytes.labels(client).inc(nbytes)
+                self._per_client["requests"] += 1
+                self._per_client["request_bytes"] += nbytes
+                self._per_client[f"requests:{client}"] += 1
+                self._per_client[f"request_bytes:{client}"] += nbytes
+
+    def finished(self, model: str, outcome: str, seconds: float) -> None:
+        self.requests.labels(model, outcome).inc()
+        if outcome == "ok":
+            self.latency.labels(model).observe(seconds)
+
+    def per_client(self) -> dict[str, int]:
+        with self._lock:
+            counts = dict(self._per_client)
+        counts.setdefault("requests", 0)
+        counts.setdefault("request_bytes", 0)
+        return counts
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        """Expose /metrics over HTTP (loopback by default; put a proxy in front to publish it)."""
+        start_http_server(port, addr=addr, registry=self.registry)
