@@ -247,7 +247,7 @@ class RemoteClient:
         else:
             self._finish(msg.request_id, result=Result(request_id=msg.request_id, outputs=msg.tensors,
                                                        latency_s=time.monotonic() - pending.sent,
-                                                       stage_times={}), reply=msg)
+                                                       meta=dict(msg.meta)), reply=msg)
         return True
 
     def _on_monitor(self) -> None:

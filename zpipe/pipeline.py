@@ -55,6 +55,7 @@ class Result:
     outputs: dict[str, np.ndarray]
     latency_s: float
     stage_times: dict[str, tuple[float, float]] = field(default_factory=dict)
+    meta: dict[str, object] = field(default_factory=dict)  # e.g. the model version an edge server used
 
 
 class _Pending:

@@ -1,0 +1,304 @@
+"""The edge server as a real process: repository, hot swap, upload and keys, many clients, bad input, drain."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+pytest.importorskip("tvm")
+
+from server_models import SHAPE, add_version, build_affine  # noqa: E402
+
+from zpipe.client import RemoteClient, ServerRefused  # noqa: E402
+from zpipe.errors import PeerTimeout, RequestFailed, ZpipeError  # noqa: E402
+from zpipe.framing import Kind, Message  # noqa: E402
+from zpipe.transport import recv_message, send_message  # noqa: E402
+
+pytestmark = pytest.mark.tvm
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Compiled affine models: scale 2 (v1), scale 3 (v2), and a broken library."""
+    out = tmp_path_factory.mktemp("built")
+    lib2 = build_affine(out / "v1", "affine", scale=2.0)
+    lib3 = build_affine(out / "v2", "affine", scale=3.0)
+    broken = out / "broken"
+    broken.mkdir()
+    (broken / "affine.so").write_bytes(b"\x7fELF not really a library")
+    manifest = json.loads(lib2.with_suffix(".json").read_text())
+    manifest["library_sha256"] = ""
+    (broken / "affine.json").write_text(json.dumps(manifest))
+    return {"v1": lib2, "v2": lib3, "broken": broken / "affine.so"}
+
+
+class ServerProcess:
+    def __init__(self, repo: Path, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "zpipe", "serve", "--repo", str(repo), "--bind",
+                                      "tcp://127.0.0.1:*", "--poll-s", "0.2", *args],
+                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.log: list[str] = []
+        for line in self.proc.stderr:  # worker logs may come first (a broken model's setup failure)
+            self.log.append(line)
+            if "listening on" in line:
+                break
+        else:
+            self.proc.wait()
+            self.proc.stderr.close()
+            raise AssertionError("server did not start:\n" + "".join(self.log))
+        self.endpoint = line.split("listening on ")[1].split(";")[0]
+        self._reader = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._reader.start()
+
+    def _drain_stderr(self) -> None:
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        finally:
+            self._reader.join(timeout=5)
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def serve(tmp_path):
+    started = []
+
+    def start(repo: Path, *args: str) -> ServerProcess:
+        server = ServerProcess(repo, *args)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def x_of(i: float) -> np.ndarray:
+    return np.full(SHAPE, i, dtype=np.float32)
+
+
+def test_repository_load_and_many_clients(built, tmp_path, serve):
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, built["v1"])
+    server = serve(repo, "--workers", "2")
+    errors = []
+
+    def client(k: int) -> None:
+        try:
+            with RemoteClient(server.endpoint, timeout_s=30) as c:
+                futures = [(i, c.submit("affine", {"x": x_of(k * 1000 + i)})) for i in range(100)]
+                for i, f in futures:
+                    r = f.result()
+                    np.testing.assert_allclose(r.outputs["y"], x_of(k * 1000 + i) * 2 + 1)
+                    assert r.meta["version"] == 1
+        except Exception as exc:  # reported below, with the client number
+            errors.append((k, exc))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    with RemoteClient(server.endpoint) as c:
+        stats = c.stats()
+    assert stats["requests"] == 800
+
+
+def test_hot_swap_under_load_fails_nothing(built, tmp_path, serve):
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, built["v1"])
+    server = serve(repo)
+    seen = {}
+    with RemoteClient(server.endpoint, timeout_s=30) as c:
+        deadline = time.monotonic() + 60
+        swapped_at = None
+        i = 0
+        while time.monotonic() < deadline:
+            futures = [(i + j, c.submit("affine", {"x": x_of(i + j)})) for j in range(20)]
+            for n, f in futures:
+                r = f.result()  # any failure raises here: the swap must fail no request
+                version = r.meta["version"]
+                scale = {1: 2.0, 2: 3.0}[version]
+                np.testing.assert_allclose(r.outputs["y"], x_of(n) * scale + 1)
+                seen[version] = seen.get(version, 0) + 1
+            i += 20
+            if i == 200:
+                add_version(repo, "affine", 2, built["v2"])
+                swapped_at = i
+            if seen.get(2, 0) >= 200:
+                break
+    assert swapped_at is not None and seen[1] >= 200 and seen[2] >= 200, seen
+
+
+def test_broken_new_version_keeps_the_old_one_serving(built, tmp_path, serve):
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, built["v1"])
+    server = serve(repo)
+    add_version(repo, "affine", 2, built["broken"])
+    with RemoteClient(server.endpoint) as c:
+        deadline = time.monotonic() + 30
+        while "version 2" not in c.health()["error:affine"]:
+            assert time.monotonic() < deadline, c.health()
+            time.sleep(0.1)
+        health = c.health()
+        assert health["ready"] and health["version:affine"] == 1 and health["state:affine"] == "available"
+        assert "cannot load TVM library" in health["error:affine"]
+        np.testing.assert_allclose(c.infer("affine", {"x": x_of(1)})["y"], x_of(3))
+
+
+def test_health_exit_codes(built, tmp_path, serve):
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, built["v1"])
+    add_version(repo, "broken", 1, built["broken"])
+    server = serve(repo)
+
+    def health(*args):
+        return subprocess.run([sys.executable, "-m", "zpipe", "health", *args], capture_output=True, text=True,
+                              timeout=30)
+
+    not_ready = health(server.endpoint)
+    assert not_ready.returncode == 1
+    status = json.loads(not_ready.stdout)
+    assert status["live"] and not status["ready"] and status["state:broken"] == "failed"
+    assert health(server.endpoint, "--live").returncode == 0
+    dead = health("tcp://127.0.0.1:9", "--timeout-s", "0.3")
+    assert dead.returncode == 1 and "no connection established" in dead.stdout
+
+
+def test_bad_requests_get_precise_errors_and_the_server_keeps_serving(built, tmp_path, serve):
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, built["v1"])
+    server = serve(repo)
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.linger = 0
+    raw.connect(server.endpoint)
+    try:
+        raw.send_multipart([b"garbage", b"\x00\x01"])
+        assert raw.poll(10_000)
+        _, reply = recv_message(raw)
+        assert reply.kind == Kind.ERROR and reply.meta["error"] == "malformed"
+        assert "prefix frame" in reply.meta["message"]
+        send_message(raw, Message(kind=Kind.REQUEST, request_id=5, tensors={"x": x_of(1)}, meta={}))
+        assert raw.poll(10_000)
+        _, reply = recv_message(raw)
+        assert reply.request_id == 5 and reply.meta["error"] == "bad_request" and "'model'" in reply.meta["message"]
+        # a request whose deadline passes while it waits is answered "timeout" and never run
+        send_message(raw, Message(kind=Kind.REQUEST, request_id=6, tensors={"x": x_of(1)},
+                                  meta={"model": "affine", "timeout_ms": 0.001}))
+        assert raw.poll(10_000)
+        _, reply = recv_message(raw)
+        assert reply.request_id == 6 and reply.meta["error"] == "timeout" and "not run" in reply.meta["message"]
+    finally:
+        raw.close()
+        ctx.term()
+    with RemoteClient(server.endpoint) as c:
+        with pytest.raises(RequestFailed, match="not_found: model 'nope' is not available") as info:
+            c.infer("nope", {"x": x_of(1)})
+        assert info.value.reason == "not_found"
+        with pytest.raises(RequestFailed, match=r"input 'x' expects float32\[1, 256\], got float64\[1, 256\]"):
+            c.infer("affine", {"x": np.zeros(SHAPE)})
+        with pytest.raises(RequestFailed, match="version 7 is not on this server"):
+            c.infer("affine", {"x": x_of(1)}, version=7)
+        with pytest.raises(PeerTimeout, match="did not answer request .* within 1e-06s"):
+            c.infer("affine", {"x": x_of(1)}, timeout_s=1e-6)
+        np.testing.assert_allclose(c.infer("affine", {"x": x_of(2)})["y"], x_of(5))
+
+
+def test_sigterm_drains_requests_in_flight(built, tmp_path, serve):
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, built["v1"])
+    server = serve(repo)
+    with RemoteClient(server.endpoint, timeout_s=60) as c:
+        c.infer("affine", {"x": x_of(0)})
+        futures = [c.submit("affine", {"x": x_of(i)}) for i in range(500)]
+        time.sleep(0.01)
+        server.proc.send_signal(signal.SIGTERM)
+        outcomes = [f.exception(timeout=60) for f in futures]
+    ok = [e for e in outcomes if e is None]
+    refused = [e for e in outcomes if e is not None]
+    assert all(getattr(e, "reason", "") == "shutting_down" for e in refused), refused[:3]
+    assert len(ok) + len(refused) == 500 and len(ok) > 0
+    assert server.proc.wait(timeout=30) == 0
+    assert any("drained and stopped" in line for line in server.log)
+
+
+@pytest.fixture
+def keys(tmp_path):
+    def keygen(name: str, folder: Path) -> None:
+        subprocess.run([sys.executable, "-m", "zpipe", "keygen", name, "--dir", str(folder)], check=True,
+                       capture_output=True)
+
+    keygen("server", tmp_path / "server")
+    keygen("device", tmp_path / "device")
+    keygen("stranger", tmp_path / "stranger")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "device.key").write_text((tmp_path / "device" / "device.key").read_text())
+    return {"server_secret": tmp_path / "server" / "server.key_secret", "server_public": tmp_path / "server" /
+            "server.key", "device": tmp_path / "device" / "device.key_secret",
+            "stranger": tmp_path / "stranger" / "stranger.key_secret", "allowed": allowed}
+
+
+def test_upload_with_keys_and_refusals(built, tmp_path, serve, keys):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    secure = ("--server-key", str(keys["server_secret"]), "--clients", str(keys["allowed"]))
+    server = serve(repo, *secure, "--allow-upload")
+    with RemoteClient(server.endpoint, server_key=keys["server_public"], client_key=keys["device"]) as c:
+        version = c.upload("affine", built["v1"])
+        assert version == 1
+        deadline = time.monotonic() + 30
+        while c.health().get("version:affine") != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        np.testing.assert_allclose(c.infer("affine", {"x": x_of(4)})["y"], x_of(9))
+        assert (repo / "affine" / "1" / "affine.so").exists()  # stored: survives a restart
+    with RemoteClient(server.endpoint, server_key=keys["server_public"], client_key=keys["stranger"],
+                      timeout_s=10) as c:
+        started = time.monotonic()
+        with pytest.raises(ServerRefused, match="refused our Curve key"):
+            c.infer("affine", {"x": x_of(4)})
+        assert time.monotonic() - started < 5  # a clear error, not a hang until the deadline
+    with RemoteClient(server.endpoint, timeout_s=3) as c:  # no key at all against a Curve server
+        with pytest.raises((ServerRefused, PeerTimeout)):
+            c.infer("affine", {"x": x_of(4)})
+
+
+def test_upload_disabled_by_default(built, tmp_path, serve, keys):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = serve(repo, "--server-key", str(keys["server_secret"]), "--clients", str(keys["allowed"]))
+    with RemoteClient(server.endpoint, server_key=keys["server_public"], client_key=keys["device"]) as c:
+        with pytest.raises(RequestFailed, match="upload_refused: this server does not accept model uploads"):
+            c.upload("affine", built["v1"])
+    assert not (repo / "affine").exists()
+
+
+def test_insecure_configurations_are_refused(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "zpipe", "serve", "--repo", str(tmp_path), "--bind",
+                           "tcp://0.0.0.0:*"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and "without encryption" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "zpipe", "serve", "--repo", str(tmp_path), "--allow-upload"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and "--allow-upload accepts native code" in proc.stderr
+    with pytest.raises(ZpipeError, match="both server_key"):
+        RemoteClient("tcp://127.0.0.1:1", server_key="x")
