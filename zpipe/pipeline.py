@@ -33,7 +33,7 @@ import zmq
 from .errors import Busy, PeerTimeout, PipelineClosed, RequestFailed, TopologyError
 from .framing import Kind, Message, check_tensor
 from .supervisor import Supervisor
-from .topology import LOCAL_HOST, REQUEST, Topology
+from .topology import REQUEST, Topology
 from .transport import ipc_endpoint, make_socket, new_context, recv_message, send_message
 from .worker import DEADLINE, SKIPPED
 
@@ -73,10 +73,6 @@ class Pipeline:
     """A running topology on this host. Thread-safe: any thread may submit."""
 
     def __init__(self, topology: Topology, *, start_timeout_s: float = 120.0, max_restarts: int = 3) -> None:
-        remote = sorted({s.host for s in topology.stages} - {LOCAL_HOST})
-        if remote:
-            raise TopologyError(f"stages placed on {remote} need an edge server; this version runs every stage on "
-                                f"{LOCAL_HOST!r} only")
         self.topology = topology
         self._start_timeout_s = start_timeout_s
         self._max_restarts = max_restarts

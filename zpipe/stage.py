@@ -30,6 +30,7 @@ BUILTIN_KINDS = {
     "tvm": "zpipe.stages.tvm:TvmStage",
     "merge": "zpipe.stages.merge:MergeStage",
     "gate": "zpipe.stages.gate:GateStage",
+    "remote": "zpipe.stages.remote:RemoteStage",
 }
 
 

@@ -23,7 +23,8 @@ import zmq
 
 from .errors import PeerTimeout, StageError, ZpipeError
 from .framing import Kind, Message
-from .topology import SINK, Topology
+from .stage import Stage, resolve_kind
+from .topology import LOCAL_HOST, SINK, StageSpec, Topology
 from .transport import ipc_endpoint, make_socket, recv_message, send_message
 from .worker import WorkerPlan
 
@@ -62,7 +63,8 @@ class Supervisor:
         for spec in topology.stages:
             routes = tuple((consumer, endpoints[consumer], tensors)
                            for consumer, tensors in topology.routes(spec.name).items())
-            plan = WorkerPlan(stage_name=spec.name, stage_blob=cloudpickle.dumps(spec.stage), inputs=spec.inputs,
+            plan = WorkerPlan(stage_name=spec.name, stage_blob=cloudpickle.dumps(_stage_to_run(topology, spec)),
+                              inputs=spec.inputs,
                               outputs=spec.outputs, endpoint=endpoints[spec.name], routes=routes, control=control,
                               hwm=topology.hwm, join_timeout_s=topology.effective_join_timeout_s,
                               sys_path=tuple(sys.path), parent_pid=os.getpid())
@@ -212,3 +214,16 @@ class Supervisor:
                          envelope=[name.encode()], flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # not connected (yet) or already gone
             log.debug("could not send %r to stage %r: %s", op, name, exc)
+
+
+def _stage_to_run(topology: Topology, spec: StageSpec) -> Stage:
+    """The stage object a local worker runs for ``spec``: itself, or a remote stand-in when it is placed on an
+    edge server (the stand-in forwards requests there and uploads the library first when asked)."""
+    if spec.host == LOCAL_HOST:
+        return spec.stage
+    host = topology.host(spec.host)
+    return resolve_kind("remote")(
+        endpoint=host.endpoint, model=spec.model or spec.name, version=spec.version, server_key=host.server_key,
+        client_key=host.client_key, upload_library=getattr(spec.stage, "library", None) if spec.upload else None,
+        timeout_s=host.timeout_s, heartbeat_s=host.heartbeat_s, input_names=[p for p, _ in spec.inputs],
+        output_names=[p for p, _ in spec.outputs], host=host.name)

@@ -42,8 +42,8 @@ LOCAL_HOST = "device"  # the host `zpipe run` runs on
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 _PIPELINE_KEYS = ("name", "inputs", "outputs", "hwm", "max_in_flight", "timeout_s", "join_timeout_s")
-_STAGE_KEYS = ("kind", "inputs", "outputs", "host")
-_HOST_KEYS = ("endpoint", "server_key")
+_STAGE_KEYS = ("kind", "inputs", "outputs", "host", "model", "version", "upload")
+_HOST_KEYS = ("endpoint", "server_key", "client_key", "timeout_s", "heartbeat_s")
 _TOP_KEYS = ("pipeline", "stages", "hosts")
 
 Ports = tuple[tuple[str, str], ...]  # (port name, tensor name) pairs
@@ -55,7 +55,10 @@ class HostSpec:
 
     name: str
     endpoint: str
-    server_key: str | None = None
+    server_key: str | None = None  # the server's public key (file or Z85 text): turns CurveZMQ on
+    client_key: str | None = None  # our key pair (.key_secret file)
+    timeout_s: float = 30.0  # default per-request deadline towards this host
+    heartbeat_s: float = 1.0  # ZeroMQ heartbeat interval on the connection (0 turns heartbeats off)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +74,9 @@ class StageSpec:
     inputs: Ports | Sequence[str] | Mapping[str, str]
     outputs: Ports | Sequence[str] | Mapping[str, str]
     host: str = LOCAL_HOST
+    model: str | None = None  # on an edge server: the model name there (default: the stage name)
+    version: int | None = None  # on an edge server: pin a version (default: the newest it serves)
+    upload: bool = False  # on an edge server: send the compiled library there first
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
@@ -84,6 +90,14 @@ class StageSpec:
         _check_ports(self.name, "inputs", self.inputs, self.stage.input_names, require_all=True)
         _check_ports(self.name, "outputs", self.outputs, self.stage.output_names, require_all=False)
         self.stage.check_wiring(self.name, self.inputs, self.outputs)
+        if self.host == LOCAL_HOST and (self.model is not None or self.version is not None or self.upload):
+            raise TopologyError(f"stage {self.name!r}: model/version/upload apply only to stages placed on an "
+                                "edge server (set host)")
+        if self.host == LOCAL_HOST and getattr(self.stage, "endpoint", "") is None:
+            raise TopologyError(f"stage {self.name!r} of kind 'remote' needs a host from [hosts] (host = \"...\") "
+                                "or an endpoint")
+        if self.upload and not hasattr(self.stage, "library"):
+            raise TopologyError(f"stage {self.name!r}: upload = true needs a compiled stage (kind 'tvm')")
 
     def tensors_in(self) -> tuple[str, ...]:
         return tuple(tensor for _, tensor in self.inputs)
@@ -154,6 +168,12 @@ class Topology:
             out[SINK] = to_sink
         return out
 
+    def host(self, name: str) -> HostSpec:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise TopologyError(f"no host {name!r} in topology {self.name!r}")
+
     def order(self) -> tuple[str, ...]:
         """Stage names in a topological order (producers before consumers)."""
         return self._order
@@ -198,6 +218,10 @@ class Topology:
             _unknown_keys(table, _HOST_KEYS, f"[hosts.{host_name}]")
             if "endpoint" not in table:
                 raise TopologyError(f"[hosts.{host_name}] needs 'endpoint', e.g. 'tcp://10.0.0.2:5555'")
+            table = dict(table)
+            for key in ("server_key", "client_key"):
+                if isinstance(table.get(key), str) and len(table[key]) != 40:  # a path, not inline Z85 text
+                    table[key] = str((base_dir / table[key]).resolve())
             hosts.append(HostSpec(name=host_name, **table))
         stages = [_stage_from_table(name, table, base_dir)
                   for name, table in _table(doc, "stages", "top level").items()]
@@ -309,7 +333,8 @@ def _stage_from_table(name: str, table: Any, base_dir: Path) -> StageSpec:
     except (TypeError, ValueError) as exc:
         raise TopologyError(f"{where}: {exc}") from exc
     return StageSpec(name=name, stage=stage, inputs=table["inputs"], outputs=table["outputs"],
-                     host=table.get("host", LOCAL_HOST))
+                     host=table.get("host", LOCAL_HOST), model=table.get("model"), version=table.get("version"),
+                     upload=table.get("upload", False))
 
 
 def _accepted_params(cls: type) -> dict[str, inspect.Parameter]:

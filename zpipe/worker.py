@@ -12,10 +12,12 @@ import collections
 import logging
 import os
 import pickle
+import queue
 import signal
 import sys
 import time
 import traceback
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -93,6 +95,12 @@ class _Worker:
         self.joins: dict[int, _Join] = {}
         self.failed: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.counts = collections.Counter()
+        # Asynchronous stages (a remote stand-in) return a Future from handle(); their completions come back
+        # through this queue and self-pipe, so only this thread touches the sockets.
+        self.running: dict[int, tuple[dict[str, Any], float]] = {}
+        self.done: queue.SimpleQueue = queue.SimpleQueue()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
 
     def run(self) -> None:
         plan = self.plan
@@ -130,8 +138,14 @@ class _Worker:
         poller = zmq.Poller()
         poller.register(self.data_in, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
+        poller.register(self.wake_r, zmq.POLLIN)
+        reading = True
+        limit = getattr(self.stage, "max_in_flight", 64)
         while not self.stopping:
-            if self.plan.parent_pid and os.getppid() != self.plan.parent_pid:
+            if reading != (len(self.running) < limit):  # backpressure: stop taking work while saturated
+                reading = not reading
+                poller.modify(self.data_in, zmq.POLLIN if reading else 0)
+            if self.plan.parent_pid and os.getppid() != self.plan.parent_pid:  # orphaned
                 log.error("parent process %d is gone; exiting", self.plan.parent_pid)
                 return
             timeout_ms = 200
@@ -142,6 +156,8 @@ class _Worker:
             try:  # the one dispatch point: nothing a message or a stage does may end the worker
                 if self.control in events and self._on_control():
                     return
+                if self.wake_r in events:
+                    self._collect_async()
                 if self.data_in in events:
                     for _ in range(100):  # drain a burst, but keep serving control and deadlines
                         if not self._on_data():
@@ -244,16 +260,42 @@ class _Worker:
                                  "merge of op 'select'", stage=self.name)
             inputs = {port: tensors.get(tensor) for port, tensor in self.plan.inputs}
             result = self.stage.handle(inputs, meta)
-            outputs = normalise_outputs(self.name, result, [p for p, _ in self.plan.outputs],
-                                        allow_missing=self.stage.may_skip_outputs)
-            meta = {**meta, f"t:{self.name}": [start, time.monotonic()]}
-            self._send_all(rid, {tensor: outputs[port] for port, tensor in self.plan.outputs if port in outputs},
-                           meta)
+            if isinstance(result, Future):  # finished later, by _collect_async
+                self.running[rid] = (meta, start)
+                result.add_done_callback(lambda f, rid=rid: self._async_done(rid, f))
+                return
+            self._finish_run(rid, result, meta, start)
         except Exception as exc:  # the one place a stage's failure is contained
             log.debug("request %d failed", rid, exc_info=True)
             self._fail(rid, meta, type(exc).__name__, str(exc))
-            return
+
+    def _finish_run(self, rid: int, result: Any, meta: dict[str, Any], start: float) -> None:
+        outputs = normalise_outputs(self.name, result, [p for p, _ in self.plan.outputs],
+                                    allow_missing=self.stage.may_skip_outputs)
+        meta = {**meta, f"t:{self.name}": [start, time.monotonic()]}
+        self._send_all(rid, {tensor: outputs[port] for port, tensor in self.plan.outputs if port in outputs}, meta)
         self.counts["processed"] += 1
+
+    def _async_done(self, rid: int, future: Future) -> None:
+        """Runs on whatever thread completed the future: hand it to the worker's loop."""
+        self.done.put((rid, future))
+        os.write(self.wake_w, b"d")
+
+    def _collect_async(self) -> None:
+        try:
+            os.read(self.wake_r, 65536)
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                rid, future = self.done.get_nowait()
+            except queue.Empty:
+                return
+            meta, start = self.running.pop(rid)
+            try:
+                self._finish_run(rid, future.result(), meta, start)
+            except Exception as exc:
+                self._fail(rid, meta, type(exc).__name__, str(exc))
 
     def _send_all(self, rid: int, by_tensor: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
         """Send each consumer the tensors it reads; tensors absent from ``by_tensor`` travel as skipped.
