@@ -302,3 +302,25 @@ def test_insecure_configurations_are_refused(tmp_path):
     assert proc.returncode != 0 and "--allow-upload accepts native code" in proc.stderr
     with pytest.raises(ZpipeError, match="both server_key"):
         RemoteClient("tcp://127.0.0.1:1", server_key="x")
+
+
+def test_prometheus_metrics(built, tmp_path, serve):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, built["v1"])
+    server = serve(repo, "--metrics-port", str(port))
+    with RemoteClient(server.endpoint) as c:
+        for i in range(5):
+            c.infer("affine", {"x": x_of(i)})
+        with pytest.raises(RequestFailed):
+            c.infer("nope", {"x": x_of(1)})
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'zpipe_server_requests_total{model="affine",outcome="ok"} 5.0' in text
+    assert 'zpipe_server_request_seconds_count{model="affine"} 5.0' in text
+    assert "zpipe_server_queue_depth" in text
+    assert "zpipe_server_received_tensor_bytes_total" in text
