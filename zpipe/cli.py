@@ -226,6 +226,38 @@ def keygen(name: str, key_dir: Path) -> None:
     click.echo(f"public key: {public}\nsecret key: {secret} (mode 600; never share it)")
 
 
+@cli.command()
+@click.option("--listen", required=True, help="Where devices connect, HOST:PORT (e.g. 127.0.0.1:6000).")
+@click.option("--to", "target", required=True, help="The server it forwards to, HOST:PORT.")
+@click.option("--delay-ms", type=click.FloatRange(min=0), default=0.0, show_default=True, help="One-way delay.")
+@click.option("--rate-mbit", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Bandwidth cap per direction (0: none).")
+def linkemu(listen: str, target: str, delay_ms: float, rate_mbit: float) -> None:
+    """A TCP proxy that emulates a network link: delay and rate per direction, outages on demand.
+
+    SIGUSR1 cuts the link (every connection dropped, new ones refused), SIGUSR2 restores it; SIGTERM/Ctrl-C
+    stops and prints byte counts per direction as JSON.
+    """
+    from .linkemu import LinkEmulator, parse_address
+
+    try:
+        emu = LinkEmulator(listen=parse_address(listen), target=parse_address(target), delay_ms=delay_ms,
+                           rate_mbit=rate_mbit or None).start()
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    stop = []
+    signal.signal(signal.SIGUSR1, lambda *_: emu.outage())
+    signal.signal(signal.SIGUSR2, lambda *_: emu.restore())
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(True))
+    click.echo(f"zpipe linkemu: {listen.removeprefix('tcp://').rsplit(':', 1)[0]}:{emu.port} -> {target} "
+               f"(delay {delay_ms:g} ms, rate {rate_mbit or 'unlimited'} Mbit/s)", err=True)
+    while not stop:
+        time.sleep(0.1)
+    click.echo(json.dumps(emu.stats()))
+    emu.close()
+
+
 def _summary(wanted: int, sent: int, results: list, failures: list, elapsed: float) -> dict:
     lat = np.array([r.latency_s for r in results]) * 1000 if results else np.zeros(0)
     reasons: dict[str, int] = {}
