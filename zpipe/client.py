@@ -91,9 +91,10 @@ class RemoteClient:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         sock = make_socket(self._ctx, zmq.DEALER, hwm=self.hwm, identity=self.identity.encode())
-        ivl_ms = max(1, int(self.heartbeat_s * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl_ms)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl_ms)
+        if self.heartbeat_s > 0:  # 0: no keep-alive traffic at all on an idle connection
+            ivl_ms = max(1, int(self.heartbeat_s * 1000))
+            sock.setsockopt(zmq.HEARTBEAT_IVL, ivl_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl_ms)
         if self.server_key is not None:
             curve_client(sock, self.server_key, self.client_key)
         self._monitor = sock.get_monitor_socket(_MONITORED)

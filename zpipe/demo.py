@@ -152,9 +152,23 @@ def build_demo(out_dir: str | Path, *, seed: int = 0) -> Path:
         mod = relax.transform.BindParams("forward", bound)(mod)
         export_stage(mod, name=name, out_dir=out_dir, function="forward", input_names=[_PORTS[name][0]],
                      output_names=[_PORTS[name][1]])
+    _write_repository(out_dir)
     topology = out_dir / "topology.toml"
     topology.write_text(_TOPOLOGY)
     return topology
+
+
+def _write_repository(out_dir: Path) -> None:
+    """Lay the compiled stages out as an edge server's repository: OUT/repo/<stage>/1/ (for `zpipe serve`)."""
+    import shutil
+
+    for name in _PORTS:
+        version_dir = out_dir / "repo" / name / "1"
+        if version_dir.exists():
+            shutil.rmtree(version_dir)
+        version_dir.mkdir(parents=True)
+        for suffix in (".so", ".json"):
+            shutil.copy(out_dir / f"{name}{suffix}", version_dir / f"{name}{suffix}")
 
 
 @dataclass(frozen=True)

@@ -103,10 +103,12 @@ class LinkEmulator:
     # -- the loop ------------------------------------------------------------------------------------------------
     def _run(self) -> None:
         loop = self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
         try:
             server = loop.run_until_complete(asyncio.start_server(self._accept, *self.listen))
             self.port = server.sockets[0].getsockname()[1]
         except OSError:
+            loop.close()
             self._ready.set()
             return
         self._ready.set()
@@ -118,7 +120,8 @@ class LinkEmulator:
             tasks = asyncio.all_tasks(loop)
             for task in tasks:
                 task.cancel()
-            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            if tasks:
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
             loop.close()
 
     def _abort_all(self) -> None:
