@@ -144,6 +144,8 @@ class LinkEmulator:
         try:
             await asyncio.gather(self._pump(reader, up_writer, self._dirs["up"]),
                                  self._pump(up_reader, writer, self._dirs["down"]))
+        except asyncio.CancelledError:
+            pass  # the emulator is closing; ending quietly keeps asyncio's stream callback from complaining
         finally:
             for w in (writer, up_writer):
                 self._conns.discard(w)
