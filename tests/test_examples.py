@@ -28,3 +28,12 @@ def test_run_demo_topology(tmp_path):
     proc = run("run_demo_topology.py", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "max |pipeline - whole model|" in proc.stdout
+
+
+@pytest.mark.tvm
+def test_offload_demo(tmp_path):
+    pytest.importorskip("tvm")
+    proc = run("offload_demo.py", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "link carried 0 bytes up, server saw 0 requests" in proc.stdout
+    assert "outputs match the whole model both ways" in proc.stdout
