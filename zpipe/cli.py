@@ -298,14 +298,16 @@ class _interrupts_as_flag:
             signal.signal(sig, handler)
 
 
-def _register_model_path() -> None:
+def _register_subcommands() -> None:
     from .compile.commands import compile_command, inspect_command
+    from .loadtest_cli import bench_command
 
     cli.add_command(compile_command)
     cli.add_command(inspect_command)
+    cli.add_command(bench_command)
 
 
-_register_model_path()
+_register_subcommands()
 
 
 def main() -> None:
