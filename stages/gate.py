@@ -12,16 +12,25 @@ nothing to its server for that request. Wiring::
 
 X may instead come with the request (``pipe.submit(inputs, meta={"x": 1})``) when ``meta_key`` names it; a
 request that carries the key uses it, others read the control port. A request whose X is neither 0 nor 1 fails.
+
+With ``policy = "latency"`` (or ``"threshold"``; options in ``policy_options``, see zpipe.policy), a request that
+brings no X is decided by the policy, from what the gate measures itself (how many requests it sent each way),
+what its branches publish on the signal board (local service time and progress; the remote stand-in's round trip,
+errors and circuit breaker) and this host's CPU use. Each request records the decision and its reason
+(``x:<gate>``, ``why:<gate>`` in ``Result.meta``).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from zpipe.board import cpu_load
 from zpipe.errors import StageError, TopologyError
-from zpipe.stage import Stage
+from zpipe.policy import Signals, make_policy
+from zpipe.stage import Outcome, Stage
 
 __all__ = ["GateStage"]
 
@@ -31,17 +40,36 @@ _BRANCHES = ("then", "else")
 class GateStage(Stage):
     may_skip_outputs = True
 
-    def __init__(self, *, control: str = "x", meta_key: str | None = None) -> None:
+    def __init__(self, *, control: str = "x", meta_key: str | None = None, policy: str | None = None,
+                 policy_options: dict[str, Any] | None = None) -> None:
         if not isinstance(control, str) or not control:
             raise TopologyError(f"gate control must be a port name, got {control!r}")
         self.control = control
         self.meta_key = meta_key
+        self.policy_name = policy
+        self.policy_options = dict(policy_options or {})
+        if policy is not None:
+            make_policy(policy, self.policy_options)  # validate now, in the parent
+        self._policy = None
+
+    def setup(self) -> None:
+        if self.policy_name is not None:
+            self._policy = make_policy(self.policy_name, self.policy_options)
+            consumers = self.context.consumers if self.context else {}
+            self._remote = sorted({c for p, cs in consumers.items() if p.startswith("then.") for c in cs})
+            self._local = sorted({c for p, cs in consumers.items() if p.startswith("else.") for c in cs})
+            self._sent = {True: 0, False: 0}
+            self._load = (0.0, 0.0)  # (measured at, value)
+
+    @property
+    def switches(self) -> int:
+        return self._policy.switches if self._policy is not None else 0
 
     def check_wiring(self, name: str, inputs: Sequence[tuple[str, str]], outputs: Sequence[tuple[str, str]]) -> None:
         ports = [p for p, _ in inputs]
-        if self.control not in ports and self.meta_key is None:
+        if self.control not in ports and self.meta_key is None and self.policy_name is None:
             raise TopologyError(f"gate {name!r}: control port {self.control!r} is not among its inputs {ports}; "
-                                "wire it, or set meta_key to take X from the request")
+                                "wire it, set meta_key to take X from the request, or set a policy")
         routed = [p for p in ports if p != self.control]
         if not routed:
             raise TopologyError(f"gate {name!r} has no tensors to route: add inputs besides {self.control!r}")
@@ -55,25 +83,58 @@ class GateStage(Stage):
                 raise TopologyError(f"gate {name!r} routes nothing to its {branch!r} branch; add a "
                                     f"'{branch}.<input>' output")
 
-    def decide(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bool:
-        """True for the then-branch (X == 1), False for the else-branch (X == 0)."""
+    def decide(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> tuple[bool, str]:
+        """(True, why) for the then-branch (X == 1), (False, why) for the else-branch (X == 0)."""
         if self.meta_key is not None and self.meta_key in meta:
             value, where = meta[self.meta_key], f"meta {self.meta_key!r}"
-        elif self.control in inputs:
+        elif self.control in inputs and inputs[self.control] is not None:
             array, where = inputs[self.control], f"control input {self.control!r}"
             if array.size != 1 or array.dtype.kind not in "biu":
                 raise StageError(f"gate {where} must hold one bool or integer value, got {array.dtype}"
                                  f"{list(array.shape)}")
             value = array.reshape(-1)[0].item()
+        elif self._policy is not None:
+            decision = self._policy.decide(self._signals())
+            return decision.offload, f"policy: {decision.reason}"
         else:
             raise StageError(f"gate: the request carries no meta {self.meta_key!r} and no control input")
         if isinstance(value, bool) or value in (0, 1):
-            return bool(value)
+            return bool(value), f"given by {where}"
         raise StageError(f"gate {where} is {value!r}; X must be 0 (local branch) or 1 (remote branch)")
 
-    def handle(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        branch = "then" if self.decide(inputs, meta) else "else"
-        return {f"{branch}.{port}": array for port, array in inputs.items() if port != self.control}
+    def handle(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Outcome:
+        offload, why = self.decide(inputs, meta)
+        if self._policy is not None:
+            self._sent[offload] += 1
+        branch = "then" if offload else "else"
+        outputs = {f"{branch}.{port}": array for port, array in inputs.items() if port != self.control}
+        return Outcome(outputs, {"x": int(offload), "why": why})
 
     def process(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.handle(inputs, {})
+        return self.handle(inputs, {}).outputs
+
+    def _signals(self) -> Signals:
+        board = self.context.board if self.context else None
+        now = time.monotonic()
+        local = [board.read(n) or {} for n in self._local] if board else []
+        remote = [board.read(n) or {} for n in self._remote] if board else []
+        local_done = sum(v.get("processed", 0) + v.get("failed", 0) for v in local)
+        local_service = max((v["service_s"] for v in local if v.get("service_s") is not None), default=None)
+        local_at = min((v["measured_at"] for v in local if v.get("measured_at") is not None), default=None)
+        rtts = [v for v in remote if v.get("rtt_s") is not None]
+        return Signals(
+            now=now, local_service_s=local_service, local_measured_at=local_at,
+            local_backlog=max(0, self._sent[False] - local_done), device_load=self._device_load(now),
+            remote_rtt_s=max((v["rtt_s"] for v in rtts), default=None),
+            remote_rtt_std_s=max((v.get("rtt_std_s", 0.0) for v in rtts), default=0.0),
+            remote_measured_at=min((v["measured_at"] for v in rtts if v.get("measured_at")), default=None),
+            remote_backlog=sum(v.get("inflight", 0) for v in remote),
+            remote_error_rate=max((v.get("error_rate", 0.0) for v in remote), default=0.0),
+            remote_up=all(v.get("up", True) for v in remote))
+
+    def _device_load(self, now: float) -> float:
+        measured_at, value = self._load
+        if now - measured_at > 0.2:
+            value = cpu_load()
+            self._load = (now, value)
+        return value

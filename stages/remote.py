@@ -1,35 +1,67 @@
-"""The ``remote`` stage kind: the device-side stand-in for a stage that runs on an edge server.
+"""The ``remote`` stage kind: the device-side stand-in for a stage that runs on one or more edge servers.
 
 A stage placed on a host from the topology's ``[hosts]`` runs through this stand-in (zpipe builds it; a topology
-may also name ``kind = "remote"`` directly). Requests go to the server over one connection with many in flight
-(the worker keeps taking work while replies are pending, up to ``max_in_flight``); each carries its remaining
-deadline. With ``upload``, the stand-in sends the compiled library to the server during setup (the server must
-run with ``--allow-upload`` and know our key); otherwise the model must be in the server's repository.
-A request the gate routes elsewhere never reaches this stage, so nothing is sent to the server for it.
+may also name ``kind = "remote"``). Requests go to a server over one connection each, many in flight (the worker
+keeps taking work while replies are pending, up to ``max_in_flight``); each carries its remaining deadline.
+
+* Several endpoints: each request goes to the reachable server with the fewest requests in flight.
+* Circuit breaker per server: a lost connection, or ``breaker_failures`` failures in a row, marks it down; a
+  background probe (a health call every ``probe_s``) marks it up again when it answers. No request is spent on
+  probing.
+* Fallback: with a ``fallback`` stage (the same stage, run here), a request whose server failed (connection lost,
+  deadline, refused, busy, draining, model missing) is re-run on the device within its deadline, and so is every
+  request while all servers are down. A late reply from the server for a request that already fell back is
+  dropped: each request has exactly one outcome.
+* Upload: with ``upload_library`` the library is sent to each server during setup (``--allow-upload`` there).
+* It publishes its round trip, errors and breaker state on the signal board, for the gate's offload policy, and
+  records where each request ran (``at:<stage>`` in ``Result.meta``).
+
+A request the gate routes elsewhere never reaches this stage, so nothing is sent to any server for it.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Mapping
 
 import numpy as np
 
+from zpipe.board import Ewma
 from zpipe.errors import ArtifactError, StageError
-from zpipe.stage import Stage
+from zpipe.stage import Outcome, Stage
 
 __all__ = ["RemoteStage"]
+
+# Server answers after which running the stage here instead is the right thing (the server could not run it).
+_FALLBACK_REASONS = {"disconnected", "timeout", "refused", "send_error", "busy", "shutting_down", "not_found",
+                     "closed", "unreachable"}
+_TRANSPORT_REASONS = {"disconnected", "timeout", "refused", "send_error"}
+
+
+class _Link:
+    """One server: its client, requests in flight, and the circuit breaker."""
+
+    def __init__(self, client: Any, endpoint: str) -> None:
+        self.client, self.endpoint = client, endpoint
+        self.inflight = 0
+        self.failures = 0
+        self.up = True
+        self.down_reason = ""
 
 
 class RemoteStage(Stage):
     path_params = ("server_key", "client_key", "upload_library")
 
-    def __init__(self, *, endpoint: str | None = None, model: str | None = None, version: int | None = None, server_key: str | None = None,
-                 client_key: str | None = None, upload_library: str | None = None, timeout_s: float = 30.0,
-                 heartbeat_s: float = 1.0, max_in_flight: int = 64, input_names: list[str] | None = None,
-                 output_names: list[str] | None = None, host: str | None = None) -> None:
-        self.endpoint = endpoint
+    def __init__(self, *, endpoint: str | list[str] | None = None, model: str | None = None,
+                 version: int | None = None, server_key: str | None = None, client_key: str | None = None,
+                 upload_library: str | None = None, timeout_s: float = 30.0, heartbeat_s: float = 1.0,
+                 max_in_flight: int = 64, input_names: list[str] | None = None,
+                 output_names: list[str] | None = None, host: str | None = None, fallback: Stage | None = None,
+                 breaker_failures: int = 3, probe_s: float = 0.5) -> None:
+        self.endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint or [])
+        self.endpoint = self.endpoints[0] if self.endpoints else None
         self.model = model
         self.version = version
         self.server_key, self.client_key = server_key, client_key
@@ -39,63 +71,190 @@ class RemoteStage(Stage):
         self.max_in_flight = max_in_flight
         self.input_names = tuple(input_names) if input_names else None
         self.output_names = tuple(output_names) if output_names else None
-        self.host = host or endpoint
+        self.host = host or (self.endpoint or "?")
+        self.fallback = fallback
+        self.breaker_failures = breaker_failures
+        self.probe_s = probe_s
 
+    # -- lifecycle -----------------------------------------------------------------------------------------------
     def setup(self) -> None:
         from zpipe.client import RemoteClient
 
-        if not self.endpoint or not self.model:
+        if not self.endpoints or not self.model:
             raise StageError("a remote stage needs an endpoint and a model: place it on a host from [hosts] "
                              "(host = \"edge\") or give endpoint and model")
-        self.client = RemoteClient(self.endpoint, server_key=self.server_key, client_key=self.client_key,
-                                   timeout_s=self.timeout_s, heartbeat_s=self.heartbeat_s).start()
+        self._lock = threading.Lock()
+        self._rtt = Ewma(0.2)
+        self._errors = Ewma(0.1)
+        self._measured_at: float | None = None
+        self._fallbacks = 0
+        self._stop = threading.Event()
+        self._links = [_Link(RemoteClient(e, server_key=self.server_key, client_key=self.client_key,
+                                          timeout_s=self.timeout_s, heartbeat_s=self.heartbeat_s).start(), e)
+                       for e in self.endpoints]
+        if self.fallback is not None:
+            self.fallback.setup()
+            self._local = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zpipe-fallback")
+        problems = []
+        for link in self._links:
+            try:
+                self._prepare(link)
+            except Exception as exc:
+                if self.fallback is None and len(self._links) == 1:
+                    raise
+                problems.append(f"{link.endpoint}: {exc}")
+                self._mark_down(link, str(exc))
+        if problems and len(problems) == len(self._links) and self.fallback is None:
+            raise StageError(f"no server for model {self.model!r} is usable: {'; '.join(problems)}")
+        self._prober = threading.Thread(target=self._probe_loop, name="zpipe-probe", daemon=True)
+        self._prober.start()
+
+    def _prepare(self, link: _Link) -> None:
         if self.upload_library:
-            self.version = self.client.upload(self.model, self.upload_library)
+            version = link.client.upload(self.model, self.upload_library)
             deadline = time.monotonic() + self.timeout_s
-            while self._served_version() != self.version:  # the server loads it in the background
+            while self._served_version(link) != version:  # the server loads it in the background
                 if time.monotonic() > deadline:
-                    raise ArtifactError(f"server {self.host!r} stored model {self.model!r} version {self.version} "
-                                        f"but did not load it within {self.timeout_s:g}s")
+                    raise ArtifactError(f"server {self.host!r} ({link.endpoint}) stored model {self.model!r} "
+                                        f"version {version} but did not load it within {self.timeout_s:g}s")
                 time.sleep(0.05)
+            self.version = version
             return
-        served = self._served_version()
+        served = self._served_version(link)
         if served is None or (self.version is not None and served != self.version):
             wanted = f"version {self.version}" if self.version is not None else "any version"
-            health = self.client.health()
-            raise ArtifactError(f"model {self.model!r} ({wanted}) is not on server {self.host!r} "
-                                f"({self.endpoint}); it serves {health.get('models')}"
-                                + (f"; {health.get('error:' + self.model)}" if health.get("error:" + self.model)
-                                   else "") + ". Put it in the server's repository, or set upload = true")
+            health = link.client.health()
+            detail = health.get(f"error:{self.model}")
+            raise ArtifactError(f"model {self.model!r} ({wanted}) is not on server {self.host!r} ({link.endpoint}); "
+                                f"it serves {health.get('models')}" + (f"; {detail}" if detail else "")
+                                + ". Put it in the server's repository, or set upload = true")
 
-    def _served_version(self) -> int | None:
-        health = self.client.health(timeout_s=self.timeout_s)
-        return health.get(f"version:{self.model}")
-
-    def handle(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Future:
-        deadline = meta.get("deadline")
-        timeout = self.timeout_s
-        if isinstance(deadline, (int, float)):  # the request's own deadline, if it is sooner
-            timeout = min(timeout, deadline - time.monotonic())
-        if timeout <= 0:
-            raise StageError(f"request reached remote stage for {self.model!r} after its deadline; not sent")
-        outer: Future = Future()
-        inner = self.client.submit(self.model, inputs, version=self.version, timeout_s=timeout)
-
-        def relay(f: Future) -> None:
-            exc = f.exception()
-            if exc is not None:
-                outer.set_exception(exc)
-            else:
-                outer.set_result(f.result().outputs)
-
-        inner.add_done_callback(relay)
-        return outer
-
-    def process(self, inputs: Mapping[str, np.ndarray]) -> Any:
-        return self.handle(inputs, {}).result()
+    def _served_version(self, link: _Link) -> int | None:
+        return link.client.health(timeout_s=self.timeout_s).get(f"version:{self.model}")
 
     def teardown(self) -> None:
-        self.client.close()
+        self._stop.set()
+        for link in self._links:
+            link.client.close()
+        if self.fallback is not None:
+            self._local.shutdown(wait=False)
+            self.fallback.teardown()
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "client"}
+        private = ("_links", "_lock", "_rtt", "_errors", "_local", "_prober", "_stop")
+        return {k: v for k, v in self.__dict__.items() if k not in private}
+
+    # -- requests ------------------------------------------------------------------------------------------------
+    def handle(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Future:
+        outer: Future = Future()
+        deadline = time.monotonic() + self.timeout_s
+        if isinstance(meta.get("deadline"), (int, float)):  # the request's own deadline, if it is sooner
+            deadline = min(deadline, meta["deadline"])
+        self._attempt(inputs, deadline, outer, tried=set(), why="")
+        return outer
+
+    def _attempt(self, inputs: Mapping[str, np.ndarray], deadline: float, outer: Future, tried: set[str],
+                 why: str) -> None:
+        remaining = deadline - time.monotonic()
+        link = self._pick(tried)
+        if link is None or remaining <= 0:
+            reason = why or ("all servers down" if link is None else "deadline passed")
+            return self._run_locally(inputs, outer, reason)
+        tried.add(link.endpoint)
+        with self._lock:
+            link.inflight += 1
+        sent = time.monotonic()
+        try:
+            inner = link.client.submit(self.model, inputs, version=self.version, timeout_s=remaining)
+        except Exception as exc:  # refused before sending, or closed
+            with self._lock:
+                link.inflight -= 1
+            self._failed(link, getattr(exc, "reason", "send_error"), str(exc))
+            return self._attempt(inputs, deadline, outer, tried, f"{link.endpoint}: {exc}")
+
+        def done(f: Future) -> None:
+            with self._lock:
+                link.inflight -= 1
+            exc = f.exception()
+            if exc is None:
+                self._succeeded(link, time.monotonic() - sent)
+                outer.set_result(Outcome(f.result().outputs, {"at": f"{self.host} ({link.endpoint})"}))
+                return
+            reason = getattr(exc, "reason", "error")
+            self._failed(link, reason, str(exc))
+            if reason in _FALLBACK_REASONS:
+                self._attempt(inputs, deadline, outer, tried, f"{reason}: {exc}")
+            else:
+                outer.set_exception(exc)
+
+        inner.add_done_callback(done)
+
+    def _run_locally(self, inputs: Mapping[str, np.ndarray], outer: Future, reason: str) -> None:
+        if self.fallback is None:
+            outer.set_exception(StageError(f"model {self.model!r} on {self.host!r}: {reason}; no local fallback "
+                                           "configured (fallback = true)"))
+            return
+        with self._lock:
+            self._fallbacks += 1
+
+        def run() -> None:
+            try:
+                outputs = self.fallback.process(inputs)
+                outer.set_result(Outcome(outputs, {"at": f"device (fallback: {reason})"}))
+            except Exception as exc:
+                outer.set_exception(exc)
+
+        self._local.submit(run)
+
+    def process(self, inputs: Mapping[str, np.ndarray]) -> Any:
+        return self.handle(inputs, {}).result().outputs
+
+    # -- links and the breaker -----------------------------------------------------------------------------------
+    def _pick(self, tried: set[str]) -> _Link | None:
+        with self._lock:
+            usable = [link for link in self._links if link.up and link.endpoint not in tried]
+            return min(usable, key=lambda link: link.inflight) if usable else None
+
+    def _succeeded(self, link: _Link, rtt: float) -> None:
+        with self._lock:
+            link.failures = 0
+            self._rtt.add(rtt)
+            self._errors.add(0.0)
+            self._measured_at = time.monotonic()
+
+    def _failed(self, link: _Link, reason: str, text: str) -> None:
+        with self._lock:
+            self._errors.add(1.0)
+            if reason not in _TRANSPORT_REASONS:
+                return
+            link.failures += 1
+            trip = reason in ("disconnected", "refused") or link.failures >= self.breaker_failures
+        if trip:
+            self._mark_down(link, f"{reason}: {text}")
+
+    def _mark_down(self, link: _Link, why: str) -> None:
+        with self._lock:
+            link.up, link.down_reason = False, why
+
+    def _probe_loop(self) -> None:
+        """While a server is marked down, ask it for health every probe_s; mark it up when it answers ready."""
+        while not self._stop.wait(self.probe_s):
+            for link in self._links:
+                if link.up:
+                    continue
+                try:
+                    health = link.client.health(timeout_s=max(self.probe_s, 0.5))
+                    ok = health.get(f"version:{self.model}") is not None
+                except Exception:
+                    ok = False
+                if ok:
+                    with self._lock:
+                        link.up, link.failures, link.down_reason = True, 0, ""
+
+    def signals(self) -> dict[str, Any]:
+        """What this stage publishes on the signal board (read by the gate's offload policy)."""
+        with self._lock:
+            return {"rtt_s": self._rtt.mean, "rtt_std_s": self._rtt.var ** 0.5, "measured_at": self._measured_at,
+                    "inflight": sum(link.inflight for link in self._links), "error_rate": self._errors.mean or 0.0,
+                    "up": any(link.up for link in self._links), "fallbacks": self._fallbacks,
+                    "down": [f"{link.endpoint}: {link.down_reason}" for link in self._links if not link.up]}

@@ -261,10 +261,15 @@ class RemoteClient:
                 self.refused = (f"server {self.endpoint} refused our Curve key (it is not on the server's "
                                 "allowlist, or the server key is wrong)")
                 self._fail_all(ServerRefused, self.refused, reason="refused")
-            elif event in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
-                self.refused = (f"handshake with {self.endpoint} failed (wrong server key, or not a zpipe/ZeroMQ "
-                                "server)")
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                self.refused = (f"handshake with {self.endpoint} failed: not a zpipe/ZeroMQ server, or one that "
+                                "needs CurveZMQ keys we did not configure (or the reverse)")
                 self._fail_all(ServerRefused, self.refused, reason="refused")
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                # The connection broke off during the handshake: a cut link, a server going down, or a server key
+                # that does not match. Not a definite refusal: ZeroMQ keeps retrying.
+                self._fail_all(RequestFailed, f"handshake with {self.endpoint} broke off (link cut, server down, "
+                                              "or wrong server key)", reason="disconnected")
             elif event == zmq.EVENT_DISCONNECTED and self.connected:
                 self.connected = False
                 # ZeroMQ silently loses what was in flight on a broken connection: fail it now, with a reason.

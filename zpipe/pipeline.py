@@ -57,6 +57,11 @@ class Result:
     stage_times: dict[str, tuple[float, float]] = field(default_factory=dict)
     meta: dict[str, object] = field(default_factory=dict)  # e.g. the model version an edge server used
 
+    @property
+    def placement(self) -> dict[str, str]:
+        """Where each stage that ran for this request ran: "device", "<host> (<endpoint>)", or a fallback note."""
+        return {stage: str(self.meta.get(f"at:{stage}", "device")) for stage in self.stage_times}
+
 
 class _Pending:
     __slots__ = ("future", "submitted", "deadline", "outputs", "meta")
@@ -309,8 +314,10 @@ class Pipeline:
         pending.meta.update(msg.meta)
         if len(pending.outputs) == len(self.topology.outputs):
             times = {k[2:]: (v[0], v[1]) for k, v in pending.meta.items() if k.startswith("t:")}
+            notes = {k: v for k, v in pending.meta.items() if not k.startswith("t:") and k != DEADLINE}
             self._finish(rid, result=Result(request_id=rid, outputs=dict(pending.outputs),
-                                            latency_s=time.monotonic() - pending.submitted, stage_times=times))
+                                            latency_s=time.monotonic() - pending.submitted, stage_times=times,
+                                            meta=notes))
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -16,13 +16,14 @@ belong to zpipe from then on and may be sent without copying, so the stage must 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .errors import TopologyError, did_you_mean
 
-__all__ = ["Stage", "BUILTIN_KINDS", "resolve_kind", "import_object"]
+__all__ = ["Stage", "StageContext", "Outcome", "BUILTIN_KINDS", "resolve_kind", "import_object"]
 
 # Short names a topology may use for the built-in kinds (they live in stages/, installed as zpipe.stages).
 BUILTIN_KINDS = {
@@ -32,6 +33,31 @@ BUILTIN_KINDS = {
     "gate": "zpipe.stages.gate:GateStage",
     "remote": "zpipe.stages.remote:RemoteStage",
 }
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What ``handle`` may return instead of bare outputs, to attach notes to the request's record.
+
+    Each note ``key: value`` travels with the request as ``"<key>:<stage>"`` (e.g. ``at:branch_a`` = where the
+    stage ran, ``x:gate`` = the gate's decision) and ends up in the caller's :class:`~zpipe.Result`.
+    """
+
+    outputs: Any
+    notes: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage may know about its surroundings, set by the worker before ``setup()``.
+
+    ``consumers`` maps each output port to the stages that read it; ``board`` is this host's signal board, where
+    stages publish measurements for others (the gate's offload policy reads its branches' figures there).
+    """
+
+    name: str
+    consumers: Mapping[str, tuple[str, ...]]
+    board: Any = None
 
 
 class Stage:
@@ -46,6 +72,8 @@ class Stage:
     #: A stage that routes (the gate) sets this: output ports it leaves out of its result are *skipped*, and the
     #: consumers of those tensors receive a skip notice (no tensors, no compute, no network traffic).
     may_skip_outputs: bool = False
+    #: Set by the worker before setup(): see StageContext.
+    context: StageContext | None = None
 
     def setup(self) -> None:
         """Called once in the worker process before the first request."""
@@ -58,6 +86,10 @@ class Stage:
         """What the worker calls per request. Stages that need the request's metadata (the gate reads X from it
         when the app sets X per request) override this; the rest implement :meth:`process`."""
         return self.process(inputs)
+
+    def signals(self) -> dict[str, Any]:
+        """Extra figures to publish on the signal board next to the worker's own (processed, service time...)."""
+        return {}
 
     def check_wiring(self, name: str, inputs: Sequence[tuple[str, str]], outputs: Sequence[tuple[str, str]]) -> None:
         """Called while the topology is validated, in the parent: raise TopologyError for wiring this kind cannot

@@ -67,7 +67,8 @@ class Supervisor:
                               inputs=spec.inputs,
                               outputs=spec.outputs, endpoint=endpoints[spec.name], routes=routes, control=control,
                               hwm=topology.hwm, join_timeout_s=topology.effective_join_timeout_s,
-                              sys_path=tuple(sys.path), parent_pid=os.getpid())
+                              sys_path=tuple(sys.path), parent_pid=os.getpid(),
+                              board_dir=os.path.join(rundir, "board"), consumers=_consumers(topology, spec))
             self.children[spec.name] = _Child(plan=plan)
 
     # -- start ---------------------------------------------------------------------------------------------------
@@ -223,7 +224,14 @@ def _stage_to_run(topology: Topology, spec: StageSpec) -> Stage:
         return spec.stage
     host = topology.host(spec.host)
     return resolve_kind("remote")(
-        endpoint=host.endpoint, model=spec.model or spec.name, version=spec.version, server_key=host.server_key,
+        endpoint=list(host.endpoint) if isinstance(host.endpoint, tuple) else host.endpoint,
+        model=spec.model or spec.name, version=spec.version, server_key=host.server_key,
         client_key=host.client_key, upload_library=getattr(spec.stage, "library", None) if spec.upload else None,
         timeout_s=host.timeout_s, heartbeat_s=host.heartbeat_s, input_names=[p for p, _ in spec.inputs],
-        output_names=[p for p, _ in spec.outputs], host=host.name)
+        output_names=[p for p, _ in spec.outputs], host=host.name, fallback=spec.stage if spec.fallback else None)
+
+
+def _consumers(topology: Topology, spec: StageSpec) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """For each output port of ``spec``: the stages that read its tensor."""
+    return tuple((port, tuple(s.name for s in topology.stages if tensor in s.tensors_in()))
+                 for port, tensor in spec.outputs)

@@ -42,7 +42,7 @@ LOCAL_HOST = "device"  # the host `zpipe run` runs on
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 _PIPELINE_KEYS = ("name", "inputs", "outputs", "hwm", "max_in_flight", "timeout_s", "join_timeout_s")
-_STAGE_KEYS = ("kind", "inputs", "outputs", "host", "model", "version", "upload")
+_STAGE_KEYS = ("kind", "inputs", "outputs", "host", "model", "version", "upload", "fallback")
 _HOST_KEYS = ("endpoint", "server_key", "client_key", "timeout_s", "heartbeat_s")
 _TOP_KEYS = ("pipeline", "stages", "hosts")
 
@@ -54,7 +54,7 @@ class HostSpec:
     """A host other than this device (an edge server), named in a topology's ``[hosts]`` table."""
 
     name: str
-    endpoint: str
+    endpoint: str | tuple[str, ...]  # several endpoints: servers holding the same models (spread, fail over)
     server_key: str | None = None  # the server's public key (file or Z85 text): turns CurveZMQ on
     client_key: str | None = None  # our key pair (.key_secret file)
     timeout_s: float = 30.0  # default per-request deadline towards this host
@@ -77,6 +77,7 @@ class StageSpec:
     model: str | None = None  # on an edge server: the model name there (default: the stage name)
     version: int | None = None  # on an edge server: pin a version (default: the newest it serves)
     upload: bool = False  # on an edge server: send the compiled library there first
+    fallback: bool = False  # on an edge server: run the stage here when no server can (down, deadline, refused)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
@@ -90,9 +91,13 @@ class StageSpec:
         _check_ports(self.name, "inputs", self.inputs, self.stage.input_names, require_all=True)
         _check_ports(self.name, "outputs", self.outputs, self.stage.output_names, require_all=False)
         self.stage.check_wiring(self.name, self.inputs, self.outputs)
-        if self.host == LOCAL_HOST and (self.model is not None or self.version is not None or self.upload):
-            raise TopologyError(f"stage {self.name!r}: model/version/upload apply only to stages placed on an "
-                                "edge server (set host)")
+        if self.host == LOCAL_HOST and (self.model is not None or self.version is not None or self.upload
+                                        or self.fallback):
+            raise TopologyError(f"stage {self.name!r}: model/version/upload/fallback apply only to stages placed "
+                                "on an edge server (set host)")
+        if self.fallback and getattr(self.stage, "endpoint", "") is None:
+            raise TopologyError(f"stage {self.name!r}: fallback needs a stage that can run here (e.g. kind 'tvm' "
+                                "with its library), not kind 'remote'")
         if self.host == LOCAL_HOST and getattr(self.stage, "endpoint", "") is None:
             raise TopologyError(f"stage {self.name!r} of kind 'remote' needs a host from [hosts] (host = \"...\") "
                                 "or an endpoint")
@@ -219,6 +224,10 @@ class Topology:
             if "endpoint" not in table:
                 raise TopologyError(f"[hosts.{host_name}] needs 'endpoint', e.g. 'tcp://10.0.0.2:5555'")
             table = dict(table)
+            if isinstance(table["endpoint"], list):
+                if not table["endpoint"] or not all(isinstance(e, str) for e in table["endpoint"]):
+                    raise TopologyError(f"[hosts.{host_name}] endpoint must be a string or a list of strings")
+                table["endpoint"] = tuple(table["endpoint"])
             for key in ("server_key", "client_key"):
                 if isinstance(table.get(key), str) and len(table[key]) != 40:  # a path, not inline Z85 text
                     table[key] = str((base_dir / table[key]).resolve())
@@ -334,7 +343,7 @@ def _stage_from_table(name: str, table: Any, base_dir: Path) -> StageSpec:
         raise TopologyError(f"{where}: {exc}") from exc
     return StageSpec(name=name, stage=stage, inputs=table["inputs"], outputs=table["outputs"],
                      host=table.get("host", LOCAL_HOST), model=table.get("model"), version=table.get("version"),
-                     upload=table.get("upload", False))
+                     upload=table.get("upload", False), fallback=table.get("fallback", False))
 
 
 def _accepted_params(cls: type) -> dict[str, inspect.Parameter]:

@@ -27,7 +27,8 @@ import zmq
 
 from .errors import FramingError, StageError
 from .framing import DEFAULT_LIMITS, Kind, Limits, Message, encode
-from .stage import Stage
+from .board import Board, Ewma
+from .stage import Outcome, Stage, StageContext
 from .transport import make_socket, new_context, recv_message, send_message
 
 __all__ = ["WorkerPlan", "main", "run_worker", "normalise_outputs", "SKIPPED", "DEADLINE"]
@@ -53,6 +54,8 @@ class WorkerPlan:
     hwm: int
     join_timeout_s: float
     sys_path: tuple[str, ...] = ()  # the parent's import path, so dotted paths resolve the same way
+    board_dir: str = ""  # this host's signal board (zpipe.board), shared by the pipeline's workers
+    consumers: tuple[tuple[str, tuple[str, ...]], ...] = ()  # output port -> stages reading it
     parent_pid: int = 0  # the worker exits when this process is gone
     limits: Limits = DEFAULT_LIMITS
 
@@ -98,6 +101,9 @@ class _Worker:
         # Asynchronous stages (a remote stand-in) return a Future from handle(); their completions come back
         # through this queue and self-pipe, so only this thread touches the sockets.
         self.running: dict[int, tuple[dict[str, Any], float]] = {}
+        self.service = Ewma(0.2)  # smoothed processing time, published on the board
+        self.measured_at: float | None = None
+        self.board: Board | None = None
         self.done: queue.SimpleQueue = queue.SimpleQueue()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
@@ -116,6 +122,8 @@ class _Worker:
                 sock = make_socket(ctx, zmq.PUSH, hwm=plan.hwm)
                 sock.connect(endpoint)
                 self.outs.append((consumer, sock, tensors))
+            self.board = Board(plan.board_dir) if plan.board_dir else None
+            self.stage.context = StageContext(name=self.name, consumers=dict(plan.consumers), board=self.board)
             self.stage.setup()
         except Exception as exc:
             log.exception("setup failed")
@@ -163,6 +171,7 @@ class _Worker:
                         if not self._on_data():
                             break
                 self._expire_joins()
+                self._publish()
             except Exception:
                 self.counts["internal_errors"] += 1
                 log.exception("error while handling a message; the worker carries on")
@@ -270,11 +279,24 @@ class _Worker:
             self._fail(rid, meta, type(exc).__name__, str(exc))
 
     def _finish_run(self, rid: int, result: Any, meta: dict[str, Any], start: float) -> None:
+        notes = {}
+        if isinstance(result, Outcome):
+            notes = {f"{key}:{self.name}": value for key, value in result.notes.items()}
+            result = result.outputs
         outputs = normalise_outputs(self.name, result, [p for p, _ in self.plan.outputs],
                                     allow_missing=self.stage.may_skip_outputs)
-        meta = {**meta, f"t:{self.name}": [start, time.monotonic()]}
+        end = time.monotonic()
+        meta = {**meta, **notes, f"t:{self.name}": [start, end]}
         self._send_all(rid, {tensor: outputs[port] for port, tensor in self.plan.outputs if port in outputs}, meta)
         self.counts["processed"] += 1
+        self.service.add(end - start)
+        self.measured_at = end
+
+    def _publish(self) -> None:
+        if self.board is not None:
+            self.board.publish(self.name, {"processed": self.counts["processed"], "failed": self.counts["failed"],
+                                           "service_s": self.service.mean, "measured_at": self.measured_at,
+                                           "running": len(self.running), **self.stage.signals()})
 
     def _async_done(self, rid: int, future: Future) -> None:
         """Runs on whatever thread completed the future: hand it to the worker's loop."""

@@ -1,0 +1,154 @@
+"""Offload policies: decide X (offload or not) per request from measured signals. Pure: no sockets, no clocks read.
+
+The gate gathers :class:`Signals` (its own counts, what the branches publish on the board, this host's CPU use)
+and asks a policy for a :class:`Decision`. Two policies:
+
+* :class:`LatencyPolicy` (default): estimate the local time (service time × (backlog + 1)) and the remote time
+  (smoothed round trip + ``risk`` standard deviations, which already include transfer and server queueing), and
+  pick the smaller, switching only when the other side is better by ``hysteresis`` and the last switch is at least
+  ``min_dwell_s`` old. A side that has not been measured for ``probe_interval_s`` gets one request (a probe), so
+  estimates never go stale; ``probe_interval_s = 0`` turns probing off.
+* :class:`ThresholdPolicy`: offload while the device is busy (CPU use or backlog above a high mark, until it falls
+  below a low mark) unless the link is slow (RTT above ``max_rtt_s``) or failing.
+
+Both stay local at once when the server is down (the remote stand-in's circuit breaker is open) or failing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .errors import TopologyError, did_you_mean
+
+__all__ = ["Signals", "Decision", "LatencyPolicy", "ThresholdPolicy", "make_policy"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Signals:
+    now: float  # time.monotonic() of the decision
+    local_service_s: float | None = None  # smoothed compute time of the local branch (None: never measured)
+    local_measured_at: float | None = None
+    local_backlog: int = 0  # requests sent to the local branch and not finished
+    device_load: float = 0.0  # CPU use of this host, 0..1
+    remote_rtt_s: float | None = None  # smoothed round trip of the remote branch (None: never measured)
+    remote_rtt_std_s: float = 0.0
+    remote_measured_at: float | None = None
+    remote_backlog: int = 0
+    remote_error_rate: float = 0.0  # smoothed share of remote requests that failed
+    remote_up: bool = True  # connected, and the circuit breaker is closed
+
+
+@dataclass(frozen=True)
+class Decision:
+    offload: bool
+    reason: str
+
+
+class _Hysteresis:
+    """Current side, when it was chosen, and how many switches happened (flapping shows up there)."""
+
+    def __init__(self, min_dwell_s: float) -> None:
+        self.min_dwell_s = min_dwell_s
+        self.offload = False
+        self.since = -math.inf
+        self.switches = 0
+
+    def choose(self, offload: bool, now: float, reason: str, *, forced: bool = False) -> Decision:
+        if offload != self.offload:
+            if not forced and now - self.since < self.min_dwell_s:
+                return Decision(self.offload, f"dwell ({reason})")
+            self.offload, self.since = offload, now
+            self.switches += 1
+        return Decision(offload, reason)
+
+
+class LatencyPolicy:
+    def __init__(self, *, hysteresis: float = 0.15, min_dwell_s: float = 1.0, probe_interval_s: float = 2.0,
+                 max_error_rate: float = 0.2, risk: float = 1.0) -> None:
+        if not 0 <= hysteresis < 1 or min_dwell_s < 0 or probe_interval_s < 0 or risk < 0:
+            raise TopologyError("latency policy: need 0 <= hysteresis < 1, min_dwell_s >= 0, probe_interval_s >= 0, "
+                                "risk >= 0")
+        self.hysteresis = hysteresis
+        self.probe_interval_s = probe_interval_s
+        self.max_error_rate = max_error_rate
+        self.risk = risk
+        self.state = _Hysteresis(min_dwell_s)
+
+    @property
+    def switches(self) -> int:
+        return self.state.switches
+
+    def decide(self, s: Signals) -> Decision:
+        if not s.remote_up:
+            return self.state.choose(False, s.now, "server down", forced=True)
+        if s.remote_error_rate > self.max_error_rate:
+            return self.state.choose(False, s.now, f"remote errors {s.remote_error_rate:.0%}", forced=True)
+        if s.remote_rtt_s is None:
+            return Decision(True, "probe remote (never measured)")
+        if s.local_service_s is None:
+            return Decision(False, "probe local (never measured)")
+        if self.probe_interval_s:
+            stale_remote = s.now - (s.remote_measured_at or -math.inf) > self.probe_interval_s
+            stale_local = s.now - (s.local_measured_at or -math.inf) > self.probe_interval_s
+            if self.state.offload and stale_local:
+                return Decision(False, "probe local")
+            if not self.state.offload and stale_remote:
+                return Decision(True, "probe remote")
+        local = s.local_service_s * (s.local_backlog + 1)
+        remote = s.remote_rtt_s + self.risk * s.remote_rtt_std_s
+        why = f"local {local * 1000:.1f} ms vs remote {remote * 1000:.1f} ms"
+        if self.state.offload:
+            return self.state.choose(not local < remote * (1 - self.hysteresis), s.now, why)
+        return self.state.choose(remote < local * (1 - self.hysteresis), s.now, why)
+
+
+class ThresholdPolicy:
+    def __init__(self, *, load_high: float = 0.8, load_low: float = 0.6, backlog_high: int = 4,
+                 backlog_low: int = 1, max_rtt_s: float = 0.1, max_error_rate: float = 0.2,
+                 min_dwell_s: float = 1.0) -> None:
+        if not 0 <= load_low <= load_high or backlog_low > backlog_high or max_rtt_s <= 0:
+            raise TopologyError("threshold policy: need load_low <= load_high, backlog_low <= backlog_high, "
+                                "max_rtt_s > 0")
+        self.load_high, self.load_low = load_high, load_low
+        self.backlog_high, self.backlog_low = backlog_high, backlog_low
+        self.max_rtt_s, self.max_error_rate = max_rtt_s, max_error_rate
+        self.state = _Hysteresis(min_dwell_s)
+
+    @property
+    def switches(self) -> int:
+        return self.state.switches
+
+    def decide(self, s: Signals) -> Decision:
+        if not s.remote_up:
+            return self.state.choose(False, s.now, "server down", forced=True)
+        if s.remote_error_rate > self.max_error_rate:
+            return self.state.choose(False, s.now, f"remote errors {s.remote_error_rate:.0%}", forced=True)
+        if s.remote_rtt_s is not None and s.remote_rtt_s > self.max_rtt_s:
+            return self.state.choose(False, s.now, f"slow link: rtt {s.remote_rtt_s * 1000:.0f} ms")
+        busy = s.device_load >= self.load_high or s.local_backlog >= self.backlog_high
+        idle = s.device_load <= self.load_low and s.local_backlog <= self.backlog_low
+        why = f"load {s.device_load:.0%}, backlog {s.local_backlog}"
+        if self.state.offload:
+            return self.state.choose(not idle, s.now, why)
+        return self.state.choose(busy, s.now, why)
+
+
+_POLICIES = {"latency": LatencyPolicy, "threshold": ThresholdPolicy}
+
+
+def make_policy(name: str, options: Mapping[str, Any] | None = None) -> LatencyPolicy | ThresholdPolicy:
+    """Build a policy by name from topology options, with precise errors for unknown names and keys."""
+    if name not in _POLICIES:
+        raise TopologyError(f"unknown offload policy {name!r}; choose one of {sorted(_POLICIES)}"
+                            f"{did_you_mean(name, _POLICIES)}")
+    cls = _POLICIES[name]
+    import inspect
+
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    for key in options or {}:
+        if key not in accepted:
+            raise TopologyError(f"{name} policy: unknown option {key!r}{did_you_mean(key, accepted)}; "
+                                f"options are {accepted}")
+    return cls(**dict(options or {}))
