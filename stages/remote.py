@@ -46,6 +46,7 @@ class _Link:
     def __init__(self, client: Any, endpoint: str) -> None:
         self.client, self.endpoint = client, endpoint
         self.inflight = 0
+        self.last_used = 0.0
         self.failures = 0
         self.up = True
         self.down_reason = ""
@@ -158,7 +159,7 @@ class RemoteStage(Stage):
         remaining = deadline - time.monotonic()
         link = self._pick(tried)
         if link is None or remaining <= 0:
-            reason = why or ("all servers down" if link is None else "deadline passed")
+            reason = why or (self._down_summary() if link is None else "deadline passed")
             return self._run_locally(inputs, outer, reason)
         tried.add(link.endpoint)
         with self._lock:
@@ -210,10 +211,22 @@ class RemoteStage(Stage):
         return self.handle(inputs, {}).result().outputs
 
     # -- links and the breaker -----------------------------------------------------------------------------------
+    def _down_summary(self) -> str:
+        with self._lock:
+            return "all servers down (" + "; ".join(f"{link.endpoint}: {link.down_reason}"
+                                                    for link in self._links if not link.up) + ")"
+
     def _pick(self, tried: set[str]) -> _Link | None:
         with self._lock:
+            for link in self._links:
+                if link.up and not link.client.connected:  # the connection dropped (heartbeats, RST): down
+                    link.up, link.down_reason = False, "connection lost"
             usable = [link for link in self._links if link.up and link.endpoint not in tried]
-            return min(usable, key=lambda link: link.inflight) if usable else None
+            if not usable:
+                return None
+            link = min(usable, key=lambda link: (link.inflight, link.last_used))  # ties: round robin
+            link.last_used = time.monotonic()
+            return link
 
     def _succeeded(self, link: _Link, rtt: float) -> None:
         with self._lock:

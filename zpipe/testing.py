@@ -13,7 +13,7 @@ import numpy as np
 from .errors import StageError
 from .stage import Stage
 
-__all__ = ["Scale", "Sleep", "FailOn", "Pid", "Exit"]
+__all__ = ["Scale", "Sleep", "FailOn", "Pid", "Exit", "Affine"]
 
 
 class Scale(Stage):
@@ -86,3 +86,20 @@ class Exit(Stage):
         if x.size and x.flat[0] == self.value:
             os._exit(self.code)
         return {"out": x}
+
+
+class Affine(Stage):
+    """``y = x * scale + offset`` after sleeping ``seconds``: the local twin of a remote affine model, with a
+    known service time (tests of offload policies)."""
+
+    input_names = ("x",)
+    output_names = ("y",)
+
+    def __init__(self, *, scale: float = 2.0, offset: float = 1.0, seconds: float = 0.0) -> None:
+        self.scale, self.offset, self.seconds = scale, offset, seconds
+
+    def process(self, inputs: Mapping[str, np.ndarray]):
+        if self.seconds:
+            time.sleep(self.seconds)
+        x = inputs["x"]
+        return {"y": x * np.asarray(self.scale, x.dtype) + np.asarray(self.offset, x.dtype)}

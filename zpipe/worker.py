@@ -104,6 +104,7 @@ class _Worker:
         self.service = Ewma(0.2)  # smoothed processing time, published on the board
         self.measured_at: float | None = None
         self.board: Board | None = None
+        self.published_at, self.published_done = 0.0, -1
         self.done: queue.SimpleQueue = queue.SimpleQueue()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
@@ -157,6 +158,8 @@ class _Worker:
                 log.error("parent process %d is gone; exiting", self.plan.parent_pid)
                 return
             timeout_ms = 200
+            if self.board is not None and self.counts["processed"] + self.counts["failed"] != self.published_done:
+                timeout_ms = 3  # a change waits to be published
             if self.joins:
                 first = next(iter(self.joins.values()))
                 timeout_ms = max(0, min(timeout_ms, int((first.deadline - time.monotonic()) * 1000) + 1))
@@ -293,10 +296,18 @@ class _Worker:
         self.measured_at = end
 
     def _publish(self) -> None:
-        if self.board is not None:
-            self.board.publish(self.name, {"processed": self.counts["processed"], "failed": self.counts["failed"],
-                                           "service_s": self.service.mean, "measured_at": self.measured_at,
-                                           "running": len(self.running), **self.stage.signals()})
+        """Publish this stage's figures: within 2 ms of a change in its counts, and at least every 50 ms."""
+        if self.board is None:
+            return
+        now = time.monotonic()
+        done = self.counts["processed"] + self.counts["failed"]
+        since = now - self.published_at
+        if since < 0.002 or (done == self.published_done and since < 0.05):
+            return
+        self.published_at, self.published_done = now, done
+        self.board.publish(self.name, {"processed": self.counts["processed"], "failed": self.counts["failed"],
+                                       "service_s": self.service.mean, "measured_at": self.measured_at,
+                                       "running": len(self.running), **self.stage.signals()})
 
     def _async_done(self, rid: int, future: Future) -> None:
         """Runs on whatever thread completed the future: hand it to the worker's loop."""

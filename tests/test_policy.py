@@ -1,0 +1,198 @@
+"""Offload policy and failover with real server processes and the link emulator."""
+
+from __future__ import annotations
+
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+from server_models import SHAPE, add_version, build_affine  # noqa: E402
+from test_server import serve  # noqa: E402,F401  (fixture)
+
+from zpipe import Pipeline, Topology  # noqa: E402
+from zpipe.linkemu import LinkEmulator, parse_address  # noqa: E402
+from zpipe.policy import LatencyPolicy, Signals, ThresholdPolicy  # noqa: E402
+
+pytestmark = pytest.mark.tvm
+
+
+# -- the policies alone (pure) -------------------------------------------------------------------------------------
+def test_latency_policy_prefers_the_faster_side_with_hysteresis_and_dwell():
+    p = LatencyPolicy(hysteresis=0.2, min_dwell_s=1.0, probe_interval_s=0)
+    base = dict(local_service_s=0.030, local_measured_at=0.0, remote_rtt_s=0.010, remote_measured_at=0.0)
+    assert p.decide(Signals(now=10.0, **base)).offload  # 10 ms remote beats 30 ms local
+    slower = {**base, "remote_rtt_s": 0.032}
+    assert p.decide(Signals(now=10.5, **slower)).offload  # within the dwell time: stays
+    assert p.decide(Signals(now=11.5, **slower)).offload  # 30 ms local is not 20 % better than 32 ms
+    assert not p.decide(Signals(now=11.6, **{**base, "remote_rtt_s": 0.080})).offload
+    assert p.switches == 2
+    assert not p.decide(Signals(now=11.7, **{**base, "remote_up": False})).offload
+
+
+def test_latency_policy_counts_the_local_backlog_and_probes_stale_sides():
+    p = LatencyPolicy(hysteresis=0.1, min_dwell_s=0, probe_interval_s=2.0)
+    s = dict(local_service_s=0.030, local_measured_at=9.0, remote_rtt_s=0.050, remote_measured_at=9.0)
+    assert not p.decide(Signals(now=10.0, **s)).offload  # idle device: 30 ms here beats 50 ms there
+    assert p.decide(Signals(now=10.1, local_backlog=3, **s)).offload  # busy device: 120 ms queue here
+    assert p.decide(Signals(now=12.0, **s)).reason == "probe local"  # local not measured for 3 s: probe it
+
+
+def test_threshold_policy():
+    p = ThresholdPolicy(load_high=0.8, load_low=0.5, min_dwell_s=0, max_rtt_s=0.1)
+    assert not p.decide(Signals(now=1, device_load=0.3, remote_rtt_s=0.02)).offload
+    assert p.decide(Signals(now=2, device_load=0.9, remote_rtt_s=0.02)).offload
+    assert p.decide(Signals(now=3, device_load=0.7, remote_rtt_s=0.02)).offload  # hysteresis: not below low
+    assert not p.decide(Signals(now=4, device_load=0.9, remote_rtt_s=0.3)).offload  # slow link wins
+
+
+# -- with real processes -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def affine(tmp_path_factory):
+    return build_affine(tmp_path_factory.mktemp("policy"), "affine", scale=2.0)
+
+
+def gated_auto(endpoints: list[str], *, local_s: float, options: str = "", fallback: bool = True,
+               timeout_s: float = 2.0) -> Topology:
+    return Topology.from_toml(textwrap.dedent(f"""
+    [pipeline]
+    inputs = ["x"]
+    outputs = ["y"]
+    timeout_s = 20
+    [hosts.edge]
+    endpoint = {endpoints!r}
+    timeout_s = {timeout_s}
+    heartbeat_s = 0.2
+    [stages.gate]
+    kind = "gate"
+    control = "X"
+    policy = "latency"
+    policy_options = {{ {options} }}
+    inputs = ["x"]
+    outputs = {{ "then.x" = "x@edge", "else.x" = "x@local" }}
+    [stages.remote]
+    kind = "zpipe.testing:Affine"
+    host = "edge"
+    model = "affine"
+    fallback = {str(fallback).lower()}
+    inputs = {{ x = "x@edge" }}
+    outputs = {{ y = "y@edge" }}
+    [stages.local]
+    kind = "zpipe.testing:Affine"
+    seconds = {local_s}
+    inputs = {{ x = "x@local" }}
+    outputs = {{ y = "y@local" }}
+    [stages.select]
+    kind = "merge"
+    op = "select"
+    inputs = ["y@edge", "y@local"]
+    outputs = ["y"]
+    """).replace("'", '"'))
+
+
+def run_one(pipe: Pipeline, i: int) -> tuple[int, str]:
+    x = np.full(SHAPE, float(i), np.float32)
+    result = pipe.submit({"x": x}).result(timeout=30)
+    np.testing.assert_allclose(result.outputs["y"], x * 2 + 1)
+    return int(result.meta["x:gate"]), result.placement.get("remote", "")
+
+
+def switches(xs: list[int]) -> int:
+    return sum(a != b for a, b in zip(xs, xs[1:]))
+
+
+def test_policy_offloads_on_a_fast_link_and_goes_local_when_it_slows(affine, tmp_path, serve):
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, affine)
+    server = serve(repo)
+    with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(server.endpoint), delay_ms=3) as link:
+        topo = gated_auto([f"tcp://127.0.0.1:{link.port}"], local_s=0.03,
+                          options="min_dwell_s = 0.3, probe_interval_s = 1.0")
+        with Pipeline(topo) as pipe:
+            fast = [run_one(pipe, i)[0] for i in range(60)]  # remote ≈ 7 ms vs local 30 ms
+            link.set(delay_ms=40)  # the link became slow: remote ≈ 80 ms
+            changed = time.monotonic()
+            slow = [run_one(pipe, i)[0] for i in range(60)]
+            took = time.monotonic() - changed
+    assert sum(fast[10:]) >= 45, fast  # after warm-up probes: offloading
+    assert sum(slow[-30:]) <= 4, slow  # local, but for a probe now and then
+    first_local = slow.index(0)
+    assert first_local <= 3, slow  # the first slow replies turn it around (within 1 s: 60 requests took {took})
+    assert switches(fast[10:]) <= 6 and switches(slow[10:]) <= 12, (fast, slow)  # probes, no flapping
+
+
+def test_policy_offloads_when_the_device_is_busy(affine, tmp_path, serve):
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, affine)
+    server = serve(repo)
+    with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(server.endpoint), delay_ms=20) as link:
+        topo = gated_auto([f"tcp://127.0.0.1:{link.port}"], local_s=0.02,
+                          options="min_dwell_s = 0.2, probe_interval_s = 1.0")
+        with Pipeline(topo) as pipe:
+            idle = [run_one(pipe, i)[0] for i in range(30)]  # one at a time: local 20 ms beats remote 40 ms
+            x = np.ones(SHAPE, np.float32)
+            futures = [pipe.submit({"x": x}) for _ in range(200)]  # a burst: the local branch queues up
+            burst = [int(f.result(timeout=60).meta["x:gate"]) for f in futures]
+    assert sum(idle[10:]) <= 4, idle
+    assert sum(burst) >= 100, f"only {sum(burst)} of 200 offloaded while the device was saturated"
+
+
+def test_server_killed_mid_stream_every_request_gets_exactly_one_correct_output(affine, tmp_path, serve):
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, affine)
+    server = serve(repo)
+    topo = Topology.from_toml(textwrap.dedent(f"""
+    [pipeline]
+    inputs = ["x"]
+    outputs = ["y"]
+    timeout_s = 20
+    [hosts.edge]
+    endpoint = "{server.endpoint}"
+    timeout_s = 2
+    heartbeat_s = 0.2
+    [stages.remote]
+    kind = "zpipe.testing:Affine"
+    host = "edge"
+    model = "affine"
+    fallback = true
+    inputs = ["x"]
+    outputs = ["y"]
+    """))
+    with Pipeline(topo) as pipe:
+        xs = [np.full(SHAPE, float(i), np.float32) for i in range(400)]
+        futures = []
+        killer = threading.Timer(0.3, server.proc.kill)
+        killer.start()
+        for x in xs:
+            futures.append(pipe.submit({"x": x}))
+            time.sleep(0.002)
+        results = [f.result(timeout=60) for f in futures]
+        stats = pipe.stats()
+    for x, r in zip(xs, results):
+        np.testing.assert_allclose(r.outputs["y"], x * 2 + 1)
+    where = [r.placement["remote"] for r in results]
+    on_server = sum("edge" in w for w in where)
+    fell_back = sum("fallback" in w for w in where)
+    assert on_server > 0 and fell_back > 0 and on_server + fell_back == 400, where[:5]
+    assert stats["ok"] == 400 and stats["failed"] == 0 and stats["late"] == 0  # none lost, none duplicated
+
+
+def test_two_servers_one_killed_traffic_moves_to_the_other(affine, tmp_path, serve):
+    repos = [tmp_path / "a", tmp_path / "b"]
+    for repo in repos:
+        add_version(repo, "affine", 1, affine)
+    servers = [serve(repo) for repo in repos]
+    topo = gated_auto([s.endpoint for s in servers], local_s=0.05, fallback=False,
+                      options="min_dwell_s = 0, probe_interval_s = 0")
+    with Pipeline(topo) as pipe:
+        before = [run_one(pipe, i)[1] for i in range(40)]
+        servers[0].proc.kill()
+        servers[0].proc.wait()
+        time.sleep(0.5)
+        after = [run_one(pipe, i)[1] for i in range(40)]
+    assert {servers[0].endpoint in w for w in before if w} == {True, False}, before  # spread over both
+    assert all(servers[1].endpoint in w for w in after[5:] if w), after
