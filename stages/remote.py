@@ -270,4 +270,6 @@ class RemoteStage(Stage):
             return {"rtt_s": self._rtt.mean, "rtt_std_s": self._rtt.var ** 0.5, "measured_at": self._measured_at,
                     "inflight": sum(link.inflight for link in self._links), "error_rate": self._errors.mean or 0.0,
                     "up": any(link.up for link in self._links), "fallbacks": self._fallbacks,
+                    "requests_sent": sum(link.client.requests_sent for link in self._links),
+                    "bytes_sent": sum(link.client.bytes_sent for link in self._links),
                     "down": [f"{link.endpoint}: {link.down_reason}" for link in self._links if not link.up]}

@@ -92,6 +92,15 @@ def test_bad_x_fails_the_request_and_names_the_gate(ctl, match):
         assert pipe.infer({"x": np.ones(2, np.float32), "ctl": np.array(True)})["z"][0] == 10.5
 
 
+def test_missing_x_is_refused_at_submit_and_the_pipeline_keeps_going():
+    from zpipe import TopologyError as TE
+
+    with Pipeline(gated()) as pipe:
+        with pytest.raises(TE, match=r"missing \['ctl'\]"):
+            pipe.submit({"x": np.ones(2, np.float32)})
+        assert pipe.infer({"x": np.ones(2, np.float32), "ctl": np.array(False)})["z"][0] == -0.5
+
+
 def test_a_skipped_tensor_reaching_a_plain_stage_is_an_error():
     text = GATED.replace('kind = "merge"\nop = "select"\ninputs = ["y@then", "y@else"]\noutputs = ["y"]',
                          'kind = "merge"\nop = "add"\ninputs = ["y@then", "y@else"]\noutputs = ["y"]')

@@ -124,6 +124,8 @@ def test_x0_sends_not_one_byte_to_the_server(edge, heartbeat_s):
         idle_s = time.monotonic() - started
         link_bytes = emu.stats()["up_bytes"] - before_link
         assert observer.stats()["requests"] == before_server  # zero request frames at the server
+        time.sleep(0.1)
+        assert pipe.signals("remote")["requests_sent"] == 0  # and the device's own count agrees
         if heartbeat_s == 0:
             assert link_bytes == 0  # not one byte: the link carried nothing at all
         else:  # only ZeroMQ heartbeats: a PING of ~10 bytes per interval
@@ -133,6 +135,9 @@ def test_x0_sends_not_one_byte_to_the_server(edge, heartbeat_s):
         for f in ones:
             np.testing.assert_allclose(f.result(timeout=30).outputs["y"], x * 2 + 1)
         assert observer.stats()["requests"] == before_server + 20
+        time.sleep(0.1)
+        device = pipe.signals("remote")
+        assert device["requests_sent"] == 20 and device["bytes_sent"] == 20 * x.nbytes
         assert emu.stats()["up_bytes"] - before_link >= 20 * x.nbytes
 
 
@@ -176,11 +181,19 @@ def test_demo_gated_topology_gives_the_same_output_either_way(tmp_path, serve):
     whole = load_vm(str(tmp_path / "build" / "demo" / "whole.so"))
     x = np.random.default_rng(3).standard_normal(DEMO_INPUT_SHAPE).astype("float32")
     expected = whole["forward"](tvm.runtime.tensor(x)).numpy()
+    rng = np.random.default_rng(4)
+    xs = [rng.standard_normal(DEMO_INPUT_SHAPE).astype("float32") for _ in range(12)]
+    expect = [whole["forward"](tvm.runtime.tensor(v)).numpy() for v in xs]
+    patterns = {"alternating": [i % 2 for i in range(24)], "random": list(rng.integers(0, 2, 24)),
+                "all 0": [0] * 24, "all 1": [1] * 24}
     with Pipeline(Topology.from_file(topo_dir / "gated.toml")) as pipe:
-        for offload in (0, 1, 0, 1):
-            result = pipe.submit({"x": x, "offload": np.array(offload)}).result(timeout=30)
-            np.testing.assert_allclose(result.outputs["y"], expected, atol=1e-4)
-            assert ("branch_a_edge" in result.stage_times) == bool(offload)
+        for name, xs_pattern in patterns.items():
+            futures = [pipe.submit({"x": xs[i % 12], "offload": np.array(X)}) for i, X in enumerate(xs_pattern)]
+            for i, (X, f) in enumerate(zip(xs_pattern, futures)):
+                result = f.result(timeout=30)
+                np.testing.assert_allclose(result.outputs["y"], expect[i % 12], atol=1e-4, err_msg=name)
+                assert ("branch_a_edge" in result.stage_times) == bool(X), name
+                assert ("branch_a_local" in result.stage_times) == (not X), name  # never both
     np.savez(tmp_path / "x.npz", x=x)
     proc = subprocess.run([sys.executable, "-m", "zpipe", "run", str(topo_dir / "partial.toml"), "--inputs",
                            str(tmp_path / "x.npz"), "--requests", "20", "--out", str(tmp_path / "y.npz")],

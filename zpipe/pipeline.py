@@ -223,6 +223,14 @@ class Pipeline:
         future = await loop.run_in_executor(None, lambda: self.submit(inputs, meta=meta, timeout_s=timeout_s))
         return await asyncio.wrap_future(future)
 
+    def signals(self, stage: str) -> dict[str, Any]:
+        """What ``stage`` last published on this host's signal board: its counts and service time, and for a
+        remote stand-in its round trip, breaker state and requests/bytes sent to each server."""
+        self.topology.stage(stage)  # a clear error for an unknown name
+        from .board import Board
+
+        return (Board(f"{self._rundir}/board").read(stage) or {}) if self._started else {}
+
     def stats(self) -> dict[str, int]:
         """Counters: submitted, ok, failed, in_flight, late (replies after their request ended) and per reason."""
         with self._lock:
