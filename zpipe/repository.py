@@ -75,6 +75,8 @@ class Repository:
         self._serving: dict[str, ModelVersion] = {}
         self._status: dict[str, ModelStatus] = {}
         self._stop = threading.Event()
+        self._wake = threading.Event()  # scan now rather than at the next poll
+        self._scan_lock = threading.Lock()  # one scan at a time: a version is never loaded twice
         self._scanned = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -88,6 +90,7 @@ class Repository:
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=self.start_timeout_s + 5)
         with self._lock:
@@ -124,8 +127,13 @@ class Repository:
 
     def scan_now(self) -> None:
         """Scan once, synchronously (the loader thread also scans every ``poll_s``)."""
-        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            self._consider(model_dir)
+        with self._scan_lock:
+            for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                self._consider(model_dir)
+
+    def request_scan(self) -> None:
+        """Ask the loader thread to scan now (returns at once: loading never blocks the caller)."""
+        self._wake.set()
 
     # -- loading -------------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -135,7 +143,8 @@ class Repository:
             except Exception:
                 log.exception("repository scan failed")
             self._scanned.set()
-            self._stop.wait(self.poll_s)
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
 
     def _consider(self, model_dir: Path) -> None:
         model = model_dir.name

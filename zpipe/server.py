@@ -338,7 +338,7 @@ class Server:
             return self._reply_error(envelope, rid, "upload_refused", str(exc))
         log.info("client %s uploaded model %r version %d (%d bytes)", _client_name(envelope), model, version,
                  library.nbytes)
-        self.repository.scan_now()  # load it now rather than at the next poll
+        self.repository.request_scan()  # load it now rather than at the next poll, without blocking this loop
         self._send(envelope, Message(kind=Kind.CONTROL, request_id=rid,
                                      meta={"op": "upload", "model": model, "version": version}))
 
