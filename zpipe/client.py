@@ -33,7 +33,7 @@ from .errors import ArtifactError, FramingError, PeerTimeout, PipelineClosed, Re
 from .framing import Kind, Message, check_tensor
 from .manifest import Manifest, sha256_file
 from .pipeline import Result
-from .transport import curve_client, is_loopback, make_socket, new_context, recv_message, send_message
+from .transport import Waker, curve_client, is_loopback, make_socket, new_context, recv_message, send_message
 
 __all__ = ["RemoteClient", "ServerRefused"]
 
@@ -88,8 +88,7 @@ class RemoteClient:
         if self._thread is not None:
             return self
         self._ctx = new_context()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
+        self._waker = Waker()
         sock = make_socket(self._ctx, zmq.DEALER, hwm=self.hwm, identity=self.identity.encode())
         if self.heartbeat_s > 0:  # 0: no keep-alive traffic at all on an idle connection
             ivl_ms = max(1, int(self.heartbeat_s * 1000))
@@ -108,12 +107,11 @@ class RemoteClient:
         if self._thread is None:
             return
         self._stop = True
-        os.write(self._wake_w, b"x")
+        self._waker.wake()
         self._thread.join(timeout=5.0)
         self._fail_all(PipelineClosed, "the client was closed")
         self._ctx.destroy(linger=0)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._waker.close()
         self._thread = None
 
     def __enter__(self) -> "RemoteClient":
@@ -187,7 +185,7 @@ class RemoteClient:
             self._pending[rid] = _Pending(future, now, now + timeout_s, what, raw)
             heapq.heappush(self._deadlines, (now + timeout_s, rid))
         self._outbox.put(message)
-        os.write(self._wake_w, b"m")
+        self._waker.wake()
         return future
 
     # -- the I/O loop --------------------------------------------------------------------------------------------
@@ -195,15 +193,12 @@ class RemoteClient:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._waker.fd, zmq.POLLIN)
         while not self._stop:
             try:
                 events = dict(poller.poll(50))
-                if self._wake_r in events:
-                    try:
-                        os.read(self._wake_r, 65536)
-                    except BlockingIOError:
-                        pass
+                if self._waker.fd in events:
+                    self._waker.clear()
                 self._flush_outbox()
                 if self._monitor in events:
                     self._on_monitor()

@@ -40,7 +40,7 @@ from .framing import DEFAULT_LIMITS, Kind, Limits, Message
 from .manifest import Manifest, sha256_file
 from .repository import Repository
 from .server_metrics import ServerMetrics
-from .transport import curve_server, is_loopback, make_socket, new_context, recv_message, send_message
+from .transport import Waker, curve_server, is_loopback, make_socket, new_context, recv_message, send_message
 
 __all__ = ["ServerConfig", "Server"]
 
@@ -102,8 +102,7 @@ class Server:
         self.metrics = ServerMetrics()
         self._queues: dict[str, collections.deque[_Queued]] = collections.defaultdict(collections.deque)
         self._done: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
+        self._waker = Waker()
         self._in_flight = 0
         self._stopping = False
         self._stop_requested = False
@@ -138,21 +137,20 @@ class Server:
     def stop(self) -> None:
         """Ask the loop to drain and return (safe from signal handlers and other threads)."""
         self._stop_requested = True
-        os.write(self._wake_w, b"s")
+        self._waker.wake()
 
     def close(self) -> None:
         self.repository.close()
         if self._auth is not None:
             self._auth.stop()
         self._ctx.destroy(linger=0)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._waker.close()
 
     def run(self) -> None:
         """Serve until stop(); then stop accepting, finish what is queued and in flight, and close."""
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._waker.fd, zmq.POLLIN)
         drain_deadline = None
         try:
             while True:
@@ -164,11 +162,8 @@ class Server:
                                        or time.monotonic() > drain_deadline):
                     return
                 events = dict(poller.poll(50))
-                if self._wake_r in events:
-                    try:
-                        os.read(self._wake_r, 65536)
-                    except BlockingIOError:
-                        pass
+                if self._waker.fd in events:
+                    self._waker.clear()
                 self._collect_done()
                 if self.socket in events:
                     for _ in range(256):
@@ -276,7 +271,7 @@ class Server:
     def _completed(self, item: _Queued, version: int, future) -> None:
         """Runs on a pipeline's I/O thread: hand the result to the loop thread."""
         self._done.put((item, version, future))
-        os.write(self._wake_w, b"d")
+        self._waker.wake()
 
     def _collect_done(self) -> None:
         while True:

@@ -15,7 +15,7 @@ import zmq
 from .errors import FramingError
 from .framing import DEFAULT_LIMITS, Limits, Message, decode_head, encode
 
-__all__ = ["new_context", "make_socket", "ipc_endpoint", "send_message", "recv_message", "bound_endpoint",
+__all__ = ["new_context", "make_socket", "ipc_endpoint", "send_message", "recv_message", "bound_endpoint", "Waker",
            "curve_server", "curve_client", "read_public_key", "is_loopback"]
 
 
@@ -54,6 +54,31 @@ def ipc_endpoint(rundir: str | Path, name: str) -> str:
 def bound_endpoint(sock: zmq.Socket) -> str:
     """The endpoint a socket actually bound to (resolves ``tcp://127.0.0.1:*`` to the real port)."""
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+class Waker:
+    """A file descriptor an I/O loop polls next to its sockets, so other threads can wake it (a self-pipe).
+
+    Threads that must not touch the loop's sockets hand work over a queue and call :meth:`wake`; the loop polls
+    :attr:`fd` and calls :meth:`clear` when it is readable.
+    """
+
+    def __init__(self) -> None:
+        self.fd, self._w = os.pipe()
+        os.set_blocking(self.fd, False)
+
+    def wake(self) -> None:
+        os.write(self._w, b"w")
+
+    def clear(self) -> None:
+        try:
+            os.read(self.fd, 65536)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self._w)
 
 
 def send_message(sock: zmq.Socket, message: Message, *, envelope: list[bytes] | None = None, flags: int = 0,

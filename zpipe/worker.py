@@ -29,7 +29,7 @@ from .errors import FramingError, StageError
 from .framing import DEFAULT_LIMITS, Kind, Limits, Message, encode
 from .board import Board, Ewma
 from .stage import Outcome, Stage, StageContext
-from .transport import make_socket, new_context, recv_message, send_message
+from .transport import Waker, make_socket, new_context, recv_message, send_message
 
 __all__ = ["WorkerPlan", "main", "run_worker", "normalise_outputs", "SKIPPED", "DEADLINE"]
 
@@ -106,8 +106,7 @@ class _Worker:
         self.board: Board | None = None
         self.published_at, self.published_done = 0.0, -1
         self.done: queue.SimpleQueue = queue.SimpleQueue()
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
+        self.waker = Waker()
 
     def run(self) -> None:
         plan = self.plan
@@ -147,7 +146,7 @@ class _Worker:
         poller = zmq.Poller()
         poller.register(self.data_in, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
-        poller.register(self.wake_r, zmq.POLLIN)
+        poller.register(self.waker.fd, zmq.POLLIN)
         reading = True
         limit = getattr(self.stage, "max_in_flight", 64)
         while not self.stopping:
@@ -167,7 +166,7 @@ class _Worker:
             try:  # the one dispatch point: nothing a message or a stage does may end the worker
                 if self.control in events and self._on_control():
                     return
-                if self.wake_r in events:
+                if self.waker.fd in events:
                     self._collect_async()
                 if self.data_in in events:
                     for _ in range(100):  # drain a burst, but keep serving control and deadlines
@@ -312,13 +311,10 @@ class _Worker:
     def _async_done(self, rid: int, future: Future) -> None:
         """Runs on whatever thread completed the future: hand it to the worker's loop."""
         self.done.put((rid, future))
-        os.write(self.wake_w, b"d")
+        self.waker.wake()
 
     def _collect_async(self) -> None:
-        try:
-            os.read(self.wake_r, 65536)
-        except BlockingIOError:
-            pass
+        self.waker.clear()
         while True:
             try:
                 rid, future = self.done.get_nowait()
