@@ -1,6 +1,6 @@
 """Remote inference: zpipe (`zpipe serve` + RemoteClient) vs TVM's own RPC server, on 127.0.0.1, in one run.
 
-    python bench/remote.py [--quick] [--workers N] [--rounds R]
+    python bench/remote.py [--quick] [--workers N] [--isolation process|thread] [--rounds R]
 
 Both systems run the same compiled `.so` (built here with `zpipe.compile.export_stage`): ``y = x * 2 + 1`` on
 float32[1, N] for payloads of 4 KiB, 64 KiB, 1 MiB and 16 MiB, plus a model with ~6 MiB of constant weights
@@ -511,10 +511,11 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     make_repo(work / "repo_curve", libs, affine)
     check = Checker()
     figures: dict = {"zpipe_version": getattr(zpipe, "__version__", "?"), "workers": args.workers,
+                     "isolation": args.isolation,
                      "host": HOST, "window": WINDOW, "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0]}
 
     print("starting servers ...", file=sys.stderr, flush=True)
-    workers = ("--workers", str(args.workers))
+    workers = ("--workers", str(args.workers), "--isolation", args.isolation)
     plain = ZpipeServer(work / "repo_plain", *workers)
     curve = ZpipeServer(work / "repo_curve", *workers, "--server-key", str(keys["server_secret"]), "--clients",
                         str(keys["allowed"]), "--allow-upload")
@@ -692,6 +693,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tenth of the iterations (smoke run)")
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=1, help="zpipe serve --workers (per model)")
+    parser.add_argument("--isolation", choices=["process", "thread"], default="process",
+                        help="zpipe serve --isolation: models in worker processes or in the server process")
     parser.add_argument("--rounds", type=int, default=3, help="rounds alternating the systems in (a)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (models, keys, logs)")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="kill everything and fail after this long")

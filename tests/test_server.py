@@ -94,10 +94,11 @@ def x_of(i: float) -> np.ndarray:
     return np.full(SHAPE, i, dtype=np.float32)
 
 
-def test_repository_load_and_many_clients(built, tmp_path, serve):
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+def test_repository_load_and_many_clients(built, tmp_path, serve, isolation):
     repo = tmp_path / "repo"
     add_version(repo, "affine", 1, built["v1"])
-    server = serve(repo, "--workers", "2")
+    server = serve(repo, "--workers", "2", "--isolation", isolation)
     errors = []
 
     def client(k: int) -> None:
@@ -122,10 +123,11 @@ def test_repository_load_and_many_clients(built, tmp_path, serve):
     assert stats["requests"] == 800
 
 
-def test_hot_swap_under_load_fails_nothing(built, tmp_path, serve):
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+def test_hot_swap_under_load_fails_nothing(built, tmp_path, serve, isolation):
     repo = tmp_path / "repo"
     add_version(repo, "affine", 1, built["v1"])
-    server = serve(repo)
+    server = serve(repo, "--isolation", isolation)
     seen = {}
     with RemoteClient(server.endpoint, timeout_s=30) as c:
         deadline = time.monotonic() + 60
@@ -148,10 +150,11 @@ def test_hot_swap_under_load_fails_nothing(built, tmp_path, serve):
     assert swapped_at is not None and seen[1] >= 200 and seen[2] >= 200, seen
 
 
-def test_broken_new_version_keeps_the_old_one_serving(built, tmp_path, serve):
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+def test_broken_new_version_keeps_the_old_one_serving(built, tmp_path, serve, isolation):
     repo = tmp_path / "repo"
     add_version(repo, "affine", 1, built["v1"])
-    server = serve(repo)
+    server = serve(repo, "--isolation", isolation)
     add_version(repo, "affine", 2, built["broken"])
     with RemoteClient(server.endpoint) as c:
         deadline = time.monotonic() + 30

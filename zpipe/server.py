@@ -55,6 +55,7 @@ class ServerConfig:
     repo: Path
     bind: str = "tcp://127.0.0.1:5555"
     workers: int = 1
+    isolation: str = "process"  # "thread": run models in the server process (faster, no crash isolation)
     max_queue: int = 1024
     max_in_flight: int = 64
     default_timeout_s: float = 30.0
@@ -98,7 +99,8 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.repository = Repository(config.repo, workers=config.workers, max_in_flight=config.max_in_flight,
-                                     poll_s=config.poll_s, drain_timeout_s=config.drain_timeout_s)
+                                     poll_s=config.poll_s, drain_timeout_s=config.drain_timeout_s,
+                                     isolation=config.isolation)
         self.metrics = ServerMetrics()
         self._queues: dict[str, collections.deque[_Queued]] = collections.defaultdict(collections.deque)
         self._done: queue.SimpleQueue = queue.SimpleQueue()
@@ -254,7 +256,7 @@ class Server:
                     continue
                 try:
                     mv = self.repository.get(model, item.version)
-                    future = mv.pick().submit(item.message.tensors, timeout_s=item.deadline - now, block=False)
+                    future = mv.submit(item.message.tensors, timeout_s=item.deadline - now)
                 except Busy:
                     break  # workers saturated: keep the queue, try again when something finishes
                 except (ArtifactError, PipelineClosed) as exc:
