@@ -46,7 +46,9 @@ ALLOWED = {
     "tvm_runtime": {"errors"},
     "worker": {"board", "errors", "framing", "stage", "transport"},
     "supervisor": {"errors", "framing", "stage", "topology", "transport", "worker"},
-    "pipeline": {"errors", "framing", "supervisor", "topology", "transport", "worker"},
+    "pipeline": {"board", "errors", "framing", "supervisor", "topology", "transport", "worker"},
+    "loadtest": {"errors", "loadtest_report"},
+    "loadtest_report": {"loadtest"},
     "testing": {"errors", "stage"},
 }
 
