@@ -37,3 +37,4 @@ def test_offload_demo(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "link carried 0 bytes up, server saw 0 requests" in proc.stdout
     assert "outputs match the whole model both ways" in proc.stdout
+

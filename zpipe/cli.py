@@ -1,7 +1,7 @@
 """The ``zpipe`` command: thin click front ends over the library. The only place that configures logging.
 
 Exit codes: 0 ok, 1 other zpipe error, 2 usage, 3 topology, 4 artifact, 5 framing, 6 stage, 7 request failed,
-8 timeout, 9 closed, 130 interrupted (SIGINT/SIGTERM; in-flight requests were drained and reported).
+8 timeout, 9 closed, 10 busy, 11 compile error, 130 interrupted (SIGINT/SIGTERM; in-flight requests were drained and reported).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ it, and each carries the exit code the CLI uses::
     ├── RequestFailed (7)          a request ended without outputs (carries the request id and the reason)
     │   └── PeerTimeout (8)        a deadline passed waiting for a peer (stage, worker, server)
     ├── PipelineClosed (9)         the pipeline is shut down (or shutting down) and takes no more requests
-    └── Busy (10)                  no capacity right now (max_in_flight reached, server queue full): retry later
+    ├── Busy (10)                  no capacity right now (max_in_flight reached, server queue full): retry later
+    └── CompileError (11)          zpipe.compile.errors: a model cannot be cut or compiled as asked
 
 Messages name the culprit (stage, key, endpoint, request id) with ``!r``, say what was expected and what arrived,
 and where possible how to fix it. This module imports nothing from zpipe.
