@@ -282,8 +282,10 @@ def test_upload_with_keys_and_refusals(built, tmp_path, serve, keys):
             c.infer("affine", {"x": x_of(4)})
         assert time.monotonic() - started < 5  # a clear error, not a hang until the deadline
     with RemoteClient(server.endpoint, timeout_s=3) as c:  # no key at all against a Curve server
-        with pytest.raises((ServerRefused, PeerTimeout)):
+        started = time.monotonic()
+        with pytest.raises(RequestFailed, match="handshake|refused"):
             c.infer("affine", {"x": x_of(4)})
+        assert time.monotonic() - started < 3.5  # never a hang
 
 
 def test_upload_disabled_by_default(built, tmp_path, serve, keys):

@@ -13,6 +13,7 @@ monitor sees the failed handshake; plain ZeroMQ would hang silently).
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import json
@@ -77,7 +78,8 @@ class RemoteClient:
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self._deadlines: list[tuple[float, int]] = []
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # from callers' threads to the I/O thread
+        self._backlog: collections.deque[Message] = collections.deque()  # not yet taken by ZeroMQ
         self._thread: threading.Thread | None = None
         self._stop = False
         self.bytes_sent = 0  # tensor bytes this client sent (the device-side count for the gate's X==0 proof)
@@ -90,6 +92,9 @@ class RemoteClient:
         self._ctx = new_context()
         self._waker = Waker()
         sock = make_socket(self._ctx, zmq.DEALER, hwm=self.hwm, identity=self.identity.encode())
+        # Queue messages only on a completed connection: while there is none (server down, handshake refused),
+        # requests wait in our own backlog, where their deadlines can end them and they are never sent late.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
         if self.heartbeat_s > 0:  # 0: no keep-alive traffic at all on an idle connection
             ivl_ms = max(1, int(self.heartbeat_s * 1000))
             sock.setsockopt(zmq.HEARTBEAT_IVL, ivl_ms)
@@ -196,6 +201,7 @@ class RemoteClient:
         poller.register(self._waker.fd, zmq.POLLIN)
         while not self._stop:
             try:
+                poller.modify(self._sock, zmq.POLLIN | (zmq.POLLOUT if self._backlog else 0))
                 events = dict(poller.poll(50))
                 if self._waker.fd in events:
                     self._waker.clear()
@@ -211,17 +217,28 @@ class RemoteClient:
                 log.exception("error in the client I/O loop")
 
     def _flush_outbox(self) -> None:
+        """Hand queued messages to ZeroMQ without ever blocking this thread (it also runs the deadlines)."""
         while True:
             try:
-                message = self._outbox.get_nowait()
+                self._backlog.append(self._outbox.get_nowait())
             except queue.Empty:
-                return
+                break
+        while self._backlog:
+            message = self._backlog[0]
+            with self._lock:
+                alive = message.request_id in self._pending
+            if not alive:  # ended already (deadline, refusal): never send it late
+                self._backlog.popleft()
+                continue
             try:
-                send_message(self._sock, message)  # blocks at the HWM: backpressure towards a slow server
+                send_message(self._sock, message, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return  # no connection, or the server's queue is full: backpressure; retried on POLLOUT
             except (zmq.ZMQError, FramingError) as exc:
                 self._finish(message.request_id, exc=RequestFailed(
                     f"request {message.request_id} to {self.endpoint}: could not be sent: {exc}",
                     request_id=message.request_id, reason="send_error"))
+            self._backlog.popleft()
 
     def _receive_one(self) -> bool:
         try:
