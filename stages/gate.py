@@ -59,6 +59,7 @@ class GateStage(Stage):
             self._remote = sorted({c for p, cs in consumers.items() if p.startswith("then.") for c in cs})
             self._local = sorted({c for p, cs in consumers.items() if p.startswith("else.") for c in cs})
             self._sent = {True: 0, False: 0}
+            self._epochs: dict[str, tuple[int, int]] = {}  # local stage -> (its pid, its count when we saw it)
             self._load = (0.0, 0.0)  # (measured at, value)
 
     @property
@@ -118,7 +119,7 @@ class GateStage(Stage):
         now = time.monotonic()
         local = [board.read(n) or {} for n in self._local] if board else []
         remote = [board.read(n) or {} for n in self._remote] if board else []
-        local_done = sum(v.get("processed", 0) + v.get("failed", 0) for v in local)
+        local_done = self._local_done(local)
         local_service = max((v["service_s"] for v in local if v.get("service_s") is not None), default=None)
         local_at = min((v["measured_at"] for v in local if v.get("measured_at") is not None), default=None)
         rtts = [v for v in remote if v.get("rtt_s") is not None]
@@ -131,6 +132,19 @@ class GateStage(Stage):
             remote_backlog=sum(v.get("inflight", 0) for v in remote),
             remote_error_rate=max((v.get("error_rate", 0.0) for v in remote), default=0.0),
             remote_up=all(v.get("up", True) for v in remote))
+
+    def _local_done(self, local: list[dict[str, Any]]) -> int:
+        """Requests the local branch finished since this gate counted them: the slowest local stage's count
+        (every local stage sees every local request), restarted from zero when a local worker restarts."""
+        done = []
+        for name, values in zip(self._local, local):
+            pid, count = values.get("pid", 0), values.get("processed", 0) + values.get("failed", 0)
+            known = self._epochs.get(name)
+            if known is None or known[0] != pid:  # first sight, or the worker restarted: a new epoch
+                self._epochs[name] = (pid, count)
+                self._sent[False] = 0
+            done.append(count - self._epochs[name][1])
+        return min(done, default=0)
 
     def _device_load(self, now: float) -> float:
         measured_at, value = self._load

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from zpipe.board import Ewma
-from zpipe.errors import ArtifactError, StageError
+from zpipe.errors import ArtifactError, PeerTimeout, StageError
 from zpipe.stage import Outcome, Stage
 
 __all__ = ["RemoteStage"]
@@ -46,6 +46,7 @@ class _Link:
     def __init__(self, client: Any, endpoint: str) -> None:
         self.client, self.endpoint = client, endpoint
         self.inflight = 0
+        self.version: int | None = None  # pinned per server: each numbers its own uploads
         self.last_used = 0.0
         self.failures = 0
         self.up = True
@@ -114,13 +115,14 @@ class RemoteStage(Stage):
         if self.upload_library:
             version = link.client.upload(self.model, self.upload_library)
             deadline = time.monotonic() + self.timeout_s
-            while self._served_version(link) != version:  # the server loads it in the background
+            while (self._served_version(link) or 0) < version:  # the server loads it in the background
                 if time.monotonic() > deadline:
                     raise ArtifactError(f"server {self.host!r} ({link.endpoint}) stored model {self.model!r} "
                                         f"version {version} but did not load it within {self.timeout_s:g}s")
                 time.sleep(0.05)
-            self.version = version
+            link.version = version
             return
+        link.version = self.version
         served = self._served_version(link)
         if served is None or (self.version is not None and served != self.version):
             wanted = f"version {self.version}" if self.version is not None else "any version"
@@ -138,7 +140,7 @@ class RemoteStage(Stage):
         for link in self._links:
             link.client.close()
         if self.fallback is not None:
-            self._local.shutdown(wait=False)
+            self._local.shutdown(wait=True, cancel_futures=True)
             self.fallback.teardown()
 
     def __getstate__(self) -> dict:
@@ -158,15 +160,18 @@ class RemoteStage(Stage):
                  why: str) -> None:
         remaining = deadline - time.monotonic()
         link = self._pick(tried)
-        if link is None or remaining <= 0:
-            reason = why or (self._down_summary() if link is None else "deadline passed")
-            return self._run_locally(inputs, outer, reason)
+        if remaining <= 0:
+            outer.set_exception(PeerTimeout(f"model {self.model!r} on {self.host!r}: the request's deadline passed"
+                                            + (f" ({why})" if why else ""), reason="timeout"))
+            return
+        if link is None:
+            return self._run_locally(inputs, outer, why or self._down_summary())
         tried.add(link.endpoint)
         with self._lock:
             link.inflight += 1
         sent = time.monotonic()
         try:
-            inner = link.client.submit(self.model, inputs, version=self.version, timeout_s=remaining)
+            inner = link.client.submit(self.model, inputs, version=link.version, timeout_s=remaining)
         except Exception as exc:  # refused before sending, or closed
             with self._lock:
                 link.inflight -= 1
@@ -174,19 +179,23 @@ class RemoteStage(Stage):
             return self._attempt(inputs, deadline, outer, tried, f"{link.endpoint}: {exc}")
 
         def done(f: Future) -> None:
-            with self._lock:
-                link.inflight -= 1
-            exc = f.exception()
-            if exc is None:
-                self._succeeded(link, time.monotonic() - sent)
-                outer.set_result(Outcome(f.result().outputs, {"at": f"{self.host} ({link.endpoint})"}))
-                return
-            reason = getattr(exc, "reason", "error")
-            self._failed(link, reason, str(exc))
-            if reason in _FALLBACK_REASONS:
-                self._attempt(inputs, deadline, outer, tried, f"{reason}: {exc}")
-            else:
-                outer.set_exception(exc)
+            try:
+                with self._lock:
+                    link.inflight -= 1
+                exc = f.exception()
+                if exc is None:
+                    self._succeeded(link, time.monotonic() - sent)
+                    outer.set_result(Outcome(f.result().outputs, {"at": f"{self.host} ({link.endpoint})"}))
+                    return
+                reason = getattr(exc, "reason", "error")
+                self._failed(link, reason, str(exc))
+                if reason in _FALLBACK_REASONS:
+                    self._attempt(inputs, deadline, outer, tried, f"{reason}: {exc}")
+                else:
+                    outer.set_exception(exc)
+            except Exception as exc:  # never leave the request without an outcome
+                if not outer.done():
+                    outer.set_exception(exc)
 
         inner.add_done_callback(done)
 

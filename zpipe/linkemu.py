@@ -15,6 +15,7 @@ outages), see ../shared/testbed for a packet-level emulator. It only ever connec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from dataclasses import dataclass
 
@@ -34,8 +35,7 @@ def parse_address(text: str) -> tuple[str, int]:
 @dataclass
 class _Direction:
     name: str
-    busy_until: float = 0.0  # when the serial link finishes sending what it already took
-    in_transit: int = 0
+    busy_until: float = 0.0  # when the serial link finishes sending what it already took (shared: one link)
     bytes: int = 0
     chunks: int = 0
 
@@ -156,8 +156,10 @@ class LinkEmulator:
         transit: asyncio.Queue = asyncio.Queue()
         space = asyncio.Event()
         space.set()
+        in_transit = 0  # this connection's bytes taken but not yet delivered (bounded by queue_bytes)
 
         async def deliver() -> None:
+            nonlocal in_transit
             while True:
                 due, data = await transit.get()
                 if data is None:
@@ -167,8 +169,8 @@ class LinkEmulator:
                     await asyncio.sleep(wait)
                 writer.write(data)
                 await writer.drain()
-                d.in_transit -= len(data)
-                if d.in_transit <= self.queue_bytes:
+                in_transit -= len(data)
+                if in_transit <= self.queue_bytes:
                     space.set()
 
         deliverer = asyncio.ensure_future(deliver())
@@ -185,8 +187,8 @@ class LinkEmulator:
                 if self.rate_mbit:
                     sent += len(data) * 8 / (self.rate_mbit * 1e6)
                 d.busy_until = sent
-                d.in_transit += len(data)
-                if d.in_transit > self.queue_bytes:
+                in_transit += len(data)
+                if in_transit > self.queue_bytes:
                     space.clear()
                 transit.put_nowait((sent + self.delay_ms / 1000, data))
             transit.put_nowait((0.0, None))
@@ -197,3 +199,5 @@ class LinkEmulator:
             pass
         finally:
             deliverer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
+                await deliverer

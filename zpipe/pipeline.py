@@ -223,6 +223,11 @@ class Pipeline:
         future = await loop.run_in_executor(None, lambda: self.submit(inputs, meta=meta, timeout_s=timeout_s))
         return await asyncio.wrap_future(future)
 
+    @property
+    def healthy(self) -> bool:
+        """Running and taking requests (not closing, and no stage beyond its restart budget)."""
+        return self._started and not self._closing and self._broken is None
+
     def signals(self, stage: str) -> dict[str, Any]:
         """What ``stage`` last published on this host's signal board: its counts and service time, and for a
         remote stand-in its round trip, breaker state and requests/bytes sent to each server."""

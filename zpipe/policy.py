@@ -75,6 +75,7 @@ class LatencyPolicy:
         self.max_error_rate = max_error_rate
         self.risk = risk
         self.state = _Hysteresis(min_dwell_s)
+        self._probed: dict[str, float] = {}
 
     @property
     def switches(self) -> int:
@@ -84,17 +85,21 @@ class LatencyPolicy:
         if not s.remote_up:
             return self.state.choose(False, s.now, "server down", forced=True)
         if s.remote_error_rate > self.max_error_rate:
+            # Errors only fade with new samples: probe now and then, or one bad spell would keep it local forever.
+            if self._probe_due("remote", s.now):
+                return Decision(True, f"probe remote (errors {s.remote_error_rate:.0%})")
             return self.state.choose(False, s.now, f"remote errors {s.remote_error_rate:.0%}", forced=True)
-        if s.remote_rtt_s is None:
-            return Decision(True, "probe remote (never measured)")
-        if s.local_service_s is None:
-            return Decision(False, "probe local (never measured)")
+        if s.remote_rtt_s is None or s.local_service_s is None:
+            side = "remote" if s.remote_rtt_s is None else "local"
+            if self._probe_due(side, s.now):
+                return Decision(side == "remote", f"probe {side} (never measured)")
+            return Decision(side != "remote", f"waiting for the first {side} measurement")
         if self.probe_interval_s:
             stale_remote = s.now - (s.remote_measured_at or -math.inf) > self.probe_interval_s
             stale_local = s.now - (s.local_measured_at or -math.inf) > self.probe_interval_s
-            if self.state.offload and stale_local:
+            if self.state.offload and stale_local and self._probe_due("local", s.now):
                 return Decision(False, "probe local")
-            if not self.state.offload and stale_remote:
+            if not self.state.offload and stale_remote and self._probe_due("remote", s.now):
                 return Decision(True, "probe remote")
         local = s.local_service_s * (s.local_backlog + 1)
         remote = s.remote_rtt_s + self.risk * s.remote_rtt_std_s
@@ -102,6 +107,15 @@ class LatencyPolicy:
         if self.state.offload:
             return self.state.choose(not local < remote * (1 - self.hysteresis), s.now, why)
         return self.state.choose(remote < local * (1 - self.hysteresis), s.now, why)
+
+    def _probe_due(self, side: str, now: float) -> bool:
+        """At most one probe per side per probe interval (a probe is one request, not every request until the
+        measurement arrives)."""
+        interval = self.probe_interval_s or math.inf
+        if now - self._probed.get(side, -math.inf) < interval:
+            return False
+        self._probed[side] = now
+        return True
 
 
 class ThresholdPolicy:

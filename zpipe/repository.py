@@ -50,7 +50,11 @@ class ModelVersion:
         """Start one request; raises Busy when every worker has max_in_flight requests, PipelineClosed if closed."""
         if self.threads is not None:
             return self.threads.submit(tensors, timeout_s)
-        pipe = min(self.pools, key=lambda p: p.stats()["in_flight"])
+        healthy = [p for p in self.pools if p.healthy]
+        if not healthy:
+            raise ArtifactError(f"model {self.model!r} version {self.version}: every worker died repeatedly "
+                                "(see the server log); it is not served until a new version loads")
+        pipe = min(healthy, key=lambda p: p.stats()["in_flight"])
         return pipe.submit(tensors, timeout_s=timeout_s, block=False)
 
     def close(self, drain_timeout_s: float) -> None:
@@ -92,8 +96,8 @@ class _InProcess:
             if self._in_flight >= self._max:
                 raise Busy(f"{self._in_flight} requests in flight")
             self._in_flight += 1
-        deadline = time.monotonic() + timeout_s
-        return self._pool.submit(self._run, tensors, deadline)
+            # Inside the lock: close() cannot shut the executor down between the check and the submit.
+            return self._pool.submit(self._run, tensors, time.monotonic() + timeout_s)
 
     def _run(self, tensors: dict, deadline: float) -> Result:
         try:
@@ -110,7 +114,8 @@ class _InProcess:
     def close(self, drain_timeout_s: float) -> None:
         with self._lock:
             self._closed = True
-        self._pool.shutdown(wait=True)  # running and queued requests finish (the drain)
+            self._pool.shutdown(wait=False)  # no new work from here on; what is queued still runs
+        self._pool.shutdown(wait=True)  # the drain: running and queued requests finish
         for stage in self._stages:
             try:
                 stage.teardown()

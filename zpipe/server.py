@@ -76,6 +76,8 @@ class ServerConfig:
         if self.allow_upload and self.server_key is None:
             raise ZpipeError("--allow-upload accepts native code from clients: it needs --server-key and --clients "
                              "so that only allow-listed clients can connect")
+        if self.clients is not None and Path(self.clients).name == "*":
+            raise ZpipeError("--clients '*' would allow any client key; give a folder of allowed public keys")
         if self.server_key is None and not is_loopback(self.bind) and not self.insecure:
             raise ZpipeError(f"refusing to serve {self.bind!r} without encryption: it is reachable from other hosts. "
                              "Configure keys (zpipe keygen; --server-key, --clients) or pass --insecure")
@@ -106,6 +108,7 @@ class Server:
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._waker = Waker()
         self._in_flight = 0
+        self._running: dict[int, _Queued] = {}  # dispatched, not yet answered
         self._stopping = False
         self._stop_requested = False
         self.endpoint: str | None = None
@@ -174,6 +177,9 @@ class Server:
                 self._dispatch()
         finally:
             self._fail_queued("shutting_down", "the server stopped before the request ran")
+            for item in list(self._running.values()):  # the drain deadline passed while these ran
+                self._reply_error(item.envelope, item.message.request_id, "shutting_down",
+                                  "the server stopped before the request finished")
             self.close()
 
     # -- receiving -----------------------------------------------------------------------------------------------
@@ -257,16 +263,16 @@ class Server:
                 try:
                     mv = self.repository.get(model, item.version)
                     future = mv.submit(item.message.tensors, timeout_s=item.deadline - now)
-                except Busy:
-                    break  # workers saturated: keep the queue, try again when something finishes
-                except (ArtifactError, PipelineClosed) as exc:
-                    if isinstance(exc, PipelineClosed):  # a swap closed this pool in between: next round
-                        break
+                except (Busy, PipelineClosed):
+                    break  # saturated, or a swap closed this version in between: keep the queue, retry soon
+                except Exception as exc:  # no version, dead workers, or anything else: answer, never crash
                     q.popleft()
-                    self._reply_error(item.envelope, item.message.request_id, "not_found", str(exc))
+                    code = "not_found" if isinstance(exc, ArtifactError) else "stage_error"
+                    self._reply_error(item.envelope, item.message.request_id, code, str(exc))
                     continue
                 q.popleft()
                 self._in_flight += 1
+                self._running[id(item)] = item
                 future.add_done_callback(lambda f, item=item, v=mv.version: self._completed(item, v, f))
             self.metrics.queue_depth.labels(model).set(len(q))
 
@@ -282,6 +288,7 @@ class Server:
             except queue.Empty:
                 return
             self._in_flight -= 1
+            self._running.pop(id(item), None)
             elapsed = time.monotonic() - item.received
             rid = item.message.request_id
             exc = future.exception()

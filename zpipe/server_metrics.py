@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 __all__ = ["ServerMetrics"]
 
+_MAX_CLIENTS = 256  # distinct client labels kept; the stats reply must stay under the 64 KiB header limit
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
@@ -36,8 +37,10 @@ class ServerMetrics:
                                      registry=self.registry)
         self._lock = threading.Lock()
         self._per_client: collections.Counter[str] = collections.Counter()
+        self._clients: set[str] = set()
 
     def received(self, client: str, kind: str, nbytes: int) -> None:
+        client = self._bounded(client)
         self.messages.labels(client, kind).inc()
         with self._lock:
             self._per_client[f"messages:{client}"] += 1
@@ -47,6 +50,14 @@ class ServerMetrics:
                 self._per_client["request_bytes"] += nbytes
                 self._per_client[f"requests:{client}"] += 1
                 self._per_client[f"request_bytes:{client}"] += nbytes
+
+    def _bounded(self, client: str) -> str:
+        """Client names come from the network: past _MAX_CLIENTS distinct ones, the rest share one label."""
+        with self._lock:
+            if client in self._clients or len(self._clients) < _MAX_CLIENTS:
+                self._clients.add(client)
+                return client
+        return "other"
 
     def finished(self, model: str, outcome: str, seconds: float) -> None:
         self.requests.labels(model, outcome).inc()

@@ -66,9 +66,13 @@ class Waker:
     def __init__(self) -> None:
         self.fd, self._w = os.pipe()
         os.set_blocking(self.fd, False)
+        os.set_blocking(self._w, False)  # wake() is called from signal handlers too: it must never block
 
     def wake(self) -> None:
-        os.write(self._w, b"w")
+        try:
+            os.write(self._w, b"w")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop is awake already
 
     def clear(self) -> None:
         try:

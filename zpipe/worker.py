@@ -304,7 +304,8 @@ class _Worker:
         if since < 0.002 or (done == self.published_done and since < 0.05):
             return
         self.published_at, self.published_done = now, done
-        self.board.publish(self.name, {"processed": self.counts["processed"], "failed": self.counts["failed"],
+        self.board.publish(self.name, {"pid": os.getpid(), "processed": self.counts["processed"],
+                                       "failed": self.counts["failed"],
                                        "service_s": self.service.mean, "measured_at": self.measured_at,
                                        "running": len(self.running), **self.stage.signals()})
 
