@@ -240,6 +240,8 @@ class RemoteStage(Stage):
     def _succeeded(self, link: _Link, rtt: float) -> None:
         with self._lock:
             link.failures = 0
+            if self._measured_at is not None and time.monotonic() - self._measured_at > 1.0:
+                self._rtt = Ewma(0.2)  # stale (requests went elsewhere, e.g. a probe): the new sample rules
             self._rtt.add(rtt)
             self._errors.add(0.0)
             self._measured_at = time.monotonic()

@@ -6,7 +6,7 @@ and asks a policy for a :class:`Decision`. Two policies:
 * :class:`LatencyPolicy` (default): estimate the local time (service time × (backlog + 1)) and the remote time
   (smoothed round trip + ``risk`` standard deviations, which already include transfer and server queueing), and
   pick the smaller, switching only when the other side is better by ``hysteresis`` and the last switch is at least
-  ``min_dwell_s`` old. A side that has not been measured for ``probe_interval_s`` gets one request (a probe), so
+  ``min_dwell_s`` old (a side more than twice as fast wins at once). A side that has not been measured for ``probe_interval_s`` gets one request (a probe), so
   estimates never go stale; ``probe_interval_s = 0`` turns probing off.
 * :class:`ThresholdPolicy`: offload while the device is busy (CPU use or backlog above a high mark, until it falls
   below a low mark) unless the link is slow (RTT above ``max_rtt_s``) or failing.
@@ -104,9 +104,11 @@ class LatencyPolicy:
         local = s.local_service_s * (s.local_backlog + 1)
         remote = s.remote_rtt_s + self.risk * s.remote_rtt_std_s
         why = f"local {local * 1000:.1f} ms vs remote {remote * 1000:.1f} ms"
+        # A side twice as fast wins at once: the dwell time damps flapping, it must not hold a clearly bad choice.
+        clear = max(local, remote) > 2 * min(local, remote)
         if self.state.offload:
-            return self.state.choose(not local < remote * (1 - self.hysteresis), s.now, why)
-        return self.state.choose(remote < local * (1 - self.hysteresis), s.now, why)
+            return self.state.choose(not local < remote * (1 - self.hysteresis), s.now, why, forced=clear)
+        return self.state.choose(remote < local * (1 - self.hysteresis), s.now, why, forced=clear)
 
     def _probe_due(self, side: str, now: float) -> bool:
         """At most one probe per side per probe interval (a probe is one request, not every request until the

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 SKIPPED = "skipped"  # meta key: tensors of this message that the gate routed away (sent as names, not data)
 DEADLINE = "deadline"  # meta key: time.monotonic() after which the request is not worth running (this host only)
-_FAILED_MEMORY = 10_000  # request ids remembered as failed, so their late parts are dropped, not re-joined
+_FAILED_MEMORY = 10_000
+_STALE_S = 1.0  # a smoothed figure not updated for this long is replaced by the next sample, not blended  # request ids remembered as failed, so their late parts are dropped, not re-joined
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,6 +173,7 @@ class _Worker:
                     for _ in range(100):  # drain a burst, but keep serving control and deadlines
                         if not self._on_data():
                             break
+                        self._publish()  # a long burst must not leave the board stale
                 self._expire_joins()
                 self._publish()
             except Exception:
@@ -291,6 +293,8 @@ class _Worker:
         meta = {**meta, **notes, f"t:{self.name}": [start, end]}
         self._send_all(rid, {tensor: outputs[port] for port, tensor in self.plan.outputs if port in outputs}, meta)
         self.counts["processed"] += 1
+        if self.measured_at is not None and end - self.measured_at > _STALE_S:
+            self.service = Ewma(0.2)  # the old figure is stale (the policy sent work elsewhere): start afresh
         self.service.add(end - start)
         self.measured_at = end
 

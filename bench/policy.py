@@ -1,0 +1,580 @@
+"""The offload policy under changing conditions, on the two-host test bed (issue 6, "Benchmark").
+
+    python3 bench/policy.py [--phase-s 12] [--rate 4] [--cpu 25] [--plot /tmp/zpipe-bench-policy.png]
+
+Needs root. Uses ../shared/testbed: `netpair.sh up 10 100 0` (namespaces `dev` 10.77.0.1 and `edge` 10.77.0.2),
+an edge server `zpipe serve --bind tcp://10.77.0.2:5555 --insecure` in `edge` (no CurveZMQ: the link only joins
+our own two namespaces), and the device side in `dev` under `cpuslow.sh 25 10000` (25 % of one CPU, shared by all
+device processes).
+
+The model: the demo CNN's branches are far too light to be worth offloading (bench/offload.py), so this benchmark
+compiles a heavier branch, ``heavy`` (ten 3x3 convolutions, 32 channels, on float32[1, 8, 32, 32]: ~30 ms on a
+full core, ~120 ms on the 25 % device). Topology (the shape of topologies/gated.toml):
+
+    gate (policy "latency") ─┬─ heavy_edge  (on the server; fallback = true) ─┬─ select ─ y
+                              └─ heavy_local (on the device) ───────────────────┘
+
+Three modes, each a run of 5 phases x --phase-s seconds (default 12: 60 s) at a fixed request rate (open loop:
+requests are submitted on a clock, not after the previous answer), one mode after the other, each in the same
+scripted conditions:
+
+    phase 1 baseline      link 10 ms / 100 Mbit/s / 0 % loss, device idle
+    phase 2 bad link      `netpair.sh set 50 20 5`
+    phase 3 baseline      `netpair.sh set 10 100 0`
+    phase 4 busy device   a CPU hog process in the dev namespace *and the device's cgroup* (it competes for the
+                          same 25 %)
+    phase 5 baseline      hog killed
+
+  auto    the gate's policy decides (requests carry no X)
+  local   X = 0 for every request (meta "offload"), same pipeline shape
+  remote  X = 1 for every request (with the same fallback = true)
+
+Reports per phase and mode p50/p99, the offload share and fallbacks; for auto, how long after each change its
+decision switched (first non-probe decision for the new side); lost requests (submitted but not answered with a
+correct output). Targets (issue 6): switch within 1 s of a change; per phase auto's p99 within 10 % of the better
+of local/remote; zero lost requests. Writes a PNG (latency and auto's decision over time) and one JSON line.
+Cleans up: server and device process groups are killed, `netpair.sh down` runs at the end, also on errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTBED = ROOT.parent / "shared" / "testbed"
+EDGE_ADDR = "10.77.0.2"
+GOOD_LINK, BAD_LINK = ("10", "100", "0"), ("50", "20", "5")
+PHASES = ["baseline", "bad link", "baseline 2", "busy device", "baseline 3"]
+MODES = ["auto", "local", "remote"]
+SWITCH_TARGET_S = 1.0
+P99_TARGET = 1.10
+SHAPE = (1, 8, 32, 32)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+# -- model and topology ----------------------------------------------------------------------------------------------
+def build_heavy(out: Path, channels: int = 32, depth: int = 10) -> Path:
+    """Compile the heavy branch; lay it out as a server repository too (out/repo/heavy/1/). Returns the .so."""
+    from tvm import relax
+    from tvm.relax.frontend import nn
+
+    from zpipe.compile import export_stage
+    from zpipe.tvm_runtime import import_tvm
+
+    tvm = import_tvm()
+
+    class Heavy(nn.Module):
+        def __init__(self):
+            self.convs = nn.ModuleList([nn.Conv2D(8 if i == 0 else channels, 8 if i == depth - 1 else channels, 3,
+                                                  padding=1) for i in range(depth)])
+
+        def forward(self, x):
+            for conv in self.convs:
+                x = nn.relu(conv(x))
+            return x
+
+    mod, params = Heavy().export_tvm({"forward": {"x": nn.spec.Tensor(SHAPE, "float32")}})
+    rng = np.random.default_rng(0)
+    bound = {name: tvm.runtime.tensor((rng.standard_normal([int(d) for d in p.shape]) * 0.1).astype("float32"))
+             for name, p in params}
+    mod = relax.transform.BindParams("forward", bound)(mod)
+    export_stage(mod, name="heavy", out_dir=out, function="forward", input_names=["x"], output_names=["y"])
+    version = out / "repo" / "heavy" / "1"
+    version.mkdir(parents=True)
+    for suffix in (".so", ".json"):
+        shutil.copy(out / f"heavy{suffix}", version / f"heavy{suffix}")
+    return out / "heavy.so"
+
+
+def topology_text(endpoint: str, library: Path, host_timeout_s: float, policy_options: str) -> str:
+    return f"""\
+[pipeline]
+name = "policy-bench"
+inputs = ["x"]
+outputs = ["y"]
+timeout_s = 30
+
+[hosts.edge]
+endpoint = "{endpoint}"
+timeout_s = {host_timeout_s}
+heartbeat_s = 1
+
+[stages.gate]
+kind = "gate"
+control = "offload"          # not wired: X comes from meta "offload" when given, else from the policy
+meta_key = "offload"
+policy = "latency"
+policy_options = {{ {policy_options} }}
+inputs = {{ x = "x" }}
+outputs = {{ "then.x" = "x@edge", "else.x" = "x@local" }}
+
+[stages.heavy_edge]
+kind = "tvm"
+library = "{library}"
+host = "edge"
+model = "heavy"
+fallback = true
+inputs = {{ x = "x@edge" }}
+outputs = {{ y = "y@edge" }}
+
+[stages.heavy_local]
+kind = "tvm"
+library = "{library}"
+inputs = {{ x = "x@local" }}
+outputs = {{ y = "y@local" }}
+
+[stages.select]
+kind = "merge"
+op = "select"
+inputs = ["y@edge", "y@local"]
+outputs = ["y"]
+"""
+
+
+# -- the device side (namespace dev, under cpuslow) ------------------------------------------------------------------
+def device_main(args: argparse.Namespace) -> None:
+    from zpipe import Pipeline, Topology
+
+    work = Path(args.work)
+    data = np.load(work / "inputs.npz")
+    xs, ys = list(data["xs"]), list(data["ys"])
+
+    def ask(line: str) -> str:
+        print(line, flush=True)
+        return sys.stdin.readline().strip()
+
+    def say(text: str) -> None:
+        print(f"LOG {text}", flush=True)
+
+    def submit_at_rate(pipe, meta, t0: float, duration_s: float, out: list) -> None:
+        i = 0
+        while True:
+            due = t0 + i / args.rate
+            if due - t0 >= duration_s:
+                return
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            submitted = time.monotonic()
+            try:
+                out.append((i, submitted - t0, pipe.submit({"x": xs[i % len(xs)]}, meta=meta), None))
+            except Exception as exc:  # not even accepted: counted as lost
+                out.append((i, submitted - t0, None, f"submit: {type(exc).__name__}: {exc}"))
+            i += 1
+
+    def collect(futures: list) -> list:
+        records = []
+        for i, at, fut, err in futures:
+            rec = {"i": i, "t": round(at, 4), "lat": None, "x": None, "why": "", "at": "", "err": err}
+            if fut is not None:
+                try:
+                    r = fut.result(timeout=120)
+                    y = r.outputs["y"]
+                    if not np.allclose(y, ys[i % len(ys)], atol=1e-3):
+                        rec["err"] = "wrong output"
+                    rec["lat"] = round(r.latency_s, 5)
+                    rec["x"] = int(r.meta.get("x:gate", -1))
+                    rec["why"] = str(r.meta.get("why:gate", ""))
+                    where = r.placement
+                    rec["at"] = where.get("heavy_edge", where.get("heavy_local", "?"))
+                except Exception as exc:
+                    rec["err"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            records.append(rec)
+        return records
+
+    text = (work / "topology.toml").read_text()
+    pipes: dict[str, Pipeline] = {}
+    hog = None
+    results = {}
+    try:
+        for name in ("auto", "forced"):
+            t0 = time.monotonic()
+            pipes[name] = Pipeline(Topology.from_toml(text), start_timeout_s=300).start()
+            say(f"pipeline {name!r} started in {time.monotonic() - t0:.1f} s")
+        for mode in args.modes.split(","):
+            pipe = pipes["auto" if mode == "auto" else "forced"]
+            meta = None if mode == "auto" else {"offload": 1 if mode == "remote" else 0}
+            warm: list = []
+            submit_at_rate(pipe, meta, time.monotonic(), args.warmup_s, warm)  # baseline conditions
+            collect(warm)
+            before = pipe.stats()
+            futures: list = []
+            t0 = time.monotonic()
+            total_s = args.phase_s * len(PHASES)
+            submitter = threading.Thread(target=submit_at_rate, args=(pipe, meta, t0, total_s, futures), daemon=True)
+            submitter.start()
+            events = []
+            for k in range(1, len(PHASES)):
+                time.sleep(max(0.0, t0 + k * args.phase_s - time.monotonic()))
+                if k in (1, 2):
+                    link = BAD_LINK if k == 1 else GOOD_LINK
+                    reply = ask("SET " + " ".join(link))  # the host side runs netpair.sh set and answers its time
+                    events.append({"phase": PHASES[k], "t": round(float(reply.split()[1]) - t0, 4),
+                                   "what": f"netpair.sh set {' '.join(link)}"})
+                elif k == 3:  # a hog in our namespace and cgroup: it competes for the device's 25 %
+                    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                    events.append({"phase": PHASES[k], "t": round(time.monotonic() - t0, 4),
+                                   "what": f"CPU hog pid {hog.pid} started"})
+                elif k == 4:
+                    hog.kill()
+                    hog.wait()
+                    hog = None
+                    events.append({"phase": PHASES[k], "t": round(time.monotonic() - t0, 4), "what": "CPU hog killed"})
+            submitter.join()
+            records = collect(futures)
+            after = pipe.stats()
+            results[mode] = {"records": records, "events": events,
+                             "stats": {k: after.get(k, 0) - before.get(k, 0) for k in ("submitted", "ok", "failed",
+                                                                                           "late")}}
+            lost = sum(1 for r in records if r["err"])
+            say(f"mode {mode}: {len(records)} requests, {lost} lost or wrong")
+        print("RESULT " + json.dumps(results), flush=True)
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+        for p in pipes.values():
+            p.close(drain_timeout_s=10)
+
+
+# -- the host side ---------------------------------------------------------------------------------------------------
+class Proc:
+    """A child in its own process group; stderr collected by a thread (so the pipe never fills)."""
+
+    def __init__(self, cmd: list[str], *, stdin=None, stdout=None, name: str) -> None:
+        self.name = name
+        self.p = subprocess.Popen(cmd, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                  env=_env(), start_new_session=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.p.stderr:
+            self.stderr.append(line.rstrip())
+            self.lines.put(line)
+
+    def wait_for(self, text: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.p.poll() is not None:
+                    break
+                continue
+            if text in line:
+                return line
+        raise RuntimeError(f"{self.name}: no {text!r} within {timeout_s} s; stderr:\n" + "\n".join(self.stderr[-20:]))
+
+    def stop(self, timeout_s: float = 10) -> None:
+        if self.p.poll() is not None:
+            return
+        try:
+            os.killpg(self.p.pid, signal.SIGTERM)  # our own group: the process and its children
+            self.p.wait(timeout=timeout_s)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.p.wait(timeout=5)
+
+
+def netpair(*args: str, check: bool = True) -> str:
+    out = subprocess.run([str(TESTBED / "netpair.sh"), *args], capture_output=True, text=True, timeout=60)
+    if check and out.returncode != 0:
+        raise RuntimeError(f"netpair.sh {' '.join(args)} failed: {out.stderr.strip()}")
+    return out.stdout + out.stderr
+
+
+def orchestrate(args: argparse.Namespace) -> dict:
+    from zpipe.tvm_runtime import import_tvm, load_vm
+
+    state = netpair("status", check=False).strip()
+    if not state.startswith("down"):
+        raise SystemExit(f"the test bed is already up (someone else's run?): {state.splitlines()[0]}; "
+                         "not touching it")
+    work = Path(tempfile.mkdtemp(prefix="zpipe-bench-policy-"))
+    procs: list[Proc] = []
+    try:
+        library = build_heavy(work)
+        tvm = import_tvm()
+        vm = load_vm(str(library))
+        rng = np.random.default_rng(1)
+        xs = [rng.standard_normal(SHAPE).astype("float32") for _ in range(8)]
+        ys = [vm["forward"](tvm.runtime.tensor(x)).numpy() for x in xs]
+        t = time.perf_counter()
+        for x in xs:
+            vm["forward"](tvm.runtime.tensor(x)).numpy()
+        log(f"heavy branch: {(time.perf_counter() - t) / len(xs) * 1e3:.1f} ms per call on this (host) core")
+        np.savez(work / "inputs.npz", xs=np.stack(xs), ys=np.stack(ys))
+        endpoint = f"tcp://{EDGE_ADDR}:{args.port}"
+        (work / "topology.toml").write_text(topology_text(endpoint, library, args.host_timeout_s,
+                                                          args.policy_options))
+
+        netpair("up", *GOOD_LINK)
+        server = Proc([str(TESTBED / "netpair.sh"), "exec", "edge", sys.executable, "-m", "zpipe", "serve",
+                       "--repo", str(work / "repo"), "--bind", endpoint, "--insecure"], name="server")
+        procs.append(server)
+        log(server.wait_for("listening on", 120).strip())
+        device = Proc([str(TESTBED / "cpuslow.sh"), str(args.cpu), "10000", "--", str(TESTBED / "netpair.sh"),
+                       "exec", "dev", sys.executable, __file__, "--device", "--work", str(work), "--rate",
+                       str(args.rate), "--phase-s", str(args.phase_s), "--warmup-s", str(args.warmup_s),
+                       "--modes", args.modes], stdin=subprocess.PIPE, stdout=subprocess.PIPE, name="device")
+        procs.append(device)
+        result = None
+        for line in device.p.stdout:
+            if line.startswith("SET "):
+                netpair("set", *line.split()[1:4])
+                device.p.stdin.write(f"OK {time.monotonic()}\n")  # CLOCK_MONOTONIC: the same in every namespace
+                device.p.stdin.flush()
+                log(f"netpair.sh set {' '.join(line.split()[1:4])}")
+            elif line.startswith("RESULT "):
+                result = json.loads(line[len("RESULT "):])
+            elif line.startswith("LOG "):
+                log(line[4:].rstrip())
+            else:
+                log("device: " + line.rstrip())
+        device.p.wait(timeout=120)
+        if result is None:
+            raise RuntimeError(f"the device side failed (exit {device.p.returncode}):\n" +
+                               "\n".join(device.stderr[-40:]))
+        return result
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        netpair("down", check=False)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+# -- analysis --------------------------------------------------------------------------------------------------------
+def _phase_of(t: float, bounds: list[float]) -> int:
+    k = 0
+    while k + 1 < len(bounds) and t >= bounds[k + 1]:
+        k += 1
+    return k
+
+
+def _is_probe(rec: dict) -> bool:
+    return "probe" in rec["why"]
+
+
+def analyse(args: argparse.Namespace, result: dict) -> dict:
+    modes = [m for m in MODES if m in result]
+    table: dict[str, dict[str, dict]] = {p: {} for p in PHASES}
+    for mode in modes:
+        bounds = [0.0] + [e["t"] for e in result[mode]["events"]]
+        per: list[list[dict]] = [[] for _ in PHASES]
+        for rec in result[mode]["records"]:
+            per[_phase_of(rec["t"], bounds)].append(rec)
+        for k, recs in enumerate(per):
+            ok = [r["lat"] for r in recs if not r["err"]]
+            table[PHASES[k]][mode] = {
+                "n": len(recs), "lost": sum(1 for r in recs if r["err"]), "p50_ms": round(_pct(ok, 50) * 1e3, 1),
+                "p99_ms": round(_pct(ok, 99) * 1e3, 1),
+                "offload_share": round(sum(1 for r in recs if r["x"] == 1) / max(1, len(recs)), 3),
+                "fallbacks": sum(1 for r in recs if "fallback" in r["at"]),
+                "probes": sum(1 for r in recs if _is_probe(r)),
+                "switches": sum(1 for a, b in zip(recs, recs[1:]) if a["x"] != b["x"])}
+    # The better side per phase, from the forced runs (lower p50); auto's reaction to each change that moves it.
+    better = {}
+    for phase in PHASES:
+        row = table[phase]
+        if "local" in row and "remote" in row:
+            better[phase] = 1 if row["remote"]["p50_ms"] < row["local"]["p50_ms"] else 0
+    switches = []
+    if "auto" in result:
+        events = result["auto"]["events"]
+        bounds = [0.0] + [e["t"] for e in events]
+        per: list[list[dict]] = [[] for _ in PHASES]
+        for rec in result["auto"]["records"]:
+            per[_phase_of(rec["t"], bounds)].append(rec)
+        for k, phase in enumerate(PHASES):
+            decided = [r["x"] for r in per[k] if not _is_probe(r) and r["x"] in (0, 1)]
+            if phase in better and decided:
+                table[phase]["auto"]["agree"] = round(sum(x == better[phase] for x in decided) / len(decided), 3)
+        for k, event in enumerate(events, start=1):
+            old, new = better.get(PHASES[k - 1]), better.get(PHASES[k])
+            entry = {"change": f"{PHASES[k - 1]} -> {PHASES[k]}", "what": event["what"], "better_before": old,
+                     "better_after": new}
+            if old is not None and new is not None and old != new:
+                last = [r for r in per[k - 1] if not _is_probe(r) and r["x"] in (0, 1)][-1:]
+                if last and last[0]["x"] == new:
+                    entry["delay_s"], entry["note"] = 0.0, "auto was already on that side"
+                else:
+                    first = next((r for r in per[k] if not _is_probe(r) and r["x"] == new), None)
+                    entry["delay_s"] = round(first["t"] - event["t"], 3) if first else None
+            switches.append(entry)
+    return {"table": table, "switches": switches}
+
+
+def report(args: argparse.Namespace, result: dict, analysis: dict) -> None:
+    table, switches = analysis["table"], analysis["switches"]
+    modes = [m for m in MODES if m in result]
+    print(f"\nheavy branch (32 ch x 10 conv3x3 on [1, 8, 32, 32]); device at {args.cpu}% of one CPU; "
+          f"{args.rate} req/s open loop; 5 phases x {args.phase_s} s per mode, modes one after the other; "
+          "policy 'latency' " + (f"{{ {args.policy_options} }}" if args.policy_options else "(default options)"))
+    head = f"{'phase':<12} | " + " | ".join(f"{m + ' p50/p99 ms':>20} {'off%':>4} {'fb':>3} {'lost':>4}"
+                                            for m in modes)
+    print(head + " | auto p99 / best | target")
+    verdicts = {}
+    for phase in PHASES:
+        row = table[phase]
+        cells = []
+        for m in modes:
+            c = row[m]
+            cells.append(f"{c['p50_ms']:>9.1f} / {c['p99_ms']:>7.1f} {c['offload_share'] * 100:>4.0f} "
+                         f"{c['fallbacks']:>3} {c['lost']:>4}")
+        line = f"{phase:<12} | " + " | ".join(cells)
+        if all(m in row for m in MODES):
+            best = min(row["local"]["p99_ms"], row["remote"]["p99_ms"])
+            ratio = row["auto"]["p99_ms"] / best
+            verdicts[phase] = ratio
+            line += f" | {ratio:14.2f} | {'ok' if ratio <= P99_TARGET else 'MISS'}"
+        print(line)
+    print("(off% = share of requests offloaded; fb = remote requests that fell back to the device)")
+    if "auto" in table[PHASES[0]]:
+        print("auto: probes / decision changes per phase: " + ", ".join(
+            f"{p} {table[p]['auto']['probes']}/{table[p]['auto']['switches']}" for p in PHASES))
+    if "auto" in table[PHASES[0]]:
+        print("auto: share of its (non-probe) decisions for the better side per phase: " + ", ".join(
+            f"{p} {table[p]['auto'].get('agree', float('nan')) * 100:.0f}%" for p in PHASES))
+    side = {0: "local", 1: "remote", None: "?"}
+    print("\nchanges (better side = lower p50 of the forced runs in that phase; delay = first non-probe decision of "
+          "auto for the new better side):")
+    for s in switches:
+        d = s.get("delay_s")
+        if s["better_before"] == s["better_after"]:
+            verdict = "no switch needed"
+        elif d is None:
+            verdict = "auto never switched in this phase -> MISS"
+        else:
+            verdict = f"auto switched after {d:.2f} s{' (' + s['note'] + ')' if s.get('note') else ''} -> " + \
+                ("ok" if d <= SWITCH_TARGET_S else "MISS")
+        print(f"  {s['change']:<26} ({s['what']}): better {side[s['better_before']]} -> "
+              f"{side[s['better_after']]}: {verdict}")
+    lost = {m: sum(1 for r in result[m]["records"] if r["err"]) for m in modes}
+    errs = [r["err"] for m in modes for r in result[m]["records"] if r["err"]]
+    print(f"\nlost requests: {lost}" + (f"; e.g. {errs[:3]}" if errs else ""))
+    print(f"pipeline counters per mode (submitted/ok/failed/late): "
+          + ", ".join(f"{m} {s['submitted']}/{s['ok']}/{s['failed']}/{s['late']}"
+                      for m, s in ((m, result[m]["stats"]) for m in modes)))
+    switch_ok = all(s.get("delay_s") is not None and s["delay_s"] <= SWITCH_TARGET_S
+                    for s in switches if s["better_before"] != s["better_after"])
+    p99_ok = all(v <= P99_TARGET for v in verdicts.values())
+    print(f"targets: switch within {SWITCH_TARGET_S:g} s: {'met' if switch_ok else 'MISSED'}; auto p99 within "
+          f"{(P99_TARGET - 1) * 100:.0f}% of the better fixed mode in every phase: {'met' if p99_ok else 'MISSED'} "
+          f"({sum(v <= P99_TARGET for v in verdicts.values())}/{len(verdicts)} phases); zero lost: "
+          f"{'met' if not any(lost.values()) else 'MISSED'}")
+    plot(args, result)
+    print(json.dumps({"bench": "policy", "rate": args.rate, "phase_s": args.phase_s, "cpu_pct": args.cpu,
+                      "policy_options": args.policy_options, "table": table, "switches": switches, "lost": lost,
+                      "auto_p99_over_best": {k: round(v, 3) for k, v in verdicts.items()},
+                      "switch_met": switch_ok, "p99_met": p99_ok, "zero_lost_met": not any(lost.values()),
+                      "plot": args.plot}))
+
+
+def plot(args: argparse.Namespace, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"auto": "tab:blue", "local": "tab:green", "remote": "tab:red"}
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    for mode in (m for m in MODES if m in result):
+        recs = [r for r in result[mode]["records"] if r["lat"] is not None]
+        ax1.plot([r["t"] for r in recs], [r["lat"] * 1e3 for r in recs], ".", ms=4, color=colors[mode],
+                 label=f"{mode}", alpha=0.8)
+        bad = [r for r in result[mode]["records"] if r["err"]]
+        if bad:
+            ax1.plot([r["t"] for r in bad], [1.0] * len(bad), "x", color=colors[mode], label=f"{mode} lost")
+    events = result[next(iter(result))]["events"]
+    bounds = [0.0] + [e["t"] for e in events] + [args.phase_s * len(PHASES)]
+    for k, phase in enumerate(PHASES):
+        if phase in ("bad link", "busy device"):
+            for ax in (ax1, ax2):
+                ax.axvspan(bounds[k], bounds[k + 1], color="orange" if phase == "bad link" else "grey", alpha=0.15)
+        ax1.text((bounds[k] + bounds[k + 1]) / 2, 1.02, phase, transform=ax1.get_xaxis_transform(), ha="center")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("latency (ms)")
+    ax1.legend(loc="upper right")
+    ax1.grid(True, which="both", alpha=0.3)
+    if "auto" in result:
+        recs = [r for r in result["auto"]["records"] if r["x"] in (0, 1)]
+        normal = [r for r in recs if not _is_probe(r)]
+        probes = [r for r in recs if _is_probe(r)]
+        ax2.step([r["t"] for r in normal], [r["x"] for r in normal], where="post", color=colors["auto"],
+                 label="auto: X (1 = offload)")
+        ax2.plot([r["t"] for r in probes], [r["x"] for r in probes], "o", mfc="none", color="black", ms=5,
+                 label="probe")
+    ax2.set_yticks([0, 1], ["local", "remote"])
+    ax2.set_xlabel("time since the run started (s); phases from the auto run (the other runs differ by < 0.1 s)")
+    ax2.legend(loc="center right")
+    ax2.grid(True, alpha=0.3)
+    fig.suptitle(f"offload policy: heavy branch, device {args.cpu}% CPU, {args.rate} req/s", y=0.995)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=110)
+    print(f"plot: {args.plot}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--phase-s", type=float, default=12.0, help="seconds per phase (5 phases per mode)")
+    parser.add_argument("--rate", type=float, default=4.0, help="requests per second (open loop)")
+    parser.add_argument("--warmup-s", type=float, default=3.0)
+    parser.add_argument("--cpu", type=float, default=25, help="device CPU share, %% of one CPU")
+    parser.add_argument("--modes", default="auto,local,remote")
+    parser.add_argument("--policy-options", default="", help='TOML inline-table body, e.g. "probe_interval_s = 5"')
+    parser.add_argument("--host-timeout-s", type=float, default=5.0)
+    parser.add_argument("--port", type=int, default=5555)
+    parser.add_argument("--plot", default="/tmp/zpipe-bench-policy.png")
+    parser.add_argument("--raw", help="also write every request's record (time, latency, X, reason) here (JSON)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--device", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.device:
+        device_main(args)
+        return
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (network namespaces, cgroups)")
+    started = time.monotonic()
+    result = orchestrate(args)
+    if args.raw:
+        Path(args.raw).write_text(json.dumps(result))
+    report(args, result, analyse(args, result))
+    log(f"total {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
