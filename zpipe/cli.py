@@ -6,7 +6,6 @@ Exit codes: 0 ok, 1 other zpipe error, 2 usage, 3 topology, 4 artifact, 5 framin
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import signal
@@ -18,26 +17,12 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .cli_support import zpipe_errors
 from .errors import RequestFailed, ZpipeError
 
 __all__ = ["main", "cli"]
 
 EXIT_INTERRUPTED = 130
-
-
-def _zpipe_errors(fn):
-    """Turn ZpipeError into a ClickException carrying the error class's exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ZpipeError as exc:
-            error = click.ClickException(str(exc))
-            error.exit_code = exc.exit_code
-            raise error from exc
-
-    return wrapper
 
 
 @click.group()
@@ -51,7 +36,7 @@ def cli(verbose: int) -> None:
 
 @cli.command()
 @click.argument("topology", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@_zpipe_errors
+@zpipe_errors
 def validate(topology: Path) -> None:
     """Check a topology file: keys, stages, wiring, artifacts. Prints the stage order."""
     from .topology import Topology
@@ -73,7 +58,7 @@ def validate(topology: Path) -> None:
 @click.option("--requests", "n_requests", type=click.IntRange(min=1), default=1, show_default=True,
               help="How many requests to send (the same inputs each time; up to max_in_flight in flight).")
 @click.option("--json", "json_out", is_flag=True, help="Print the summary as one JSON line.")
-@_zpipe_errors
+@zpipe_errors
 def run(topology: Path, inputs_path: Path, out_path: Path | None, n_requests: int, json_out: bool) -> None:
     """Run every stage of TOPOLOGY on this host and feed it requests."""
     from .pipeline import Pipeline
@@ -123,7 +108,7 @@ def run(topology: Path, inputs_path: Path, out_path: Path | None, n_requests: in
               help="Where to put the compiled stages and topology (default: a temporary folder).")
 @click.option("--requests", "n_requests", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the demo model's weights and inputs.")
-@_zpipe_errors
+@zpipe_errors
 def demo(out_dir: Path | None, n_requests: int, seed: int) -> None:
     """Build a small branchy CNN in code, compile its stages with TVM, run them as a pipeline, check the result."""
     from .demo import TOLERANCE, run_demo
@@ -169,7 +154,7 @@ def demo(out_dir: Path | None, n_requests: int, seed: int) -> None:
 @click.option("--poll-s", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
               help="How often the repository is scanned for new versions.")
 @click.option("--drain-timeout-s", type=click.FloatRange(min=0), default=30.0, show_default=True)
-@_zpipe_errors
+@zpipe_errors
 def serve(repo: Path, bind: str, workers: int, isolation: str, max_queue: int, server_key: Path | None, clients: Path | None,
           allow_upload: bool, max_upload_mb: int, insecure: bool, metrics_port: int | None, poll_s: float,
           drain_timeout_s: float) -> None:

@@ -6,28 +6,14 @@ carrying the error's exit code (CompileError: 11, ArtifactError: 4).
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import click
 
-from ..errors import ZpipeError
+from ..cli_support import zpipe_errors
 
 __all__ = ["compile_command", "inspect_command"]
-
-
-def _zpipe_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ZpipeError as exc:
-            error = click.ClickException(str(exc))
-            error.exit_code = exc.exit_code
-            raise error from exc
-
-    return wrapper
 
 
 def _pairs(option: str, values: tuple[str, ...]) -> dict[str, str]:
@@ -76,7 +62,7 @@ MODEL = click.argument("model", type=click.Path(exists=True, dir_okay=False, pat
 @MODEL
 @_planning_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@_zpipe_errors
+@zpipe_errors
 def inspect_command(model: Path, shape: tuple[str, ...], cuts: tuple[str, ...], max_stages: int | None,
                     whole: bool, as_json: bool) -> None:
     """Print the stage plan of an ONNX MODEL without compiling: forks and joins, stages with their op counts, and
@@ -108,7 +94,7 @@ def inspect_command(model: Path, shape: tuple[str, ...], cuts: tuple[str, ...], 
               help="Declare an edge host for --place, e.g. edge1=tcp://10.0.0.2:5555 (repeatable).")
 @click.option("--force", is_flag=True, help="Replace OUT even when it holds another model's build.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary.")
-@_zpipe_errors
+@zpipe_errors
 def compile_command(model: Path, out_dir: Path | None, shape: tuple[str, ...], cuts: tuple[str, ...],
                     max_stages: int | None, whole: bool, target: str, mcpu: str | None, cc: str | None,
                     trials: int | None, tuning_db: Path | None, tune_timeout: float, place: tuple[str, ...],
