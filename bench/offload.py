@@ -13,9 +13,9 @@ see the same machine noise), one request at a time (the latency a single caller 
   device          the demo topology, every stage on the device
   server          one remote stage: the demo's ``whole`` model on the server (a Pipeline with a remote stand-in)
   server (client) the same through a bare RemoteClient (no Pipeline): shows the device-side pipeline overhead
-  partial         topologies/partial.toml: branch_a on the server while branch_b runs on the device
-  gated X=1       topologies/gated.toml, X = 1: branch_a on the server
-  gated X=0       the same pipeline, X = 0: branch_a on the device; nothing may go to the server
+  partial         topologies/partial.toml: block1_branch0 on the server while the other branches run on the device
+  gated X=1       topologies/gated.toml, X = 1: block1_branch0 on the server
+  gated X=0       the same pipeline, X = 0: block1_branch0 on the device; nothing may go to the server
 
 Bytes per request come from three independent counters, read between blocks by this (host-namespace) process:
 the test bed's relay (IP bytes each way, `netpair.sh status`), the server's own per-client counters (read by a
@@ -79,7 +79,7 @@ def _with_host(text: str, endpoint: str, heartbeat_s: float) -> str:
 def write_topologies(work: Path, endpoint: str, heartbeat_s: float) -> dict[str, Path]:
     topo_dir = work / "topologies"
     topo_dir.mkdir(exist_ok=True)
-    paths = {"device": work / "build" / "demo" / "topology.toml"}  # written by build_demo: all on this host
+    paths = {"device": work / "build" / "demo" / "model" / "topology.toml"}  # by build_demo: all on this host
     for name in ("partial", "gated"):
         text = _with_host((ROOT / "topologies" / f"{name}.toml").read_text(), endpoint, heartbeat_s)
         assert endpoint in text, f"topologies/{name}.toml: [hosts.edge] endpoint line not found"
@@ -156,14 +156,14 @@ def device_main(args: argparse.Namespace) -> None:
             else:
                 offload = 1 if mode == "gated X=1" else 0
                 r = pipes["gated"].submit({"x": x, "offload": np.array(offload)}).result(timeout=60)
-                ran_edge = "branch_a_edge" in r.stage_times
-                ran_local = "branch_a_local" in r.stage_times
+                ran_edge = "branch0_edge" in r.stage_times
+                ran_local = "branch0_local" in r.stage_times
                 if ran_edge != bool(offload) or ran_local == bool(offload):
-                    raise AssertionError(f"{mode}: branch_a ran at {r.placement}")
+                    raise AssertionError(f"{mode}: block1_branch0 ran at {r.placement}")
             return r
 
-        remote_stage = {"server": ("server", "whole"), "partial": ("partial", "branch_a"),
-                        "gated X=1": ("gated", "branch_a_edge"), "gated X=0": ("gated", "branch_a_edge")}
+        remote_stage = {"server": ("server", "whole"), "partial": ("partial", "block1_branch0"),
+                        "gated X=1": ("gated", "branch0_edge"), "gated X=0": ("gated", "branch0_edge")}
 
         def device_sent(mode: str) -> tuple[int, int]:
             if mode == "server (client)":
@@ -307,8 +307,7 @@ def link_counters() -> dict[str, int]:
 
 
 def orchestrate(args: argparse.Namespace) -> dict:
-    from zpipe.demo import DEMO_INPUT_SHAPE, build_demo
-    from zpipe.tvm_runtime import import_tvm, load_vm
+    from zpipe.demo import DEMO_INPUT_SHAPE, build_demo, load_whole
 
     state = netpair("status", check=False).strip()
     if not state.startswith("down"):
@@ -319,11 +318,10 @@ def orchestrate(args: argparse.Namespace) -> dict:
     try:
         t0 = time.monotonic()
         build_demo(work / "build" / "demo")
-        tvm = import_tvm()
-        whole = load_vm(str(work / "build" / "demo" / "whole.so"))
+        whole = load_whole(work / "build" / "demo")
         rng = np.random.default_rng(0)
         xs = [rng.standard_normal(DEMO_INPUT_SHAPE).astype("float32") for _ in range(16)]
-        ys = [whole["forward"](tvm.runtime.tensor(x)).numpy() for x in xs]
+        ys = [whole(x) for x in xs]
         np.savez(work / "inputs.npz", xs=np.stack(xs), ys=np.stack(ys))
         endpoint = f"tcp://{EDGE_ADDR}:{args.port}"
         paths = write_topologies(work, endpoint, args.heartbeat_s)

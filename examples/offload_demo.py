@@ -3,8 +3,8 @@
     python examples/offload_demo.py [OUT_DIR]
 
 Compiles the demo CNN, starts `zpipe serve` on its repository, puts a link emulator (10 ms each way) in front of
-it, then runs the gated topology: X == 0 keeps branch_a on the device (and the link stays silent), X == 1 runs it
-on the server. Checks every output against the whole model, and exits non-zero if anything is off.
+it, then runs the gated topology: X == 0 keeps block1_branch0 on the device (and the link stays silent), X == 1
+runs it on the server. Checks every output against the whole model, and exits non-zero if anything is off.
 """
 
 import subprocess
@@ -17,9 +17,8 @@ import numpy as np
 
 from zpipe import Pipeline, Topology
 from zpipe.client import RemoteClient
-from zpipe.demo import DEMO_INPUT_SHAPE, build_demo
+from zpipe.demo import DEMO_INPUT_SHAPE, build_demo, load_whole
 from zpipe.linkemu import LinkEmulator, parse_address
-from zpipe.tvm_runtime import import_tvm, load_vm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,11 +47,10 @@ def main(out: Path) -> None:
 
 
 def run(out: Path, endpoint: str, link: LinkEmulator) -> None:
-    tvm = import_tvm()
-    whole = load_vm(str(out / "build" / "demo" / "whole.so"))
+    whole = load_whole(out / "build" / "demo")
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal(DEMO_INPUT_SHAPE).astype("float32") for _ in range(20)]
-    expected = [whole["forward"](tvm.runtime.tensor(x)).numpy() for x in xs]
+    expected = [whole(x) for x in xs]
     with Pipeline(Topology.from_file(out / "topologies" / "gated.toml")) as pipe, RemoteClient(endpoint) as watch:
         for offload in (0, 1):
             link_before, server_before = link.stats()["up_bytes"], watch.stats()["requests"]
@@ -63,7 +61,7 @@ def run(out: Path, endpoint: str, link: LinkEmulator) -> None:
             sent = link.stats()["up_bytes"] - link_before
             served = watch.stats()["requests"] - server_before
             where = "on the edge server" if offload else "on this device"
-            print(f"X={offload}: branch_a ran {where}; {len(xs)} requests in "
+            print(f"X={offload}: block1_branch0 ran {where}; {len(xs)} requests in "
                   f"{(time.monotonic() - started) * 1000:.0f} ms, median latency "
                   f"{np.median([r.latency_s for r in results]) * 1000:.1f} ms; link carried {sent} bytes up, "
                   f"server saw {served} requests")

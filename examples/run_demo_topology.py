@@ -1,4 +1,5 @@
-"""Compile the demo CNN's stages with TVM, run them as a pipeline from Python, compare with the whole model.
+"""Compile the demo CNN (ONNX, cut by zpipe compile), run its stages as a pipeline from Python, compare with the
+whole model.
 
     python examples/run_demo_topology.py [OUT_DIR]
 """
@@ -9,16 +10,14 @@ import tempfile
 import numpy as np
 
 from zpipe import Pipeline, Topology
-from zpipe.demo import DEMO_INPUT_SHAPE, TOLERANCE, build_demo
-from zpipe.tvm_runtime import import_tvm, load_vm
+from zpipe.demo import DEMO_INPUT_SHAPE, TOLERANCE, build_demo, load_whole
 
 
 def main(out_dir: str) -> None:
     topology_path = build_demo(out_dir)
-    tvm = import_tvm()
-    whole = load_vm(f"{out_dir}/whole.so")
+    whole = load_whole(out_dir)
     x = np.random.default_rng(1).standard_normal(DEMO_INPUT_SHAPE).astype("float32")
-    expected = whole["forward"](tvm.runtime.tensor(x)).numpy()
+    expected = whole(x)
     with Pipeline(Topology.from_file(topology_path)) as pipe:
         result = pipe.submit({"x": x}).result()
     error = float(np.abs(result.outputs["y"] - expected).max())

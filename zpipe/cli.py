@@ -107,19 +107,19 @@ def run(topology: Path, inputs_path: Path, out_path: Path | None, n_requests: in
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where to put the compiled stages and topology (default: a temporary folder).")
 @click.option("--requests", "n_requests", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the demo model's weights and inputs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the demo's inputs.")
 @zpipe_errors
 def demo(out_dir: Path | None, n_requests: int, seed: int) -> None:
-    """Build a small branchy CNN in code, compile its stages with TVM, run them as a pipeline, check the result."""
+    """Build a small branchy CNN as ONNX, cut and compile it (zpipe compile), run it as a pipeline, check it."""
     from .demo import TOLERANCE, run_demo
 
     with tempfile.TemporaryDirectory(prefix="zpipe-demo-") as tmp:
         target = out_dir or Path(tmp)
-        click.echo(f"building the demo model's stages with TVM into {target} ...")
+        click.echo(f"building the demo model (ONNX) and compiling its stages with TVM into {target} ...")
         report = run_demo(target, requests=n_requests, seed=seed)
         lat = np.array(report.latencies_s) * 1000
         np.set_printoptions(precision=4, suppress=True)
-        click.echo("pipeline: stem -> (branch_a || branch_b) -> merge -> head, 5 worker processes")
+        click.echo("pipeline: stem -> (3 branches in parallel) -> head, 5 worker processes")
         click.echo(f"first output y[0]: {report.outputs[0]}")
         click.echo(f"matches the whole model run in one process: max |diff| = {report.max_abs_error:.2e} "
                    f"(tolerance {TOLERANCE:g}) over {2 * report.requests} requests")
@@ -128,7 +128,7 @@ def demo(out_dir: Path | None, n_requests: int, seed: int) -> None:
                    f"p90 {np.percentile(lat, 90):.2f}  max {lat.max():.2f}")
         click.echo(f"{report.requests} requests in flight at once: {report.throughput_rps:.0f} req/s")
         if out_dir:
-            click.echo(f"run it again: zpipe run {out_dir / 'topology.toml'} --inputs IN.npz")
+            click.echo(f"run it again: zpipe run {out_dir / 'model' / 'topology.toml'} --inputs IN.npz")
 
 
 @cli.command()
