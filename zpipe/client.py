@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 import time
+import uuid
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Mapping
@@ -70,7 +71,8 @@ class RemoteClient:
         self.server_key, self.client_key = server_key, client_key
         self.timeout_s = timeout_s
         self.heartbeat_s = heartbeat_s
-        self.identity = identity or f"{os.uname().nodename}-{os.getpid()}-{id(self) & 0xffff:x}"
+        # Unique per connection: a ROUTER silently refuses a second peer with an identity already in use.
+        self.identity = identity or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.hwm = hwm
         self.connected = False
         self.refused: str | None = None
