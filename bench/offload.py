@@ -35,35 +35,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-TESTBED = ROOT.parent / "shared" / "testbed"
-DEV_ADDR, EDGE_ADDR = "10.77.0.1", "10.77.0.2"
+from testbed import EDGE_ADDR, ROOT, TESTBED, Proc, log, netpair
+
 MODES = ["device", "server", "server (client)", "partial", "gated X=1", "gated X=0"]
 TARGET_RATIO = 0.5  # partial or gated offload at most 0.5x the device-only latency
 
 
 # -- helpers shared by the processes ---------------------------------------------------------------------------------
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -245,56 +234,6 @@ def edge_stats_main(endpoint: str) -> None:
 
 
 # -- the orchestrator (host namespace, root) -------------------------------------------------------------------------
-class Proc:
-    """A child in its own process group, stderr collected by a thread (so the pipe never fills)."""
-
-    def __init__(self, cmd: list[str], *, stdin=None, stdout=None, name: str) -> None:
-        self.name = name
-        self.p = subprocess.Popen(cmd, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, text=True,
-                                  env=_env(), start_new_session=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.stderr: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.p.stderr:
-            self.stderr.append(line.rstrip())
-            self.lines.put(line)
-
-    def wait_for(self, text: str, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.p.poll() is not None:
-                    break
-                continue
-            if text in line:
-                return line
-        raise RuntimeError(f"{self.name}: no {text!r} within {timeout_s} s; stderr:\n" + "\n".join(self.stderr[-20:]))
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10) -> None:
-        if self.p.poll() is not None:
-            return
-        try:
-            os.killpg(self.p.pid, sig)  # our own group: the process and its children
-            self.p.wait(timeout=timeout_s)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.p.wait(timeout=5)
-
-
-def netpair(*args: str, check: bool = True) -> str:
-    out = subprocess.run([str(TESTBED / "netpair.sh"), *args], capture_output=True, text=True, timeout=60)
-    if check and out.returncode != 0:
-        raise RuntimeError(f"netpair.sh {' '.join(args)} failed: {out.stderr.strip()}")
-    return out.stdout + out.stderr
-
-
 def link_counters() -> dict[str, int]:
     """IP bytes the relay carried each way (a2b = dev -> edge, b2a = edge -> dev), from `netpair.sh status`."""
     text = netpair("status")
@@ -383,10 +322,6 @@ def orchestrate(args: argparse.Namespace) -> dict:
         netpair("down", check=False)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def log(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 def report(args: argparse.Namespace, result: dict) -> None:

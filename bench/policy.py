@@ -41,9 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -53,9 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-TESTBED = ROOT.parent / "shared" / "testbed"
-EDGE_ADDR = "10.77.0.2"
+from testbed import EDGE_ADDR, TESTBED, Proc, log, netpair
+
 GOOD_LINK, BAD_LINK = ("10", "100", "0"), ("50", "20", "5")
 PHASES = ["baseline", "bad link", "baseline 2", "busy device", "baseline 3"]
 MODES = ["auto", "local", "remote"]
@@ -64,19 +61,8 @@ P99_TARGET = 1.10
 SHAPE = (1, 8, 32, 32)
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
-
-
-def log(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 # -- model and topology ----------------------------------------------------------------------------------------------
@@ -265,56 +251,6 @@ def device_main(args: argparse.Namespace) -> None:
 
 
 # -- the host side ---------------------------------------------------------------------------------------------------
-class Proc:
-    """A child in its own process group; stderr collected by a thread (so the pipe never fills)."""
-
-    def __init__(self, cmd: list[str], *, stdin=None, stdout=None, name: str) -> None:
-        self.name = name
-        self.p = subprocess.Popen(cmd, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, text=True,
-                                  env=_env(), start_new_session=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.stderr: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.p.stderr:
-            self.stderr.append(line.rstrip())
-            self.lines.put(line)
-
-    def wait_for(self, text: str, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.p.poll() is not None:
-                    break
-                continue
-            if text in line:
-                return line
-        raise RuntimeError(f"{self.name}: no {text!r} within {timeout_s} s; stderr:\n" + "\n".join(self.stderr[-20:]))
-
-    def stop(self, timeout_s: float = 10) -> None:
-        if self.p.poll() is not None:
-            return
-        try:
-            os.killpg(self.p.pid, signal.SIGTERM)  # our own group: the process and its children
-            self.p.wait(timeout=timeout_s)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.p.wait(timeout=5)
-
-
-def netpair(*args: str, check: bool = True) -> str:
-    out = subprocess.run([str(TESTBED / "netpair.sh"), *args], capture_output=True, text=True, timeout=60)
-    if check and out.returncode != 0:
-        raise RuntimeError(f"netpair.sh {' '.join(args)} failed: {out.stderr.strip()}")
-    return out.stdout + out.stderr
-
-
 def orchestrate(args: argparse.Namespace) -> dict:
     from zpipe.tvm_runtime import import_tvm, load_vm
 
