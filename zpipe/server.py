@@ -27,6 +27,7 @@ import os
 import queue
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,8 @@ class Server:
         self.metrics = ServerMetrics()
         self._queues: dict[str, collections.deque[_Queued]] = collections.defaultdict(collections.deque)
         self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._replies: queue.SimpleQueue = queue.SimpleQueue()  # (envelope, Message) from background threads
+        self._upload_lock = threading.Lock()
         self._waker = Waker()
         self._in_flight = 0
         self._running: dict[int, _Queued] = {}  # dispatched, not yet answered
@@ -282,6 +285,13 @@ class Server:
         self._waker.wake()
 
     def _collect_done(self) -> None:
+        while True:  # replies prepared by other threads (uploads)
+            try:
+                envelope, reply = self._replies.get_nowait()
+            except queue.Empty:
+                break
+            self._in_flight -= 1
+            self._send(envelope, reply)
         while True:
             try:
                 item, version, future = self._done.get_nowait()
@@ -336,15 +346,28 @@ class Server:
         if library.nbytes > self.config.max_upload_bytes:
             return self._reply_error(envelope, rid, "upload_refused", f"library is {library.nbytes} bytes, limit "
                                      f"is {self.config.max_upload_bytes}")
+        # Writing and hashing up to max_upload_bytes happens off this loop, so other models keep being served.
+        self._in_flight += 1  # a drain waits for it like for any request
+        threading.Thread(target=self._store_in_background, args=(envelope, rid, model, manifest_text, library),
+                         name="zpipe-upload", daemon=True).start()
+
+    def _store_in_background(self, envelope: list[bytes], rid: int, model: str, manifest_text: str,
+                             library: np.ndarray) -> None:
         try:
-            version = self._store_upload(model, manifest_text, library)
-        except ZpipeError as exc:
-            return self._reply_error(envelope, rid, "upload_refused", str(exc))
-        log.info("client %s uploaded model %r version %d (%d bytes)", _client_name(envelope), model, version,
-                 library.nbytes)
-        self.repository.request_scan()  # load it now rather than at the next poll, without blocking this loop
-        self._send(envelope, Message(kind=Kind.CONTROL, request_id=rid,
-                                     meta={"op": "upload", "model": model, "version": version}))
+            with self._upload_lock:  # one at a time: version numbers are taken from what is on disk
+                version = self._store_upload(model, manifest_text, library)
+        except Exception as exc:  # a bad upload is refused with the reason, never a crash
+            text = str(exc) if isinstance(exc, ZpipeError) else f"{type(exc).__name__}: {exc}"
+            reply = Message(kind=Kind.ERROR, request_id=rid, meta={"error": "upload_refused",
+                                                                    "message": text[:4000]})
+        else:
+            log.info("client %s uploaded model %r version %d (%d bytes)", _client_name(envelope), model, version,
+                     library.nbytes)
+            self.repository.request_scan()  # load it now rather than at the next poll
+            reply = Message(kind=Kind.CONTROL, request_id=rid, meta={"op": "upload", "model": model,
+                                                                      "version": version})
+        self._replies.put((envelope, reply))
+        self._waker.wake()
 
     def _store_upload(self, model: str, manifest_text: str, library: np.ndarray) -> int:
         staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.config.repo))
