@@ -37,7 +37,6 @@ import json
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from testbed import EDGE_ADDR, ROOT, TESTBED, Proc, log, netpair
+from testbed import EDGE_ADDR, ROOT, TESTBED, Proc, log, netpair, require_down, teardown
 
 MODES = ["device", "server", "server (client)", "partial", "gated X=1", "gated X=0"]
 TARGET_RATIO = 0.5  # partial or gated offload at most 0.5x the device-only latency
@@ -248,10 +247,7 @@ def link_counters() -> dict[str, int]:
 def orchestrate(args: argparse.Namespace) -> dict:
     from zpipe.demo import DEMO_INPUT_SHAPE, build_demo, load_whole
 
-    state = netpair("status", check=False).strip()
-    if not state.startswith("down"):
-        raise SystemExit(f"the test bed is already up (someone else's run?): {state.splitlines()[0]}; "
-                         "not touching it")
+    require_down()
     work = Path(tempfile.mkdtemp(prefix="zpipe-bench-offload-"))
     procs: list[Proc] = []
     try:
@@ -317,11 +313,7 @@ def orchestrate(args: argparse.Namespace) -> dict:
         result["server_stderr_tail"] = server.stderr[-5:]
         return result
     finally:
-        for proc in reversed(procs):
-            proc.stop()
-        netpair("down", check=False)
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        teardown(procs, work, keep=args.keep)
 
 
 def report(args: argparse.Namespace, result: dict) -> None:

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from testbed import EDGE_ADDR, TESTBED, Proc, log, netpair
+from testbed import EDGE_ADDR, TESTBED, Proc, log, netpair, require_down, teardown
 
 GOOD_LINK, BAD_LINK = ("10", "100", "0"), ("50", "20", "5")
 PHASES = ["baseline", "bad link", "baseline 2", "busy device", "baseline 3"]
@@ -254,10 +254,7 @@ def device_main(args: argparse.Namespace) -> None:
 def orchestrate(args: argparse.Namespace) -> dict:
     from zpipe.tvm_runtime import import_tvm, load_vm
 
-    state = netpair("status", check=False).strip()
-    if not state.startswith("down"):
-        raise SystemExit(f"the test bed is already up (someone else's run?): {state.splitlines()[0]}; "
-                         "not touching it")
+    require_down()
     work = Path(tempfile.mkdtemp(prefix="zpipe-bench-policy-"))
     procs: list[Proc] = []
     try:
@@ -305,11 +302,7 @@ def orchestrate(args: argparse.Namespace) -> dict:
                                "\n".join(device.stderr[-40:]))
         return result
     finally:
-        for proc in reversed(procs):
-            proc.stop()
-        netpair("down", check=False)
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        teardown(procs, work, keep=args.keep)
 
 
 # -- analysis --------------------------------------------------------------------------------------------------------
@@ -421,7 +414,7 @@ def report(args: argparse.Namespace, result: dict, analysis: dict) -> None:
     lost = {m: sum(1 for r in result[m]["records"] if r["err"]) for m in modes}
     errs = [r["err"] for m in modes for r in result[m]["records"] if r["err"]]
     print(f"\nlost requests: {lost}" + (f"; e.g. {errs[:3]}" if errs else ""))
-    print(f"pipeline counters per mode (submitted/ok/failed/late): "
+    print("pipeline counters per mode (submitted/ok/failed/late): "
           + ", ".join(f"{m} {s['submitted']}/{s['ok']}/{s['failed']}/{s['late']}"
                       for m, s in ((m, result[m]["stats"]) for m in modes)))
     switch_ok = all(s.get("delay_s") is not None and s["delay_s"] <= SWITCH_TARGET_S

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTBED = ROOT.parent / "shared" / "testbed"
 DEV_ADDR, EDGE_ADDR = "10.77.0.1", "10.77.0.2"
 
-__all__ = ["ROOT", "TESTBED", "DEV_ADDR", "EDGE_ADDR", "child_env", "log", "Proc", "netpair"]
+__all__ = ["ROOT", "TESTBED", "DEV_ADDR", "EDGE_ADDR", "child_env", "log", "Proc", "netpair", "require_down", "teardown"]
 
 
 def child_env() -> dict[str, str]:
@@ -80,3 +80,22 @@ def netpair(*args: str, check: bool = True) -> str:
     if check and out.returncode != 0:
         raise RuntimeError(f"netpair.sh {' '.join(args)} failed: {out.stderr.strip()}")
     return out.stdout + out.stderr
+
+
+def require_down() -> None:
+    """Refuse to start when the namespace pair is already up (another run owns it)."""
+    state = netpair("status", check=False).strip()
+    if not state.startswith("down"):
+        raise SystemExit(f"the test bed is already up (someone else's run?): {state.splitlines()[0]}; "
+                         "not touching it")
+
+
+def teardown(procs: list["Proc"], work: Path, *, keep: bool) -> None:
+    """Stop our children (newest first), take the namespace pair down, and remove the work folder unless kept."""
+    for proc in reversed(procs):
+        proc.stop()
+    netpair("down", check=False)
+    if not keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
