@@ -146,17 +146,6 @@ class Supervisor:
                              f"{msg.meta.get('traceback', '')}", stage=name)
         return msg
 
-    def status(self, name: str, timeout_s: float = 5.0) -> dict:
-        """Ask one worker for its counters (processed, failed, malformed...). Only while no I/O loop runs."""
-        self._order(name, "status")
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.control.poll(50):
-                msg = self.handle_control()
-                if msg is not None and msg.meta.get("op") == "status" and msg.meta.get("stage") == name:
-                    return dict(msg.meta)
-        raise PeerTimeout(f"stage {name!r} did not answer a status request within {timeout_s:g}s")
-
     # -- liveness ------------------------------------------------------------------------------------------------
     def sentinels(self) -> dict[int, str]:
         """pidfd -> stage name, for polling alongside sockets (readable once the process has ended)."""

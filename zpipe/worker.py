@@ -190,10 +190,7 @@ class _Worker:
         op = msg.meta.get("op")
         if op == "stop":
             return True
-        if op == "status":
-            self._control("status", **{k: int(v) for k, v in self.counts.items()}, joins=len(self.joins))
-        else:
-            log.warning("unknown control op %r", op)
+        log.warning("unknown control op %r", op)  # figures go to the signal board, not over this link
         return False
 
     def _on_data(self) -> bool:
