@@ -238,7 +238,9 @@ def test_sigterm_drains_requests_in_flight(built, tmp_path, serve):
         outcomes = [f.exception(timeout=60) for f in futures]
     ok = [e for e in outcomes if e is None]
     refused = [e for e in outcomes if e is not None]
-    assert all(getattr(e, "reason", "") == "shutting_down" for e in refused), refused[:3]
+    # refused by the draining server, or (sent as it exited) failed by the client's connection monitor
+    assert all(getattr(e, "reason", "") in ("shutting_down", "disconnected") for e in refused), \
+        [e for e in refused if getattr(e, "reason", "") != "shutting_down"][:3]
     assert len(ok) + len(refused) == 500 and len(ok) > 0
     assert server.proc.wait(timeout=30) == 0
     assert any("drained and stopped" in line for line in server.log)

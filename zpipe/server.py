@@ -168,6 +168,8 @@ class Server:
                     log.info("draining: %d queued, %d in flight", self._queued(), self._in_flight)
                 if self._stopping and (self._in_flight == 0 and self._queued() == 0
                                        or time.monotonic() > drain_deadline):
+                    while self._receive_one():  # what already arrived is refused with a reason, not dropped
+                        pass
                     return
                 events = dict(poller.poll(50))
                 if self._waker.fd in events:
