@@ -38,6 +38,7 @@ _BRANCHES = ("then", "else")
 
 
 class GateStage(Stage):
+    light = True
     may_skip_outputs = True
 
     def __init__(self, *, control: str = "x", meta_key: str | None = None, policy: str | None = None,

@@ -24,6 +24,8 @@ class MergeStage(Stage):
     first one arrived (default: the topology's ``join_timeout_s``).
     """
 
+    light = True
+
     def __init__(self, *, op: str = "concat", axis: int = 1, timeout_s: float | None = None) -> None:
         if op not in _OPS:
             raise TopologyError(f"merge op {op!r} is not one of {list(_OPS)}")

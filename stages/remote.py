@@ -55,6 +55,7 @@ class _Link:
 
 class RemoteStage(Stage):
     path_params = ("server_key", "client_key", "upload_library")
+    asynchronous = True
 
     def __init__(self, *, endpoint: str | list[str] | None = None, model: str | None = None,
                  version: int | None = None, server_key: str | None = None, client_key: str | None = None,

@@ -21,6 +21,8 @@ X = [{"x": np.zeros(4, dtype=np.float32)}]
 
 
 def topology(stages: str, *, max_in_flight: int = 64, timeout_s: float = 10.0) -> Topology:
+    # One process per stage: the queueing arithmetic below treats every stage as a server of its own (stages that
+    # share a process, zpipe's default for a chain, take turns instead of overlapping).
     return Topology.from_toml(f"""
 [pipeline]
 name = "bench-test"
@@ -28,6 +30,7 @@ inputs = ["x"]
 outputs = ["y"]
 max_in_flight = {max_in_flight}
 timeout_s = {timeout_s}
+groups = "per-stage"
 {stages}""")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import threading
@@ -32,20 +33,20 @@ def test_three_stage_pipeline_many_requests_in_flight():
             np.testing.assert_array_equal(future.result(timeout=30).outputs["y"], -(x * 2 + 1))
         stats = pipe.stats()
     assert stats["submitted"] == stats["ok"] == 300 and stats["failed"] == 0 and stats["in_flight"] == 0
-    # Each stage ran in its own process.
     result = futures[-1].result()
     assert set(result.stage_times) == {"a", "b", "c"}
 
 
-def test_stages_run_in_separate_processes():
-    topo = Topology(inputs=["x"], outputs=["p1", "p2"], stages=[
+@pytest.mark.parametrize("groups, processes", [("auto", 1), ("per-stage", 2)])
+def test_a_chain_shares_one_worker_process_unless_per_stage(groups, processes):
+    topo = Topology(inputs=["x"], outputs=["p1", "p2"], groups=groups, stages=[
         StageSpec(name="one", stage=Pid(), inputs=["x"], outputs={"out": "h", "pid": "p1"}),
         StageSpec(name="two", stage=Pid(), inputs={"x": "h"}, outputs={"pid": "p2"}),
     ])
     with Pipeline(topo) as pipe:
         out = pipe.infer({"x": np.zeros(1)})
     pids = {int(out["p1"]), int(out["p2"])}
-    assert len(pids) == 2 and os.getpid() not in pids
+    assert len(pids) == processes and os.getpid() not in pids
 
 
 def test_fan_out_and_merge_run_branches_concurrently():
@@ -244,7 +245,7 @@ def test_async_embedding():
 
 
 def test_no_worker_outlives_the_pipeline():
-    pipe = Pipeline(chain3()).start()
+    pipe = Pipeline(dataclasses.replace(chain3(), groups="per-stage")).start()
     children = psutil.Process().children(recursive=True)
     assert len(children) >= 3
     pipe.close()
@@ -258,7 +259,7 @@ def test_sigterm_to_a_worker_is_accounted():
     with Pipeline(topo) as pipe:
         future = pipe.submit({"x": np.zeros(1)})
         time.sleep(0.1)
-        os.kill(pipe._supervisor.children["victim"].process.pid, signal.SIGKILL)
+        os.kill(pipe._supervisor.pid_of("victim"), signal.SIGKILL)
         with pytest.raises(RequestFailed, match="died"):
             future.result(timeout=10)
 

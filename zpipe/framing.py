@@ -46,6 +46,7 @@ __all__ = [
     "decode_head",
     "Head",
     "check_tensor",
+    "check_message",
     "aligned_empty",
 ]
 
@@ -130,19 +131,28 @@ def check_tensor(name: str, array: Any, limits: Limits = DEFAULT_LIMITS) -> np.n
     return array
 
 
-def encode(message: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes | memoryview]:
-    """Turn ``message`` into frames for ``send_multipart(frames, copy=False)``. Tensor frames are views, not copies."""
-    kind = Kind(message.kind)
+def check_message(message: Message, limits: Limits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
+    """Check ``message`` as :func:`encode` does, without building frames (for a hand-off inside one process).
+
+    Returns its tensors as :func:`check_tensor` leaves them.
+    """
+    Kind(message.kind)
     rid = message.request_id
     if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < 2**63:
         raise FramingError(f"request id must be an int in [0, 2**63), got {rid!r}")
     if len(message.tensors) > limits.max_tensors:
         raise FramingError(f"{len(message.tensors)} tensors in one message, limit is {limits.max_tensors}")
     _check_meta(message.meta)
+    return {name: check_tensor(name, array, limits) for name, array in message.tensors.items()}
+
+
+def encode(message: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes | memoryview]:
+    """Turn ``message`` into frames for ``send_multipart(frames, copy=False)``. Tensor frames are views, not copies."""
+    kind = Kind(message.kind)
+    rid = message.request_id
     specs = []
     frames: list[bytes | memoryview] = []
-    for name, array in message.tensors.items():
-        array = check_tensor(name, array, limits)
+    for name, array in check_message(message, limits).items():
         specs.append((name, array.dtype.str, array.shape))
         frames.append(memoryview(array.reshape(-1).view(np.uint8)) if array.size else b"")
     header = _encode_header(tuple(specs), message.meta, limits)

@@ -347,8 +347,10 @@ class Pipeline:
                     f"(missing outputs {missing})", request_id=rid))
 
     def _on_worker_exit(self, name: str) -> None:
+        """The worker process of group ``name`` ended: restart it (within budget) and fail what was in flight."""
         code = self._supervisor.exitcode(name)
-        why = f"the worker of stage {name!r} died (exit code {code})"
+        why = f"the worker of {self._supervisor.describe(name)} died (exit code {code})"
+        stage = self._supervisor.culprit(name)
         restarted = False
         try:
             restarted = not self._closing and self._supervisor.on_exit(name)
@@ -357,7 +359,7 @@ class Pipeline:
                                 "pipeline stopped")
         finally:
             # A local pipeline runs every request through every stage, so all requests in flight are affected.
-            self._fail_all("worker_died", why + (", restarted" if restarted else ""), stage=name)
+            self._fail_all("worker_died", why + (", restarted" if restarted else ""), stage=stage)
 
     def _fail_all(self, reason: str, text: str, *, stage: str | None = None) -> None:
         with self._lock:

@@ -72,6 +72,12 @@ class Stage:
     #: A stage that routes (the gate) sets this: output ports it leaves out of its result are *skipped*, and the
     #: consumers of those tensors receive a skip notice (no tensors, no compute, no network traffic).
     may_skip_outputs: bool = False
+    #: A stage whose handle() returns a Future (a remote stand-in) sets this: its work happens elsewhere, so a
+    #: worker hosting several stages dispatches it before local ones that would keep the process busy.
+    asynchronous: bool = False
+    #: A stage with next to no compute of its own (merge, gate) sets this: automatic grouping does not give it a
+    #: process of its own (see zpipe.grouping).
+    light: bool = False
     #: Set by the worker before setup(): see StageContext.
     context: StageContext | None = None
 

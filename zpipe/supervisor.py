@@ -1,5 +1,7 @@
 """Spawn the worker processes of a topology on this host, wait for READY, restart the dead, stop them in order.
 
+One worker process hosts one group of stages (:mod:`zpipe.grouping`); the supervisor knows workers by group name.
+
 Workers are fresh interpreters (``python -c "from zpipe.worker import main; main()"``) that read their
 :class:`~zpipe.worker.WorkerPlan` from a pipe: a child inherits no sockets, contexts or TVM state from the parent,
 and, unlike ``multiprocessing``'s spawn, never re-imports the caller's ``__main__`` (so scripts need no
@@ -26,7 +28,8 @@ from .framing import Kind, Message
 from .stage import Stage, resolve_kind
 from .topology import LOCAL_HOST, SINK, StageSpec, Topology
 from .transport import ipc_endpoint, make_socket, recv_message, send_message
-from .worker import WorkerPlan
+from .grouping import Grouping
+from .worker import StageSlot, WorkerPlan, running_stage
 
 __all__ = ["Supervisor"]
 
@@ -56,32 +59,43 @@ class Supervisor:
         self.control.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes over its identity
         self.control.bind(ipc_endpoint(rundir, "control"))
         control = self.control.getsockopt_string(zmq.LAST_ENDPOINT)
-        endpoints = {spec.name: ipc_endpoint(rundir, f"s{i}") for i, spec in enumerate(topology.stages)}
+        self.grouping: Grouping = topology.grouping()
+        self.board_dir = os.path.join(rundir, "board")
+        group_of = {stage: group for group, stages in self.grouping.groups.items() for stage in stages}
+        # A stage needs a socket only when something outside its group feeds it (the request, or another group).
+        endpoints = {}
+        for i, spec in enumerate(topology.stages):
+            producers = {topology.producer(t) for t in spec.tensors_in()}
+            if any(p not in group_of or group_of[p] != group_of[spec.name] for p in producers):
+                endpoints[spec.name] = ipc_endpoint(rundir, f"s{i}")
         endpoints[SINK] = sink_endpoint
         self.endpoints = endpoints
         self.children: dict[str, _Child] = {}
-        for spec in topology.stages:
-            routes = tuple((consumer, endpoints[consumer], tensors)
-                           for consumer, tensors in topology.routes(spec.name).items())
-            plan = WorkerPlan(stage_name=spec.name, stage_blob=cloudpickle.dumps(_stage_to_run(topology, spec)),
-                              inputs=spec.inputs,
-                              outputs=spec.outputs, endpoint=endpoints[spec.name], routes=routes, control=control,
-                              hwm=topology.hwm, join_timeout_s=topology.effective_join_timeout_s,
-                              sys_path=tuple(sys.path), parent_pid=os.getpid(),
-                              board_dir=os.path.join(rundir, "board"), consumers=_consumers(topology, spec))
-            self.children[spec.name] = _Child(plan=plan)
+        for group, stages in self.grouping.groups.items():
+            slots = []
+            for name in stages:
+                spec = topology.stage(name)
+                routes = tuple((consumer, endpoints.get(consumer, ""), tensors)
+                               for consumer, tensors in topology.routes(name).items())
+                slots.append(StageSlot(name=name, stage_blob=cloudpickle.dumps(_stage_to_run(topology, spec)),
+                                       inputs=spec.inputs, outputs=spec.outputs, endpoint=endpoints.get(name, ""),
+                                       routes=routes, consumers=_consumers(topology, spec)))
+            plan = WorkerPlan(group=group, stages=tuple(slots), control=control, hwm=topology.hwm,
+                              join_timeout_s=topology.effective_join_timeout_s, sys_path=tuple(sys.path),
+                              parent_pid=os.getpid(), board_dir=self.board_dir)
+            self.children[group] = _Child(plan=plan)
 
     # -- start ---------------------------------------------------------------------------------------------------
     def start(self, timeout_s: float) -> None:
         """Spawn every worker and wait until all report READY; on any failure stop them all and raise."""
         deadline = time.monotonic() + timeout_s
         try:
-            for name in self.topology.order():
+            for name in self.children:
                 self._spawn(name)
             while not all(c.ready for c in self.children.values()):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    waiting = [n for n, c in self.children.items() if not c.ready]
+                    waiting = [s for n, c in self.children.items() if not c.ready for s in self.grouping.groups[n]]
                     raise PeerTimeout(f"stages {waiting} did not report READY within {timeout_s:g}s; a slow setup() "
                                       "(compiling? loading a large library?) needs a larger start timeout",
                                       reason="start_timeout")
@@ -92,8 +106,8 @@ class Supervisor:
                         # It may have sent "failed" just before exiting: read that first, for a better message.
                         while self.control.poll(50):
                             self.handle_control()
-                        raise StageError(f"stage {name!r}: worker exited with code {child.process.returncode} "
-                                         "before it was ready", stage=name)
+                        raise StageError(f"{self.describe(name)}: worker exited with code "
+                                         f"{child.process.returncode} before it was ready", stage=self.culprit(name))
         except BaseException:
             self.stop(timeout_s=2.0)
             raise
@@ -110,7 +124,7 @@ class Supervisor:
             child.process.stdin.write(pickle.dumps(child.plan))
             child.process.stdin.close()
         except BrokenPipeError:  # the child died at once; its exit is noticed and reported like any other
-            log.error("stage %r worker exited before reading its plan", name)
+            log.error("%s: worker exited before reading its plan", self.describe(name))
         child.pidfd = os.pidfd_open(child.process.pid) if hasattr(os, "pidfd_open") else None
         child.ready = False
         child.started_at = time.monotonic()
@@ -122,6 +136,20 @@ class Supervisor:
             child.pidfd = None
 
     # -- control messages ----------------------------------------------------------------------------------------
+    def describe(self, group: str) -> str:
+        """A group as errors name it, with the stage it was running if it died: "stage 'x'", "group 'auto0'
+        (stages a, b) while running stage 'b'"."""
+        text = self.grouping.describe(group)
+        stage = running_stage(self.board_dir, group)
+        if stage is not None and len(self.grouping.groups[group]) > 1:
+            text += f" while running stage {stage!r}"
+        return text
+
+    def culprit(self, group: str) -> str | None:
+        """The stage to blame for a group's death: the one it was running, or its only stage."""
+        stages = self.grouping.groups[group]
+        return running_stage(self.board_dir, group) or (stages[0] if len(stages) == 1 else None)
+
     def handle_control(self) -> Message | None:
         """Read one control message from a worker; raises StageError when a worker reports a failed setup."""
         try:
@@ -139,27 +167,30 @@ class Supervisor:
         op = msg.meta.get("op")
         if op == "ready":
             child.ready = True
-            log.info("stage %r ready (pid %s) in %.2fs", name, msg.meta.get("pid"),
+            log.info("%s ready (pid %s) in %.2fs", self.grouping.describe(name), msg.meta.get("pid"),
                      time.monotonic() - child.started_at)
         elif op == "failed":
-            raise StageError(f"stage {name!r}: setup() raised {msg.meta.get('error')}: {msg.meta.get('message')}\n"
-                             f"{msg.meta.get('traceback', '')}", stage=name)
+            stage = msg.meta.get("stage")
+            stage = stage if isinstance(stage, str) else name
+            raise StageError(f"stage {stage!r}: setup() raised {msg.meta.get('error')}: {msg.meta.get('message')}\n"
+                             f"{msg.meta.get('traceback', '')}", stage=stage)
         return msg
 
     # -- liveness ------------------------------------------------------------------------------------------------
     def sentinels(self) -> dict[int, str]:
-        """pidfd -> stage name, for polling alongside sockets (readable once the process has ended)."""
+        """pidfd -> group name, for polling alongside sockets (readable once the process has ended)."""
         return {c.pidfd: n for n, c in self.children.items() if c.pidfd is not None}
 
     def exited(self) -> list[str]:
-        """Stages whose worker process has ended (for platforms without pidfd, polled by the I/O loop)."""
+        """Groups whose worker process has ended (for platforms without pidfd, polled by the I/O loop)."""
         return [n for n, c in self.children.items() if c.process is not None and c.process.poll() is not None]
 
     def on_exit(self, name: str) -> bool:
         """A worker ended unexpectedly: restart it if allowed. Returns False when it may not be restarted."""
         child = self.children[name]
         child.process.wait(timeout=1.0)
-        log.error("stage %r worker (pid %s) died with exit code %s", name, child.process.pid, child.process.returncode)
+        log.error("%s: worker (pid %s) died with exit code %s", self.describe(name), child.process.pid,
+                  child.process.returncode)
         if time.monotonic() - child.started_at > _STABLE_S:
             child.restarts = 0  # it ran well for a while: crashes long apart do not add up to "broken"
         if child.restarts >= self.max_restarts:
@@ -169,6 +200,11 @@ class Supervisor:
         self._spawn(name)
         return True
 
+    def pid_of(self, stage: str) -> int | None:
+        """The process id of the worker hosting ``stage`` (None before it was spawned)."""
+        process = self.children[self.grouping.group_of(stage)].process
+        return process.pid if process is not None else None
+
     def exitcode(self, name: str) -> int | None:
         return self.children[name].process.poll()
 
@@ -177,8 +213,7 @@ class Supervisor:
         """Order every worker to stop (in topological order), wait, then terminate and kill stragglers."""
         if self.control.closed:
             return
-        for name in self.topology.order():
-            child = self.children[name]
+        for name, child in self.children.items():
             if child.process is not None and child.process.poll() is None:
                 self._order(name, "stop")
         deadline = time.monotonic() + timeout_s
@@ -188,7 +223,7 @@ class Supervisor:
             try:
                 child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("stage %r did not stop in time; terminating", child.plan.stage_name)
+                log.warning("%s did not stop in time; terminating", self.grouping.describe(child.plan.group))
                 child.process.terminate()
                 try:
                     child.process.wait(timeout=2.0)
@@ -203,7 +238,7 @@ class Supervisor:
             send_message(self.control, Message(kind=Kind.CONTROL, request_id=0, meta={"op": op}),
                          envelope=[name.encode()], flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # not connected (yet) or already gone
-            log.debug("could not send %r to stage %r: %s", op, name, exc)
+            log.debug("could not send %r to group %r: %s", op, name, exc)
 
 
 def _stage_to_run(topology: Topology, spec: StageSpec) -> Stage:

@@ -41,8 +41,9 @@ SINK = "<sink>"  # the consumer of the pipeline outputs
 LOCAL_HOST = "device"  # the host `zpipe run` runs on
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
-_PIPELINE_KEYS = ("name", "inputs", "outputs", "hwm", "max_in_flight", "timeout_s", "join_timeout_s")
-_STAGE_KEYS = ("kind", "inputs", "outputs", "host", "model", "version", "upload", "fallback")
+_PIPELINE_KEYS = ("name", "inputs", "outputs", "hwm", "max_in_flight", "timeout_s", "join_timeout_s", "groups",
+                  "max_groups")
+_STAGE_KEYS = ("kind", "inputs", "outputs", "host", "model", "version", "upload", "fallback", "group")
 _HOST_KEYS = ("endpoint", "server_key", "client_key", "timeout_s", "heartbeat_s")
 _TOP_KEYS = ("pipeline", "stages", "hosts")
 
@@ -78,11 +79,15 @@ class StageSpec:
     version: int | None = None  # on an edge server: pin a version (default: the newest it serves)
     upload: bool = False  # on an edge server: send the compiled library there first
     fallback: bool = False  # on an edge server: run the stage here when no server can (down, deadline, refused)
+    group: str | None = None  # the worker process (group) hosting it on this device; None: grouped automatically
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
             raise TopologyError(f"stage name {self.name!r} must start with a letter or '_' and hold only letters, "
                                 "digits, '_', '.', '-' (at most 128 chars)")
+        if self.group is not None and not (isinstance(self.group, str) and _NAME_RE.match(self.group)):
+            raise TopologyError(f"stage {self.name!r}: group {self.group!r} must be a name (letters, digits, '_', "
+                                "'.', '-'; starting with a letter or '_')")
         if not isinstance(self.stage, Stage):
             raise TopologyError(f"stage {self.name!r}: expected a zpipe.Stage instance, got "
                                 f"{type(self.stage).__name__}; wrap plain functions in zpipe.PythonStage")
@@ -118,6 +123,8 @@ class Topology:
     ``hwm`` bounds each link's queue (messages); ``max_in_flight`` bounds requests submitted but not answered
     (submit blocks beyond it: backpressure); ``timeout_s`` is each request's deadline; ``join_timeout_s`` is how
     long a stage waits for the rest of a request's inputs once the first part arrived (default: ``timeout_s``).
+    ``groups`` ("auto" or "per-stage") and ``max_groups`` decide how stages share worker processes
+    (:mod:`zpipe.grouping`).
     """
 
     name: str = "pipeline"
@@ -129,6 +136,8 @@ class Topology:
     max_in_flight: int = 64
     timeout_s: float = 60.0
     join_timeout_s: float | None = None
+    groups: str = "auto"
+    max_groups: int | None = None  # automatic grouping: at most this many processes (default: CPU count)
     source: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -141,6 +150,10 @@ class Topology:
         _positive(self.name, "timeout_s", self.timeout_s, (int, float))
         if self.join_timeout_s is not None:
             _positive(self.name, "join_timeout_s", self.join_timeout_s, (int, float))
+        if self.groups not in ("auto", "per-stage"):
+            raise TopologyError(f"topology {self.name!r}: groups must be 'auto' or 'per-stage', got {self.groups!r}")
+        if self.max_groups is not None:
+            _positive(self.name, "max_groups", self.max_groups, int)
         self._validate()
 
     # -- queries -------------------------------------------------------------------------------------------------
@@ -182,6 +195,12 @@ class Topology:
     def order(self) -> tuple[str, ...]:
         """Stage names in a topological order (producers before consumers)."""
         return self._order
+
+    def grouping(self, **options: Any):
+        """Which stages share a worker process on this device: a :class:`zpipe.grouping.Grouping`."""
+        from .grouping import plan_groups
+
+        return plan_groups(self, **options)
 
     @property
     def effective_join_timeout_s(self) -> float:
@@ -343,7 +362,8 @@ def _stage_from_table(name: str, table: Any, base_dir: Path) -> StageSpec:
         raise TopologyError(f"{where}: {exc}") from exc
     return StageSpec(name=name, stage=stage, inputs=table["inputs"], outputs=table["outputs"],
                      host=table.get("host", LOCAL_HOST), model=table.get("model"), version=table.get("version"),
-                     upload=table.get("upload", False), fallback=table.get("fallback", False))
+                     upload=table.get("upload", False), fallback=table.get("fallback", False),
+                     group=table.get("group"))
 
 
 def _accepted_params(cls: type) -> dict[str, inspect.Parameter]:

@@ -1,15 +1,21 @@
-"""One worker process hosting one stage: receive, join by request id, process, send on. Sockets are built here.
+"""One worker process hosting a group of stages: receive, join by request id, process, pass on. Sockets live here.
 
-The worker binds a PULL socket (its input), connects one PUSH socket per consumer (other stages, or the pipeline's
-sink), and a DEALER to the supervisor for the READY handshake and orders. Its loop is the one dispatch point: a
-malformed message or a raising stage costs one request (an ERROR message travels downstream in its place, naming
-the stage), never the worker.
+A group (see :mod:`zpipe.grouping`) is one or more stages of a topology run by one process. Each stage has a
+runner that holds its joins and counters. Tensors for a stage in the same group are handed over in memory (the
+arrays themselves, as read-only views: no serialization, no copy); a stage fed from another process binds a PULL
+socket at its endpoint; outputs for another process (or the pipeline's sink) leave through one PUSH socket per
+destination. A DEALER to the supervisor carries the READY handshake and orders.
+
+The loop is the one dispatch point: a malformed message or a raising stage costs one request (an ERROR message
+travels downstream in its place, naming the stage), never the worker. Before a stage runs, its name is written to
+a small shared file, so that when the process dies the supervisor can tell which stage it was running.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import mmap
 import os
 import pickle
 import queue
@@ -19,44 +25,55 @@ import time
 import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import cloudpickle
 import numpy as np
 import zmq
 
-from .errors import FramingError, StageError
-from .framing import DEFAULT_LIMITS, Kind, Limits, Message, encode
 from .board import Board, Ewma
+from .errors import FramingError, StageError
+from .framing import DEFAULT_LIMITS, Kind, Limits, Message, check_message, encode
 from .stage import Outcome, Stage, StageContext
 from .transport import Waker, make_socket, new_context, recv_message, send_message
 
-__all__ = ["WorkerPlan", "main", "run_worker", "normalise_outputs", "SKIPPED", "DEADLINE"]
+__all__ = ["WorkerPlan", "StageSlot", "main", "run_worker", "normalise_outputs", "running_stage", "SKIPPED",
+           "DEADLINE"]
 
 log = logging.getLogger(__name__)
 
 SKIPPED = "skipped"  # meta key: tensors of this message that the gate routed away (sent as names, not data)
 DEADLINE = "deadline"  # meta key: time.monotonic() after which the request is not worth running (this host only)
-_FAILED_MEMORY = 10_000
-_STALE_S = 1.0  # a smoothed figure not updated for this long is replaced by the next sample, not blended  # request ids remembered as failed, so their late parts are dropped, not re-joined
+_FAILED_MEMORY = 10_000  # request ids remembered as failed, so their late parts are dropped, not re-joined
+_STALE_S = 1.0  # a smoothed figure not updated for this long is replaced by the next sample, not blended
+_MARKER_BYTES = 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageSlot:
+    """One stage of a worker's group, as plain picklable values (endpoints, not sockets)."""
+
+    name: str
+    stage_blob: bytes  # cloudpickle of the configured Stage; built by our own parent, never read from a socket
+    inputs: tuple[tuple[str, str], ...]  # (port, tensor)
+    outputs: tuple[tuple[str, str], ...]
+    endpoint: str  # where its PULL binds; "" when every producer is in the same group (inputs arrive in memory)
+    routes: tuple[tuple[str, str, tuple[str, ...]], ...]  # (consumer, endpoint, tensors it needs)
+    consumers: tuple[tuple[str, tuple[str, ...]], ...] = ()  # output port -> stages reading it
 
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerPlan:
-    """Everything a worker needs, as plain picklable values (endpoints, not sockets)."""
+    """Everything a worker process needs: its group's stages (in topological order) and shared settings."""
 
-    stage_name: str
-    stage_blob: bytes  # cloudpickle of the configured Stage; built by our own parent, never read from a socket
-    inputs: tuple[tuple[str, str], ...]  # (port, tensor)
-    outputs: tuple[tuple[str, str], ...]
-    endpoint: str  # where this worker's PULL binds
-    routes: tuple[tuple[str, str, tuple[str, ...]], ...]  # (consumer, endpoint, tensors it needs)
+    group: str
+    stages: tuple[StageSlot, ...]
     control: str  # the supervisor's ROUTER
     hwm: int
     join_timeout_s: float
     sys_path: tuple[str, ...] = ()  # the parent's import path, so dotted paths resolve the same way
     board_dir: str = ""  # this host's signal board (zpipe.board), shared by the pipeline's workers
-    consumers: tuple[tuple[str, tuple[str, ...]], ...] = ()  # output port -> stages reading it
     parent_pid: int = 0  # the worker exits when this process is gone
     limits: Limits = DEFAULT_LIMITS
 
@@ -76,8 +93,37 @@ def run_worker(plan: WorkerPlan) -> None:
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     logging.basicConfig(level=os.environ.get("ZPIPE_WORKER_LOG", "WARNING"),
-                        format=f"%(asctime)s worker[{plan.stage_name}] %(levelname)s %(message)s")
+                        format=f"%(asctime)s worker[{plan.group}] %(levelname)s %(message)s")
     _Worker(plan, stopping).run()
+
+
+def marker_path(board_dir: str, group: str) -> Path:
+    return Path(board_dir) / f".running-{group}"
+
+
+def running_stage(board_dir: str, group: str) -> str | None:
+    """The stage a group's worker was running when it last wrote its marker (None: between stages, or unknown)."""
+    try:
+        name = marker_path(board_dir, group).read_bytes().split(b"\0", 1)[0].decode(errors="replace")
+    except OSError:
+        return None
+    return name or None
+
+
+class _Marker:
+    """Which stage this process is running, in a file the supervisor reads when the process dies (mmap: ~1 us)."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "wb+") as f:
+            f.truncate(_MARKER_BYTES)
+            self._map = mmap.mmap(f.fileno(), _MARKER_BYTES)
+
+    def set(self, name: str) -> None:
+        data = name.encode()[:_MARKER_BYTES - 1]
+        self._map[:len(data) + 1] = data + b"\0"
+
+    def clear(self) -> None:
+        self._map[0:1] = b"\0"
 
 
 class _Join:
@@ -91,94 +137,113 @@ class _Join:
 
 
 class _Worker:
+    """The process: sockets, the in-memory hand-off queue, and the loop that drives every runner."""
+
     def __init__(self, plan: WorkerPlan, stopping: list) -> None:
         self.plan = plan
-        self.name = plan.stage_name
         self.stopping = stopping
-        self.needed = frozenset(t for _, t in plan.inputs)
-        self.joins: dict[int, _Join] = {}
-        self.failed: collections.OrderedDict[int, None] = collections.OrderedDict()
-        self.counts = collections.Counter()
+        self.runners: dict[str, _Runner] = {}
+        self.local: collections.deque[tuple[_Runner, Message]] = collections.deque()  # in-group hand-offs
+        self.pulls: dict[zmq.Socket, _Runner] = {}
+        self.pushes: dict[str, zmq.Socket] = {}  # destination endpoint -> socket
+        self.board: Board | None = None
+        self.marker: _Marker | None = None
         # Asynchronous stages (a remote stand-in) return a Future from handle(); their completions come back
         # through this queue and self-pipe, so only this thread touches the sockets.
-        self.running: dict[int, tuple[dict[str, Any], float]] = {}
-        self.service = Ewma(0.2)  # smoothed processing time, published on the board
-        self.measured_at: float | None = None
-        self.board: Board | None = None
-        self.published_at, self.published_done = 0.0, -1
         self.done: queue.SimpleQueue = queue.SimpleQueue()
         self.waker = Waker()
 
     def run(self) -> None:
         plan = self.plan
         ctx = new_context()
-        self.control = make_socket(ctx, zmq.DEALER, hwm=1000, identity=self.name.encode())
+        self.control = make_socket(ctx, zmq.DEALER, hwm=1000, identity=plan.group.encode())
         self.control.connect(plan.control)
+        current = None
         try:
-            self.stage: Stage = cloudpickle.loads(plan.stage_blob)
-            self.data_in = make_socket(ctx, zmq.PULL, hwm=plan.hwm)
-            self.data_in.bind(plan.endpoint)
-            self.outs = []
-            for consumer, endpoint, tensors in plan.routes:
-                sock = make_socket(ctx, zmq.PUSH, hwm=plan.hwm)
-                sock.connect(endpoint)
-                self.outs.append((consumer, sock, tensors))
-            self.board = Board(plan.board_dir) if plan.board_dir else None
-            self.stage.context = StageContext(name=self.name, consumers=dict(plan.consumers), board=self.board)
-            self.stage.setup()
+            if plan.board_dir:
+                self.board = Board(plan.board_dir)
+                self.marker = _Marker(marker_path(plan.board_dir, plan.group))
+            for slot in plan.stages:
+                current = slot.name
+                self.runners[slot.name] = _Runner(self, slot, cloudpickle.loads(slot.stage_blob))
+            for runner in self.runners.values():
+                current = runner.name
+                if runner.slot.endpoint:
+                    sock = make_socket(ctx, zmq.PULL, hwm=plan.hwm)
+                    sock.bind(runner.slot.endpoint)
+                    self.pulls[sock] = runner
+                for consumer, endpoint, _ in runner.slot.routes:
+                    if consumer not in self.runners and endpoint not in self.pushes:
+                        sock = make_socket(ctx, zmq.PUSH, hwm=plan.hwm)
+                        sock.connect(endpoint)
+                        self.pushes[endpoint] = sock
+            for runner in self.runners.values():
+                current = runner.name
+                runner.setup()
         except Exception as exc:
-            log.exception("setup failed")
-            self._control("failed", error=type(exc).__name__, message=str(exc)[:4000],
+            log.exception("setup of stage %r failed", current)
+            self._control("failed", stage=current, error=type(exc).__name__, message=str(exc)[:4000],
                           traceback=traceback.format_exc()[-8000:])
             self.control.close(linger=2000)  # let the report leave before the context goes
             ctx.destroy(linger=0)
             raise SystemExit(2)
-        self._control("ready", pid=os.getpid())
+        self._control("ready", pid=os.getpid(), stages=list(self.runners))
         try:
             self._loop()
         finally:
-            try:
-                self.stage.teardown()
-            except Exception:
-                log.exception("teardown failed")
+            for runner in reversed(self.runners.values()):
+                try:
+                    runner.stage.teardown()
+                except Exception:
+                    log.exception("teardown of stage %r failed", runner.name)
             ctx.destroy(linger=0)
 
     def _loop(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.data_in, zmq.POLLIN)
+        reading = dict.fromkeys(self.pulls, True)
+        for sock in self.pulls:
+            poller.register(sock, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.waker.fd, zmq.POLLIN)
-        reading = True
-        limit = getattr(self.stage, "max_in_flight", 64)
         while not self.stopping:
-            if reading != (len(self.running) < limit):  # backpressure: stop taking work while saturated
-                reading = not reading
-                poller.modify(self.data_in, zmq.POLLIN if reading else 0)
+            for sock, runner in self.pulls.items():  # backpressure: stop taking work while a stage is saturated
+                if reading[sock] != runner.has_room():
+                    reading[sock] = not reading[sock]
+                    poller.modify(sock, zmq.POLLIN if reading[sock] else 0)
             if self.plan.parent_pid and os.getppid() != self.plan.parent_pid:  # orphaned
                 log.error("parent process %d is gone; exiting", self.plan.parent_pid)
                 return
-            timeout_ms = 200
-            if self.board is not None and self.counts["processed"] + self.counts["failed"] != self.published_done:
-                timeout_ms = 3  # a change waits to be published
-            if self.joins:
-                first = next(iter(self.joins.values()))
-                timeout_ms = max(0, min(timeout_ms, int((first.deadline - time.monotonic()) * 1000) + 1))
-            events = dict(poller.poll(timeout_ms))
+            events = dict(poller.poll(self._timeout_ms()))
             try:  # the one dispatch point: nothing a message or a stage does may end the worker
                 if self.control in events and self._on_control():
                     return
                 if self.waker.fd in events:
                     self._collect_async()
-                if self.data_in in events:
-                    for _ in range(100):  # drain a burst, but keep serving control and deadlines
-                        if not self._on_data():
-                            break
-                        self._publish()  # a long burst must not leave the board stale
-                self._expire_joins()
+                for sock, runner in self.pulls.items():
+                    if sock in events:
+                        for _ in range(100):  # drain a burst, but keep serving control and deadlines
+                            if not self._receive(sock, runner):
+                                break
+                            self._drain_local()
+                            self._publish()  # a long burst must not leave the board stale
+                self._drain_local()
+                for runner in self.runners.values():
+                    runner.expire_joins()
+                self._drain_local()
                 self._publish()
             except Exception:
-                self.counts["internal_errors"] += 1
                 log.exception("error while handling a message; the worker carries on")
+
+    def _timeout_ms(self) -> int:
+        timeout_ms = 200
+        if self.board is not None and any(r.unpublished() for r in self.runners.values()):
+            timeout_ms = 3  # a change waits to be published
+        now = time.monotonic()
+        for runner in self.runners.values():
+            if runner.joins:
+                first = next(iter(runner.joins.values()))
+                timeout_ms = max(0, min(timeout_ms, int((first.deadline - now) * 1000) + 1))
+        return timeout_ms
 
     def _on_control(self) -> bool:
         """Handle one order from the supervisor; True means stop."""
@@ -193,35 +258,126 @@ class _Worker:
         log.warning("unknown control op %r", op)  # figures go to the signal board, not over this link
         return False
 
-    def _on_data(self) -> bool:
-        """Handle one message from the data socket; False when none was waiting."""
+    def _receive(self, sock: zmq.Socket, runner: "_Runner") -> bool:
+        """Handle one message from a stage's socket; False when none was waiting."""
         try:
-            _, msg = recv_message(self.data_in, flags=zmq.NOBLOCK, limits=self.plan.limits)
+            _, msg = recv_message(sock, flags=zmq.NOBLOCK, limits=self.plan.limits)
         except zmq.Again:
             return False
         except FramingError as exc:
-            self.counts["malformed"] += 1
-            log.warning("dropped a malformed message: %s", exc)
+            runner.counts["malformed"] += 1
+            log.warning("stage %r dropped a malformed message: %s", runner.name, exc)
             return True
+        runner.on_message(msg)
+        return True
+
+    def _drain_local(self) -> None:
+        while self.local:
+            runner, msg = self.local.popleft()
+            runner.on_message(msg)
+
+    def _publish(self) -> None:
+        if self.board is not None:
+            for runner in self.runners.values():
+                runner.publish()
+
+    def _collect_async(self) -> None:
+        self.waker.clear()
+        while True:
+            try:
+                runner, rid, future = self.done.get_nowait()
+            except queue.Empty:
+                break
+            runner.collect(rid, future)
+        self._drain_local()
+
+    def async_done(self, runner: "_Runner", rid: int, future: Future) -> None:
+        """Runs on whatever thread completed the future: hand it to the worker's loop."""
+        self.done.put((runner, rid, future))
+        self.waker.wake()
+
+    def deliver(self, batch: list[tuple[str, str, Message]]) -> None:
+        """Pass (consumer, endpoint, message) on: in memory within the group, else encoded onto a socket.
+
+        Every message is checked (and encoded) before any is delivered, so a bad output fails the request as a
+        whole, whichever way it travels. Stages that answer asynchronously (remote stand-ins) go first, so that
+        an offloaded branch is on its way before a local one occupies this process.
+        """
+        ready = []
+        for consumer, endpoint, message in batch:
+            runner = self.runners.get(consumer)
+            if runner is not None:
+                tensors = check_message(message, self.plan.limits)
+                ready.append((not runner.is_async, runner, Message(
+                    kind=message.kind, request_id=message.request_id, meta=message.meta,
+                    tensors={name: _read_only(array) for name, array in tensors.items()})))
+            else:
+                ready.append((True, self.pushes[endpoint], encode(message, self.plan.limits)))
+        ready.sort(key=lambda item: item[0])  # stable: in-memory async stages first, then the rest in order
+        for _, target, payload in ready:
+            if isinstance(target, _Runner):
+                self.local.append((target, payload))
+            else:
+                target.send_multipart(payload, copy=False)
+
+    def _control(self, op: str, **meta: Any) -> None:
+        send_message(self.control, Message(kind=Kind.CONTROL, request_id=0,
+                                           meta={"op": op, "group": self.plan.group, **meta}))
+
+
+class _Runner:
+    """One stage in a worker: joins its inputs by request id, runs it, and hands its outputs on."""
+
+    def __init__(self, worker: _Worker, slot: StageSlot, stage: Stage) -> None:
+        self.worker = worker
+        self.slot = slot
+        self.name = slot.name
+        self.stage = stage
+        self.needed = frozenset(t for _, t in slot.inputs)
+        self.joins: dict[int, _Join] = {}
+        self.failed: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.counts = collections.Counter()
+        self.running: dict[int, tuple[dict[str, Any], float]] = {}  # asynchronous runs awaiting their Future
+        self.is_async = bool(getattr(stage, "asynchronous", False))
+        self.live = type(stage).signals is not Stage.signals  # publishes figures that change while idle
+        self.service = Ewma(0.2)  # smoothed processing time, published on the board
+        self.measured_at: float | None = None
+        self.published_at, self.published_done = 0.0, -1
+
+    def setup(self) -> None:
+        self.stage.context = StageContext(name=self.name, consumers=dict(self.slot.consumers),
+                                          board=self.worker.board)
+        self.stage.setup()
+
+    def has_room(self) -> bool:
+        return len(self.running) < getattr(self.stage, "max_in_flight", 64)
+
+    # -- joining ---------------------------------------------------------------------------------------------------
+    def on_message(self, msg: Message) -> None:
         rid = msg.request_id
         if msg.kind == Kind.ERROR:
             first_news = rid not in self.failed
             self.joins.pop(rid, None)
             if first_news:  # forward each failure once, whichever branch reports it first
                 self._forward_error(rid, msg.meta)
-            return True
+            return
         if msg.kind != Kind.REQUEST:
             self.counts["unexpected_kind"] += 1
-            log.warning("request %d: unexpected message kind %s dropped", rid, msg.kind.name)
-            return True
+            log.warning("stage %r, request %d: unexpected message kind %s dropped", self.name, rid, msg.kind.name)
+            return
         if rid in self.failed:
             self.counts["dropped_after_failure"] += 1
-            return True
-        skipped = _skipped(msg.meta)
+            return
+        try:
+            skipped = _skipped(msg.meta)
+        except FramingError as exc:
+            self.counts["malformed"] += 1
+            log.warning("stage %r dropped a malformed message: %s", self.name, exc)
+            return
         join = self.joins.get(rid)
         if join is None and self.needed <= msg.tensors.keys() | skipped:
             self._run(rid, msg.tensors, skipped, msg.meta)
-            return True
+            return
         if join is None:
             join = self.joins[rid] = _Join(time.monotonic() + self._join_timeout_s())
         join.tensors.update(msg.tensors)
@@ -230,13 +386,12 @@ class _Worker:
         if self.needed <= join.tensors.keys() | join.skipped:
             del self.joins[rid]
             self._run(rid, join.tensors, join.skipped, join.meta)
-        return True
 
     def _join_timeout_s(self) -> float:
         own = getattr(self.stage, "join_timeout_s", None)
-        return own if own is not None else self.plan.join_timeout_s
+        return own if own is not None else self.worker.plan.join_timeout_s
 
-    def _expire_joins(self) -> None:
+    def expire_joins(self) -> None:
         now = time.monotonic()
         while self.joins:
             rid, join = next(iter(self.joins.items()))
@@ -245,10 +400,10 @@ class _Worker:
             del self.joins[rid]
             missing = sorted(self.needed - join.tensors.keys())
             self.counts["join_timeouts"] += 1
-            self._fail(rid, join.meta, "PeerTimeout",
-                       f"stage {self.name!r} waited {self._join_timeout_s():g}s for tensors {missing} of request "
-                       f"{rid} (got {sorted(join.tensors)})")
+            self._fail(rid, "PeerTimeout", f"stage {self.name!r} waited {self._join_timeout_s():g}s for tensors "
+                       f"{missing} of request {rid} (got {sorted(join.tensors)})")
 
+    # -- running ---------------------------------------------------------------------------------------------------
     def _run(self, rid: int, tensors: Mapping[str, np.ndarray], skipped: set[str], meta: dict[str, Any]) -> None:
         meta = {k: v for k, v in meta.items() if k != SKIPPED}
         skipped_in = self.needed & skipped
@@ -260,91 +415,67 @@ class _Worker:
         deadline = meta.get(DEADLINE)
         if isinstance(deadline, (int, float)) and start > deadline:  # same host: monotonic clocks agree
             self.counts["expired"] += 1
-            self._fail(rid, meta, "PeerTimeout", f"request {rid} reached stage {self.name!r} "
+            self._fail(rid, "PeerTimeout", f"request {rid} reached stage {self.name!r} "
                        f"{(start - deadline) * 1000:.1f} ms after its deadline; not run")
             return
+        marker = self.worker.marker
         try:
             if skipped_in and not self.stage.accepts_skipped:
                 raise StageError(f"stage {self.name!r} got inputs {sorted(self.needed - skipped_in)} but "
                                  f"{sorted(skipped_in)} were skipped by a gate; join gated branches with a "
                                  "merge of op 'select'", stage=self.name)
-            inputs = {port: tensors.get(tensor) for port, tensor in self.plan.inputs}
-            result = self.stage.handle(inputs, meta)
-            if isinstance(result, Future):  # finished later, by _collect_async
+            inputs = {port: tensors.get(tensor) for port, tensor in self.slot.inputs}
+            if marker is not None:
+                marker.set(self.name)
+            try:
+                result = self.stage.handle(inputs, meta)
+            finally:
+                if marker is not None:
+                    marker.clear()
+            if isinstance(result, Future):  # finished later, by collect()
                 self.running[rid] = (meta, start)
-                result.add_done_callback(lambda f, rid=rid: self._async_done(rid, f))
+                result.add_done_callback(lambda f, rid=rid: self.worker.async_done(self, rid, f))
                 return
             self._finish_run(rid, result, meta, start)
         except Exception as exc:  # the one place a stage's failure is contained
-            log.debug("request %d failed", rid, exc_info=True)
-            self._fail(rid, meta, type(exc).__name__, str(exc))
+            log.debug("stage %r: request %d failed", self.name, rid, exc_info=True)
+            self._fail(rid, type(exc).__name__, str(exc))
+
+    def collect(self, rid: int, future: Future) -> None:
+        meta, start = self.running.pop(rid)
+        try:
+            self._finish_run(rid, future.result(), meta, start)
+        except Exception as exc:
+            self._fail(rid, type(exc).__name__, str(exc))
 
     def _finish_run(self, rid: int, result: Any, meta: dict[str, Any], start: float) -> None:
         notes = {}
         if isinstance(result, Outcome):
             notes = {f"{key}:{self.name}": value for key, value in result.notes.items()}
             result = result.outputs
-        outputs = normalise_outputs(self.name, result, [p for p, _ in self.plan.outputs],
+        outputs = normalise_outputs(self.name, result, [p for p, _ in self.slot.outputs],
                                     allow_missing=self.stage.may_skip_outputs)
         end = time.monotonic()
         meta = {**meta, **notes, f"t:{self.name}": [start, end]}
-        self._send_all(rid, {tensor: outputs[port] for port, tensor in self.plan.outputs if port in outputs}, meta)
+        self._send_all(rid, {tensor: outputs[port] for port, tensor in self.slot.outputs if port in outputs}, meta)
         self.counts["processed"] += 1
         if self.measured_at is not None and end - self.measured_at > _STALE_S:
             self.service = Ewma(0.2)  # the old figure is stale (the policy sent work elsewhere): start afresh
         self.service.add(end - start)
         self.measured_at = end
 
-    def _publish(self) -> None:
-        """Publish this stage's figures: within 2 ms of a change in its counts, and at least every 50 ms."""
-        if self.board is None:
-            return
-        now = time.monotonic()
-        done = self.counts["processed"] + self.counts["failed"]
-        since = now - self.published_at
-        if since < 0.002 or (done == self.published_done and since < 0.05):
-            return
-        self.published_at, self.published_done = now, done
-        self.board.publish(self.name, {"pid": os.getpid(), "processed": self.counts["processed"],
-                                       "failed": self.counts["failed"],
-                                       "service_s": self.service.mean, "measured_at": self.measured_at,
-                                       "running": len(self.running), **self.stage.signals()})
-
-    def _async_done(self, rid: int, future: Future) -> None:
-        """Runs on whatever thread completed the future: hand it to the worker's loop."""
-        self.done.put((rid, future))
-        self.waker.wake()
-
-    def _collect_async(self) -> None:
-        self.waker.clear()
-        while True:
-            try:
-                rid, future = self.done.get_nowait()
-            except queue.Empty:
-                return
-            meta, start = self.running.pop(rid)
-            try:
-                self._finish_run(rid, future.result(), meta, start)
-            except Exception as exc:
-                self._fail(rid, meta, type(exc).__name__, str(exc))
-
     def _send_all(self, rid: int, by_tensor: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
-        """Send each consumer the tensors it reads; tensors absent from ``by_tensor`` travel as skipped.
-
-        Every message is encoded before any is sent, so a bad output fails the request as a whole.
-        """
-        batches = []
-        for _, sock, tensors in self.outs:
+        """Send each consumer the tensors it reads; tensors absent from ``by_tensor`` travel as skipped."""
+        batch = []
+        for consumer, endpoint, tensors in self.slot.routes:
             missing = [t for t in tensors if t not in by_tensor]
-            message = Message(kind=Kind.REQUEST, request_id=rid,
-                              meta={**meta, SKIPPED: missing} if missing else dict(meta),
-                              tensors={t: by_tensor[t] for t in tensors if t in by_tensor})
-            batches.append((sock, encode(message, self.plan.limits)))
-        for sock, frames in batches:
-            sock.send_multipart(frames, copy=False)
+            batch.append((consumer, endpoint, Message(
+                kind=Kind.REQUEST, request_id=rid, meta={**meta, SKIPPED: missing} if missing else dict(meta),
+                tensors={t: by_tensor[t] for t in tensors if t in by_tensor})))
+        self.worker.deliver(batch)
 
-    def _fail(self, rid: int, meta: Mapping[str, Any], error: str, message: str) -> None:
-        del meta  # an error carries only what names the failure: bounded, whatever the request's meta held
+    def _fail(self, rid: int, error: str, message: str) -> None:
+        # An error carries only what names the failure: bounded, whatever the request's meta held.
         self.counts["failed"] += 1
         self._forward_error(rid, {"stage": self.name, "error": error, "message": message[:4000]})
 
@@ -353,12 +484,35 @@ class _Worker:
         if len(self.failed) > _FAILED_MEMORY:
             self.failed.popitem(last=False)
         error = {k: meta[k] for k in ("stage", "error", "message") if k in meta}
-        for _, sock, _ in self.outs:
-            send_message(sock, Message(kind=Kind.ERROR, request_id=rid, meta=error), limits=self.plan.limits)
+        self.worker.deliver([(consumer, endpoint, Message(kind=Kind.ERROR, request_id=rid, meta=dict(error)))
+                             for consumer, endpoint, _ in self.slot.routes])
 
-    def _control(self, op: str, **meta: Any) -> None:
-        send_message(self.control, Message(kind=Kind.CONTROL, request_id=0,
-                                           meta={"op": op, "stage": self.name, **meta}))
+    # -- the signal board ------------------------------------------------------------------------------------------
+    def unpublished(self) -> bool:
+        return self.counts["processed"] + self.counts["failed"] != self.published_done
+
+    def publish(self) -> None:
+        """Publish this stage's figures within 2 ms of a change in its counts; a stage with live signals (a remote
+        stand-in's round trip, say) also at least every 50 ms."""
+        now = time.monotonic()
+        done = self.counts["processed"] + self.counts["failed"]
+        since = now - self.published_at
+        if since < 0.002 or (done == self.published_done and (since < 0.05 or not self.live)):
+            return
+        self.published_at, self.published_done = now, done
+        self.worker.board.publish(self.name, {
+            "pid": os.getpid(), "group": self.worker.plan.group, "processed": self.counts["processed"],
+            "failed": self.counts["failed"], "service_s": self.service.mean, "measured_at": self.measured_at,
+            "running": len(self.running), **self.stage.signals()})
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """A view the consumer cannot write through: stages in one group share the producer's arrays."""
+    if not array.flags.writeable:
+        return array
+    view = array.view()
+    view.flags.writeable = False
+    return view
 
 
 def normalise_outputs(stage: str, result: Any, ports: list[str], *, allow_missing: bool = False
