@@ -38,33 +38,42 @@ def cli(verbose: int) -> None:
 @click.argument("topology", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @zpipe_errors
 def validate(topology: Path) -> None:
-    """Check a topology file: keys, stages, wiring, artifacts. Prints the stage order."""
+    """Check a topology file: keys, stages, wiring, artifacts. Prints the stage order and the worker processes."""
     from .topology import Topology
 
     topo = Topology.from_file(topology)
+    grouping = topo.grouping()
     click.echo(f"{topology}: ok — pipeline {topo.name!r}, inputs {list(topo.inputs)}, outputs {list(topo.outputs)}")
     for name in topo.order():
         spec = topo.stage(name)
         click.echo(f"  {name:<16} {type(spec.stage).__name__:<12} on {spec.host:<8} "
-                   f"{list(spec.tensors_in())} -> {list(spec.tensors_out())}")
+                   f"{list(spec.tensors_in())} -> {list(spec.tensors_out())}   [{grouping.group_of(name)}]")
+    click.echo(grouping.explain(topo))
 
 
 @cli.command()
 @click.argument("topology", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              required=True, help=".npz holding one array per pipeline input.")
+              help=".npz holding one array per pipeline input (required unless --explain).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True, path_type=Path),
               help="Write the first request's outputs to this .npz.")
 @click.option("--requests", "n_requests", type=click.IntRange(min=1), default=1, show_default=True,
               help="How many requests to send (the same inputs each time; up to max_in_flight in flight).")
 @click.option("--json", "json_out", is_flag=True, help="Print the summary as one JSON line.")
+@click.option("--explain", is_flag=True, help="Print which stage runs in which worker process, and exit.")
 @zpipe_errors
-def run(topology: Path, inputs_path: Path, out_path: Path | None, n_requests: int, json_out: bool) -> None:
+def run(topology: Path, inputs_path: Path | None, out_path: Path | None, n_requests: int, json_out: bool,
+        explain: bool) -> None:
     """Run every stage of TOPOLOGY on this host and feed it requests."""
     from .pipeline import Pipeline
     from .topology import Topology
 
     topo = Topology.from_file(topology)
+    if explain:
+        click.echo(topo.grouping().explain(topo))
+        return
+    if inputs_path is None:
+        raise click.UsageError("Missing option '--inputs' (an .npz holding one array per pipeline input).")
     try:
         with np.load(inputs_path, allow_pickle=False) as npz:
             inputs = {name: npz[name] for name in npz.files}
@@ -76,10 +85,13 @@ def run(topology: Path, inputs_path: Path, out_path: Path | None, n_requests: in
         try:
             started = time.monotonic()
             futures = []
+            first_result: list[float] = []  # wall clock of the first answer, for start-up measurements
             for _ in range(n_requests):
                 if interrupted:
                     break
                 futures.append(pipe.submit(inputs))
+                if len(futures) == 1:
+                    futures[0].add_done_callback(lambda _: first_result.append(time.time()))
         finally:
             pipe.close()
         elapsed = time.monotonic() - started
@@ -90,6 +102,7 @@ def run(topology: Path, inputs_path: Path, out_path: Path | None, n_requests: in
         except ZpipeError as exc:
             failures.append(exc)
     summary = _summary(n_requests, len(futures), results, failures, elapsed)
+    summary["first_result_unix"] = first_result[0] if first_result else None
     if out_path is not None and results:
         np.savez(out_path, **results[0].outputs)
     if json_out:
@@ -119,7 +132,9 @@ def demo(out_dir: Path | None, n_requests: int, seed: int) -> None:
         report = run_demo(target, requests=n_requests, seed=seed)
         lat = np.array(report.latencies_s) * 1000
         np.set_printoptions(precision=4, suppress=True)
-        click.echo("pipeline: stem -> (3 branches in parallel) -> head, 5 worker processes")
+        processes = "; ".join(f"{group}: {', '.join(stages)}" for group, stages in report.groups.items())
+        click.echo(f"pipeline: stem -> (3 branches in parallel) -> head, in {len(report.groups)} worker processes "
+                   f"({processes})")
         click.echo(f"first output y[0]: {report.outputs[0]}")
         click.echo(f"matches the whole model run in one process: max |diff| = {report.max_abs_error:.2e} "
                    f"(tolerance {TOLERANCE:g}) over {2 * report.requests} requests")

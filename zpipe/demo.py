@@ -7,8 +7,8 @@
 The model is ``zpipe.compile.models.demo_model`` (fixed random weights from a seed; no downloads). :func:`build_demo`
 writes it to ``OUT/demo.onnx``, compiles it cut at its branch points (``OUT/model/``: stages and a topology) and
 whole (``OUT/whole/``: the reference), and lays the stages out as an edge server's repository (``OUT/repo/``).
-:func:`run_demo` runs the topology, the three branches in parallel worker processes, and checks every output
-against the whole model run in this process.
+:func:`run_demo` runs the topology (its stages grouped into worker processes so that branches run in parallel),
+and checks every output against the whole model run in this process.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ class DemoReport:
     branches_overlapped: int  # requests whose branches ran at the same time
     requests: int
     throughput_rps: float
+    groups: dict[str, tuple[str, ...]]  # worker process (group) -> its stages
 
 
 def run_demo(out_dir: str | Path, *, requests: int = 32, seed: int = 0) -> DemoReport:
@@ -95,7 +96,8 @@ def run_demo(out_dir: str | Path, *, requests: int = 32, seed: int = 0) -> DemoR
     overlapped = sum(_overlap(r.stage_times[BRANCHES[0]], r.stage_times[BRANCHES[1]]) for r in sequential)
     report = DemoReport(outputs=sequential[0].outputs["y"], max_abs_error=max(errors),
                         latencies_s=[r.latency_s for r in sequential], branches_overlapped=overlapped,
-                        requests=requests, throughput_rps=requests / elapsed)
+                        requests=requests, throughput_rps=requests / elapsed,
+                        groups=dict(topology.grouping().groups))
     if report.max_abs_error > TOLERANCE:
         raise ZpipeError(f"demo pipeline output differs from the whole model by {report.max_abs_error:.3g} "
                          f"(tolerance {TOLERANCE:g})")

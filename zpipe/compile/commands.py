@@ -92,13 +92,16 @@ def inspect_command(model: Path, shape: tuple[str, ...], cuts: tuple[str, ...], 
 @click.option("--place", multiple=True, metavar="STAGE=HOST", help="Run STAGE on HOST (repeatable).")
 @click.option("--host", "hosts", multiple=True, metavar="NAME=ENDPOINT",
               help="Declare an edge host for --place, e.g. edge1=tcp://10.0.0.2:5555 (repeatable).")
+@click.option("--max-groups", type=click.IntRange(min=0), default=None,
+              help="Worker processes the emitted topology groups the device's stages into (default: this machine's "
+                   "CPU count; 0: write no groups, the device groups automatically).")
 @click.option("--force", is_flag=True, help="Replace OUT even when it holds another model's build.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary.")
 @zpipe_errors
 def compile_command(model: Path, out_dir: Path | None, shape: tuple[str, ...], cuts: tuple[str, ...],
                     max_stages: int | None, whole: bool, target: str, mcpu: str | None, cc: str | None,
                     trials: int | None, tuning_db: Path | None, tune_timeout: float, place: tuple[str, ...],
-                    hosts: tuple[str, ...], force: bool, quiet: bool) -> None:
+                    hosts: tuple[str, ...], max_groups: int | None, force: bool, quiet: bool) -> None:
     """Cut an ONNX MODEL into stages at its branch points, compile each with TVM, and write OUT/topology.toml
     (run it with: zpipe run OUT/topology.toml --inputs IN.npz)."""
     from .driver import CompileOptions, compile_model
@@ -110,7 +113,8 @@ def compile_command(model: Path, out_dir: Path | None, shape: tuple[str, ...], c
         trials=trials, database_root=tuning_db or default_database_root(), timeout_s=tune_timeout)
     options = CompileOptions(shapes=_shapes(shape), cuts=cuts, max_stages=max_stages, whole=whole,
                              target=parse_target(target, mcpu=mcpu, cc=cc), tuning=tuning,
-                             placements=_pairs("--place", place), hosts=_pairs("--host", hosts), force=force)
+                             placements=_pairs("--place", place), hosts=_pairs("--host", hosts), force=force,
+                             max_groups=max_groups)
     out_dir = out_dir or Path(f"{model.stem}-zpipe")
     report = compile_model(model, out_dir, options, progress=None if quiet else click.echo)
     crossing = sum(e.info.nbytes or 0 for e in report.plan.edges if not e.producer.startswith("<")
@@ -121,4 +125,10 @@ def compile_command(model: Path, out_dir: Path | None, shape: tuple[str, ...], c
         click.echo(f"  tuning {result.stage}: {result.tasks} tasks, {result.cached} from the database, "
                    f"{result.tuned} tuned now ({result.trials} trials, {result.seconds:.1f} s), "
                    f"{result.applied} compiled with a tuned schedule")
+    groups = {}
+    for stage, group in report.groups.items():
+        groups.setdefault(group, []).append(stage)
+    if groups:
+        click.echo(f"{len(groups)} worker processes on the device: " +
+                   "; ".join(f"{g}: {', '.join(s)}" for g, s in groups.items()))
     click.echo(f"run it: zpipe run {report.topology} --inputs IN.npz")

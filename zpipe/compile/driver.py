@@ -53,7 +53,9 @@ class CompileOptions:
     ``shapes``: input name -> static shape for dynamic inputs; ``cuts``: extra chain cuts (tensor names);
     ``max_stages``: merge small stages down to this many; ``whole``: one stage, no cuts and no gates;
     ``tuning``: MetaSchedule tuning (None: untuned); ``placements``: stage -> host; ``hosts``: host -> endpoint;
-    ``force``: replace ``OUT`` even when it holds another model's build.
+    ``force``: replace ``OUT`` even when it holds another model's build; ``max_groups``: worker processes the
+    emitted topology's groups may use on the device (default: this machine's CPU count; 0: emit no groups and let
+    the device group automatically).
     """
 
     shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
@@ -65,6 +67,7 @@ class CompileOptions:
     placements: Mapping[str, str] = field(default_factory=dict)
     hosts: Mapping[str, str] = field(default_factory=dict)
     force: bool = False
+    max_groups: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_stages is not None and self.max_stages < 1:
@@ -86,6 +89,7 @@ class CompileReport:
     builds: tuple[StageBuild, ...]
     tuning: tuple[StageTuning, ...]
     seconds: float
+    groups: dict[str, str] = field(default_factory=dict)  # stage -> worker group written into the topology
 
 
 def plan_model(model: str | Path, options: CompileOptions = CompileOptions()) -> Plan:
@@ -125,8 +129,10 @@ def compile_model(model: str | Path, out_dir: str | Path, options: CompileOption
                                      fcompile=options.target.fcompile(), database=database, extra=extra)
             say(f"compiled {stage.name} in {build.compile_s:.2f} s")
             builds.append(build)
-        (tmp / "topology.toml").write_text(topology_toml(plan, target=options.target, placements=options.placements,
-                                                         hosts=options.hosts, source=model.name))
+        emit = dict(plan=plan, target=options.target, placements=options.placements, hosts=options.hosts,
+                    source=model.name)
+        groups = _groups(topology_toml(**emit), tmp, plan, options.max_groups)
+        (tmp / "topology.toml").write_text(topology_toml(**emit, groups=groups))
         record = {"format": BUILD_FORMAT, "source": str(model.resolve()), "source_sha256": plan.source_sha256,
                   "target": str(target), "target_label": options.target.label, "plan": plan_dict(plan),
                   "compile_s": {b.name: round(b.compile_s, 3) for b in builds},
@@ -139,7 +145,19 @@ def compile_model(model: str | Path, out_dir: str | Path, options: CompileOption
     relocated = tuple(StageBuild(name=b.name, manifest=out_dir / "stages" / b.manifest.name,
                                  library=out_dir / "stages" / b.library.name, compile_s=b.compile_s) for b in builds)
     return CompileReport(out_dir=out_dir, topology=out_dir / "topology.toml", plan=plan, builds=relocated,
-                         tuning=tuple(tuned.values()), seconds=time.monotonic() - started)
+                         tuning=tuple(tuned.values()), seconds=time.monotonic() - started, groups=groups)
+
+
+def _groups(text: str, out_dir: Path, plan: Plan, max_groups: int | None) -> dict[str, str]:
+    """Stage -> worker group for the emitted topology, weighing stages by their multiply-accumulates."""
+    if max_groups == 0:
+        return {}
+    from ..grouping import plan_groups
+    from ..topology import Topology
+
+    topology = Topology.from_toml(text, base_dir=out_dir)
+    grouping = plan_groups(topology, max_groups=max_groups, costs={s.name: max(s.macs, 1) for s in plan.stages})
+    return {stage: group for group, stages in grouping.groups.items() for stage in stages}
 
 
 def _write_stage_models(graph, plan: Plan, stages_dir: Path) -> tuple[dict, dict[str, Path]]:

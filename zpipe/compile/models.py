@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["OnnxNet", "demo_model", "gated_demo_model", "DEMO_INPUT_SHAPE"]
+__all__ = ["OnnxNet", "demo_model", "gated_demo_model", "inception_net", "DEMO_INPUT_SHAPE"]
 
 DEMO_INPUT_SHAPE = (1, 3, 32, 32)
 
@@ -126,3 +126,25 @@ def gated_demo_model(*, seed: int = 0) -> Any:
     _head(net, "u", 16)
     return net.model("gated_demo", [_tensor("x", DEMO_INPUT_SHAPE), helper.make_tensor_value_info(
         "offload", TensorProto.BOOL, [])], [_tensor("y", (1, 10))])
+
+
+def inception_net(*, blocks: int = 9, branches: int = 4, channels: int = 8, size: int = 16, seed: int = 0) -> Any:
+    """An Inception-style net cut by ``zpipe compile`` into ``blocks * (branches + 1) + 1`` stages: a stem, then per
+    block ``branches`` parallel conv branches joined by a concat and a conv1x1 projection, then a head.
+
+    Branch ``i`` of a block is ``i + 1`` chained conv1x1 layers (a mix of light and heavier branches). Sized to
+    exercise many-stage pipelines (stage groups, start-up), not accuracy.
+    """
+    net = OnnxNet(seed=seed)
+    h = net.conv("x", 3, channels, 3, "stem")
+    for block in range(1, blocks + 1):
+        outs = []
+        for branch in range(branches):
+            t = h
+            for layer in range(branch + 1):
+                t = net.conv(t, channels, channels, 1, f"b{block}.{branch}.{layer}")
+            outs.append(t)
+        cat = net.op("Concat", outs, f"b{block}.cat", attrs={"axis": 1})
+        h = net.conv(cat, channels * branches, channels, 1, f"b{block}")
+    _head(net, h, channels)
+    return net.model(f"inception_{blocks}x{branches}", [_tensor("x", (1, 3, size, size))], [_tensor("y", (1, 10))])
