@@ -1,6 +1,10 @@
 """Partial and gated offload of the demo CNN on the two-host test bed (issue 5, "Benchmark").
 
     python3 bench/offload.py [--quick] [--rounds R] [--requests N] [--cpu PCT] [--heartbeat-s S]
+                             [--width W --depth D | --heavy]
+
+``--width``/``--depth`` scale the demo CNN (channels; conv3x3 layers in block1_branch0, the offloaded branch);
+``--heavy`` is width 32, depth 8: a branch of ~67 ms on a full core, where offloading it can pay for the link.
 
 Needs root. Uses ../shared/testbed: `netpair.sh up 10 100 0` (namespaces `dev` 10.77.0.1 and `edge` 10.77.0.2,
 10 ms each way, 100 Mbit/s), an edge server `zpipe serve --repo <demo repo> --bind tcp://10.77.0.2:5555
@@ -252,10 +256,11 @@ def orchestrate(args: argparse.Namespace) -> dict:
     procs: list[Proc] = []
     try:
         t0 = time.monotonic()
-        build_demo(work / "build" / "demo")
+        build_demo(work / "build" / "demo", width=args.width, depth=args.depth)
         whole = load_whole(work / "build" / "demo")
         rng = np.random.default_rng(0)
         xs = [rng.standard_normal(DEMO_INPUT_SHAPE).astype("float32") for _ in range(16)]
+        log(f"demo model: width {args.width}, depth {args.depth}")
         ys = [whole(x) for x in xs]
         np.savez(work / "inputs.npz", xs=np.stack(xs), ys=np.stack(ys))
         endpoint = f"tcp://{EDGE_ADDR}:{args.port}"
@@ -386,6 +391,9 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=10)
     parser.add_argument("--rate-mbit", type=float, default=100)
     parser.add_argument("--heartbeat-s", type=float, default=0.0)
+    parser.add_argument("--width", type=int, default=8, help="demo CNN channels")
+    parser.add_argument("--depth", type=int, default=2, help="conv3x3 layers in the offloaded branch")
+    parser.add_argument("--heavy", action="store_true", help="width 32, depth 8 (a branch worth offloading)")
     parser.add_argument("--port", type=int, default=5555)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--device", action="store_true", help=argparse.SUPPRESS)
@@ -402,6 +410,8 @@ def main() -> None:
         return
     if args.quick:
         args.rounds, args.requests = 3, 10
+    if args.heavy:
+        args.width, args.depth = 32, 8
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces, cgroups)")
     started = time.monotonic()

@@ -32,8 +32,11 @@ TOLERANCE = 1e-4  # max |pipeline - whole model|, fp32; the stages fuse differen
 BRANCHES = ("block1_branch0", "block1_branch1", "block1_branch2")
 
 
-def build_demo(out_dir: str | Path) -> Path:
-    """Compile the demo model into ``out_dir`` (cut and whole) and return the path of its topology file."""
+def build_demo(out_dir: str | Path, **model_options: int) -> Path:
+    """Compile the demo model into ``out_dir`` (cut and whole) and return the path of its topology file.
+
+    ``model_options`` (width, size, depth) go to :func:`zpipe.compile.models.demo_model`.
+    """
     import onnx
 
     from .compile import CompileOptions, compile_model
@@ -42,7 +45,7 @@ def build_demo(out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = out_dir / "demo.onnx"
-    onnx.save(demo_model(), model)
+    onnx.save(demo_model(**model_options), model)
     cut = compile_model(model, out_dir / "model", CompileOptions(force=True))
     whole = compile_model(model, out_dir / "whole", CompileOptions(whole=True, force=True))
     for build in (*cut.builds, *whole.builds):

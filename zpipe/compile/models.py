@@ -82,12 +82,14 @@ def _tensor(name: str, shape: Sequence[int] | None, elem: int | None = None) -> 
 
 
 def _inception(net: OnnxNet, h: str, out: str, *, into: OnnxNet | None = None,
-               weights_in: OnnxNet | None = None) -> str:
-    a = net.conv(h, 8, 8, 3, "a1", into=into, weights_in=weights_in)
-    a = net.conv(a, 8, 8, 3, "a", into=into, weights_in=weights_in)
-    b = net.conv(h, 8, 8, 1, "b", into=into, weights_in=weights_in)
+               weights_in: OnnxNet | None = None, width: int = 8, depth: int = 2) -> str:
+    a = h
+    for layer in range(1, depth):
+        a = net.conv(a, width, width, 3, f"a{layer}", into=into, weights_in=weights_in)
+    a = net.conv(a, width, width, 3, "a", into=into, weights_in=weights_in)
+    b = net.conv(h, width, width, 1, "b", into=into, weights_in=weights_in)
     pool = net.op("MaxPool", [h], "c.pool", into=into, attrs={"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]})
-    c = net.conv(pool, 8, 8, 1, "c", into=into, weights_in=weights_in)
+    c = net.conv(pool, width, width, 1, "c", into=into, weights_in=weights_in)
     return net.op("Concat", [a, b, c], out, into=into, attrs={"axis": 1})
 
 
@@ -99,13 +101,17 @@ def _head(net: OnnxNet, m: str, channels: int) -> str:
                   attrs={"transB": 1})
 
 
-def demo_model(*, seed: int = 0) -> Any:
-    """The demo CNN: a stem, three parallel branches (the fork is ``h``, the join ``m``), and a head."""
+def demo_model(*, seed: int = 0, width: int = 8, size: int = 32, depth: int = 2) -> Any:
+    """The demo CNN: a stem, three parallel branches (the fork is ``h``, the join ``m``), and a head.
+
+    ``width`` channels, ``size``×``size`` input, ``depth`` conv3x3 layers in branch a: the defaults make the light
+    demo; larger values make a model worth offloading (bench/offload.py ``--heavy``).
+    """
     net = OnnxNet(seed=seed)
-    h = net.conv("x", 3, 8, 3, "h")
-    m = _inception(net, h, "m")
-    _head(net, m, 24)
-    return net.model("demo", [_tensor("x", DEMO_INPUT_SHAPE)], [_tensor("y", (1, 10))])
+    h = net.conv("x", 3, width, 3, "h")
+    m = _inception(net, h, "m", width=width, depth=depth)
+    _head(net, m, 3 * width)
+    return net.model("demo", [_tensor("x", (1, 3, size, size))], [_tensor("y", (1, 10))])
 
 
 def gated_demo_model(*, seed: int = 0) -> Any:
