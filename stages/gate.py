@@ -17,7 +17,10 @@ With ``policy = "latency"`` (or ``"threshold"``; options in ``policy_options``, 
 brings no X is decided by the policy, from what the gate measures itself (how many requests it sent each way),
 what its branches publish on the signal board (local service time and progress; the remote stand-in's round trip,
 errors and circuit breaker) and this host's CPU use. Each request records the decision and its reason
-(``x:<gate>``, ``why:<gate>`` in ``Result.meta``).
+(``x:<gate>``, ``why:<gate>`` in ``Result.meta``). A policy probe may be *hedged*: the gate sends the request down
+both branches (``hedge:<gate>`` = 1), the ``select`` merge takes the first answer and drops the later one, and the
+probed branch still measures itself. Hedging needs a ``select`` merge joining the two branches (the topologies
+``zpipe compile`` writes for gated models have one).
 """
 
 from __future__ import annotations
@@ -105,12 +108,24 @@ class GateStage(Stage):
         raise StageError(f"gate {where} is {value!r}; X must be 0 (local branch) or 1 (remote branch)")
 
     def handle(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Outcome:
-        offload, why = self.decide(inputs, meta)
+        offload, why, hedge = self._choose(inputs, meta)
+        branches = _BRANCHES if hedge else ("then" if offload else "else",)
         if self._policy is not None:
-            self._sent[offload] += 1
-        branch = "then" if offload else "else"
-        outputs = {f"{branch}.{port}": array for port, array in inputs.items() if port != self.control}
-        return Outcome(outputs, {"x": int(offload), "why": why})
+            for branch in branches:
+                self._sent[branch == "then"] += 1
+        outputs = {f"{branch}.{port}": array for branch in branches
+                   for port, array in inputs.items() if port != self.control}
+        return Outcome(outputs, {"x": int(offload), "why": why, **({"hedge": 1} if hedge else {})})
+
+    def _choose(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> tuple[bool, str, bool]:
+        if self._policy is not None and not self._given(inputs, meta):
+            decision = self._policy.decide(self._signals())
+            return decision.offload, f"policy: {decision.reason}", decision.hedge
+        return (*self.decide(inputs, meta), False)
+
+    def _given(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bool:
+        """Whether the request brings X itself (meta or control input) rather than leaving it to the policy."""
+        return (self.meta_key is not None and self.meta_key in meta) or inputs.get(self.control) is not None
 
     def process(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.handle(inputs, {}).outputs

@@ -36,6 +36,16 @@ class MergeStage(Stage):
         self.join_timeout_s = timeout_s
         self.accepts_skipped = op == "select"
 
+    def runnable(self, arrived) -> bool:
+        """``select`` runs as soon as one branch delivered all its tensors: when a gate hedges a request (a policy
+        probe runs on both sides), the first answer wins and the later one is dropped."""
+        states = list(arrived.values())
+        if self.op != "select":
+            return all(v is not None for v in states)
+        n = len(states) // 2
+        return all(v is not None for v in states) or all(v is True for v in states[:n]) or \
+            all(v is True for v in states[n:])
+
     def check_wiring(self, name, inputs, outputs) -> None:
         if self.op == "select" and len(inputs) != 2 * len(outputs):
             raise TopologyError(f"merge {name!r} op 'select' needs two inputs per output (then_i, else_i), got "

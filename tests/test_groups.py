@@ -270,3 +270,38 @@ def test_per_stage_grouping_still_runs_the_same_model(inception46):
         y = pipe.infer({"x": x})["y"]
     with Pipeline(Topology.from_file(report.topology)) as pipe:
         np.testing.assert_array_equal(pipe.infer({"x": x})["y"], y)
+
+
+def test_groups_feeding_each_other_both_ways_do_not_deadlock_when_links_fill():
+    """The fork's process sends to a branch in the other process, whose output comes back to the join in the first:
+    with tiny link queues and many requests in flight, blocking sends would deadlock the two processes."""
+    topo = Topology(inputs=["x"], outputs=["y"], hwm=1, max_in_flight=64, max_groups=2, timeout_s=60, stages=stages(
+        ("stem", Scale(), {"x": "x"}, {"out": "h"}, {}),
+        ("fast", Scale(factor=2.0), {"x": "h"}, {"out": "a"}, {}),
+        ("slow", Sleep(seconds=0.002), {"x": "h"}, {"out": "b"}, {}),
+        ("join", _merge(), ["a", "b"], {"out": "j"}, {}),
+        ("fast2", Scale(factor=2.0), {"x": "j"}, {"out": "c"}, {}),
+        ("slow2", Sleep(seconds=0.002), {"x": "j"}, {"out": "d"}, {}),
+        ("join2", _merge(), ["c", "d"], {"out": "y"}, {})))
+    with Pipeline(topo) as pipe:
+        groups = pipe._supervisor.grouping
+        assert groups.group_of("slow") != groups.group_of("join") == groups.group_of("stem")
+        x = np.ones(1 << 14, np.float32)  # 64 KiB: the kernel's socket buffers hold only a few
+        futures = [pipe.submit({"x": x}) for _ in range(300)]
+        for future in futures:
+            np.testing.assert_array_equal(future.result(timeout=60).outputs["y"], x * 9)
+
+
+def test_a_remote_stand_in_never_takes_a_lane_even_with_costs():
+    from zpipe.topology import HostSpec
+
+    topo = Topology(inputs=["x"], outputs=["y"], hosts=[HostSpec(name="edge", endpoint="tcp://127.0.0.1:9")],
+                    stages=stages(
+                        ("stem", Scale(), {"x": "x"}, {"out": "h"}, {}),
+                        ("b0", Scale(), {"x": "h"}, {"out": "a"}, {}),
+                        ("b1", Scale(), {"x": "h"}, {"out": "b"}, {"host": "edge"}),
+                        ("b2", Scale(), {"x": "h"}, {"out": "c"}, {}),
+                        ("m", _merge(), ["a", "b", "c"], {"out": "y"}, {})))
+    grouping = topo.grouping(max_groups=2, costs={"stem": 1, "b0": 5, "b1": 100, "b2": 5, "m": 1})
+    assert grouping.group_of("b1") == grouping.group_of("stem")  # it only forwards and waits
+    assert grouping.group_of("b0") != grouping.group_of("b2")

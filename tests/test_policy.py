@@ -39,7 +39,12 @@ def test_latency_policy_counts_the_local_backlog_and_probes_stale_sides():
     s = dict(local_service_s=0.030, local_measured_at=9.0, remote_rtt_s=0.050, remote_measured_at=9.0)
     assert not p.decide(Signals(now=10.0, **s)).offload  # idle device: 30 ms here beats 50 ms there
     assert p.decide(Signals(now=10.1, local_backlog=3, **s)).offload  # busy device: 120 ms queue here
-    assert p.decide(Signals(now=12.0, **s)).reason == "probe local"  # local not measured for 3 s: probe it
+    probe = p.decide(Signals(now=12.0, **s))  # local not measured for 3 s: probe it, on both sides
+    assert probe.reason == "probe local (hedged)" and probe.hedge and probe.offload  # remote stays the primary
+    unhedged = LatencyPolicy(hysteresis=0.1, min_dwell_s=0, probe_interval_s=2.0, hedge=False)
+    assert unhedged.decide(Signals(now=10.1, local_backlog=3, **s)).offload
+    probe = unhedged.decide(Signals(now=12.0, **s))
+    assert probe.reason == "probe local" and not probe.hedge and not probe.offload
 
 
 def test_threshold_policy():
@@ -123,6 +128,32 @@ def test_policy_offloads_on_a_fast_link_and_goes_local_when_it_slows(affine, tmp
     first_local = slow.index(0)
     assert first_local <= 3, slow  # the first slow replies turn it around (within 1 s: 60 requests took {took})
     assert switches(fast[10:]) <= 6 and switches(slow[10:]) <= 12, (fast, slow)  # probes, no flapping
+
+
+def test_hedged_probes_cost_no_latency_and_the_later_answer_is_dropped(affine, tmp_path, serve):
+    """Local 10 ms beats a remote behind 2 × 60 ms: the policy stays local, and its probes of the remote run on
+    both sides, so no request waits for the slow link; the remote still gets measured."""
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, affine)
+    server = serve(repo)
+    with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(server.endpoint), delay_ms=60) as link:
+        topo = gated_auto([f"tcp://127.0.0.1:{link.port}"], local_s=0.01,
+                          options="min_dwell_s = 0.2, probe_interval_s = 0.2")
+        with Pipeline(topo) as pipe:
+            results = []
+            for i in range(100):
+                x = np.full(SHAPE, float(i), np.float32)
+                results.append(pipe.submit({"x": x}).result(timeout=30))
+                np.testing.assert_allclose(results[-1].outputs["y"], x * 2 + 1)
+            time.sleep(0.3)  # let the last probes' remote answers come back (and be dropped)
+            remote = pipe.signals("remote")
+            stats = pipe.stats()
+    hedged = [r for r in results if r.meta.get("hedge:gate") == 1]
+    assert len(hedged) >= 3, [r.meta.get("why:gate") for r in results]
+    assert all("hedged" in r.meta["why:gate"] for r in hedged)
+    assert max(r.latency_s for r in results) < 0.1, sorted(r.latency_s for r in results)[-5:]
+    assert remote["requests_sent"] >= len(hedged) and remote["rtt_s"] > 0.12  # measured, through the slow link
+    assert stats["ok"] == 100 and stats["failed"] == 0 and stats["late"] == 0
 
 
 def test_policy_offloads_when_the_device_is_busy(affine, tmp_path, serve):

@@ -125,10 +125,12 @@ def _lanes(topology: "Topology", names: list[str], cap: int, costs: Mapping[str,
             consumers[producer].append(name)
 
     def cost(name: str) -> float:
+        spec = topology.stage(name)
+        if spec.host != LOCAL_HOST:  # a stand-in: the compute happens on the server
+            return 0.0
         if name in costs:
             return float(costs[name])
-        spec = topology.stage(name)
-        return 0.0 if spec.host != LOCAL_HOST or getattr(spec.stage, "light", False) else 1.0
+        return 0.0 if getattr(spec.stage, "light", False) else 1.0
 
     def branch_cost(name: str) -> float:  # this stage and the chain that continues it
         total = cost(name)

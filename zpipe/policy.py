@@ -6,8 +6,10 @@ and asks a policy for a :class:`Decision`. Two policies:
 * :class:`LatencyPolicy` (default): estimate the local time (service time × (backlog + 1)) and the remote time
   (smoothed round trip + ``risk`` standard deviations, which already include transfer and server queueing), and
   pick the smaller, switching only when the other side is better by ``hysteresis`` and the last switch is at least
-  ``min_dwell_s`` old (a side more than twice as fast wins at once). A side that has not been measured for ``probe_interval_s`` gets one request (a probe), so
-  estimates never go stale; ``probe_interval_s = 0`` turns probing off.
+  ``min_dwell_s`` old (a side more than twice as fast wins at once). A side that has not been measured for
+  ``probe_interval_s`` gets one request (a probe), so estimates never go stale; ``probe_interval_s = 0`` turns
+  probing off. With ``hedge = true`` (the default) a probe runs on *both* sides and the first answer wins, so
+  exploring never costs the probed request its latency (the probe's branch still reports its timing).
 * :class:`ThresholdPolicy`: offload while the device is busy (CPU use or backlog above a high mark, until it falls
   below a low mark) unless the link is slow (RTT above ``max_rtt_s``) or failing.
 
@@ -44,6 +46,7 @@ class Signals:
 class Decision:
     offload: bool
     reason: str
+    hedge: bool = False  # run on both sides, the first answer wins (a probe that costs no latency)
 
 
 class _Hysteresis:
@@ -66,7 +69,7 @@ class _Hysteresis:
 
 class LatencyPolicy:
     def __init__(self, *, hysteresis: float = 0.15, min_dwell_s: float = 1.0, probe_interval_s: float = 2.0,
-                 max_error_rate: float = 0.2, risk: float = 1.0) -> None:
+                 max_error_rate: float = 0.2, risk: float = 1.0, hedge: bool = True) -> None:
         if not 0 <= hysteresis < 1 or min_dwell_s < 0 or probe_interval_s < 0 or risk < 0:
             raise TopologyError("latency policy: need 0 <= hysteresis < 1, min_dwell_s >= 0, probe_interval_s >= 0, "
                                 "risk >= 0")
@@ -74,6 +77,7 @@ class LatencyPolicy:
         self.probe_interval_s = probe_interval_s
         self.max_error_rate = max_error_rate
         self.risk = risk
+        self.hedge = bool(hedge)
         self.state = _Hysteresis(min_dwell_s)
         self._probed: dict[str, float] = {}
 
@@ -92,15 +96,15 @@ class LatencyPolicy:
         if s.remote_rtt_s is None or s.local_service_s is None:
             side = "remote" if s.remote_rtt_s is None else "local"
             if self._probe_due(side, s.now):
-                return Decision(side == "remote", f"probe {side} (never measured)")
+                return self._probe(side, "never measured")
             return Decision(side != "remote", f"waiting for the first {side} measurement")
         if self.probe_interval_s:
             stale_remote = s.now - (s.remote_measured_at or -math.inf) > self.probe_interval_s
             stale_local = s.now - (s.local_measured_at or -math.inf) > self.probe_interval_s
             if self.state.offload and stale_local and self._probe_due("local", s.now):
-                return Decision(False, "probe local")
+                return self._probe("local")
             if not self.state.offload and stale_remote and self._probe_due("remote", s.now):
-                return Decision(True, "probe remote")
+                return self._probe("remote")
         local = s.local_service_s * (s.local_backlog + 1)
         remote = s.remote_rtt_s + self.risk * s.remote_rtt_std_s
         why = f"local {local * 1000:.1f} ms vs remote {remote * 1000:.1f} ms"
@@ -109,6 +113,14 @@ class LatencyPolicy:
         if self.state.offload:
             return self.state.choose(not local < remote * (1 - self.hysteresis), s.now, why, forced=clear)
         return self.state.choose(remote < local * (1 - self.hysteresis), s.now, why, forced=clear)
+
+    def _probe(self, side: str, why: str = "") -> Decision:
+        """A probe of ``side``: hedged (both sides run, the first answer wins) unless hedging is off."""
+        notes = ", ".join(n for n in (why, "hedged" if self.hedge else "") if n)
+        reason = f"probe {side}" + (f" ({notes})" if notes else "")
+        if self.hedge:
+            return Decision(self.state.offload, reason, hedge=True)
+        return Decision(side == "remote", reason)
 
     def _probe_due(self, side: str, now: float) -> bool:
         """At most one probe per side per probe interval (a probe is one request, not every request until the

@@ -97,6 +97,13 @@ class Stage:
         """Extra figures to publish on the signal board next to the worker's own (processed, service time...)."""
         return {}
 
+    def runnable(self, arrived: Mapping[str, bool | None]) -> bool:
+        """While a request's inputs are joined: True runs the stage before the rest arrive (ports still missing
+        come as ``None``; later parts of that request are then dropped). ``arrived`` maps every input port, in
+        topology order, to True (a tensor came), False (a skip notice came) or None (nothing yet). Only stages
+        that override this are asked (the ``select`` merge: the first branch of a hedged gate to answer wins)."""
+        return all(v is not None for v in arrived.values())
+
     def check_wiring(self, name: str, inputs: Sequence[tuple[str, str]], outputs: Sequence[tuple[str, str]]) -> None:
         """Called while the topology is validated, in the parent: raise TopologyError for wiring this kind cannot
         serve. ``inputs``/``outputs`` are (port, tensor) pairs."""

@@ -29,7 +29,7 @@ from .stage import Stage, resolve_kind
 from .topology import LOCAL_HOST, SINK, StageSpec, Topology
 from .transport import ipc_endpoint, make_socket, recv_message, send_message
 from .grouping import Grouping
-from .worker import StageSlot, WorkerPlan, running_stage
+from .worker import StageSlot, WorkerPlan, marker_path, running_stage
 
 __all__ = ["Supervisor"]
 
@@ -115,6 +115,7 @@ class Supervisor:
     def _spawn(self, name: str) -> None:
         child = self.children[name]
         self._close_pidfd(child)
+        marker_path(self.board_dir, name).unlink(missing_ok=True)  # what an earlier process was running
         child.process = subprocess.Popen(
             [sys.executable, "-c", "from zpipe.worker import main; main()"], stdin=subprocess.PIPE,
             start_new_session=False)
@@ -210,7 +211,7 @@ class Supervisor:
 
     # -- stop ----------------------------------------------------------------------------------------------------
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Order every worker to stop (in topological order), wait, then terminate and kill stragglers."""
+        """Order every worker to stop, wait, then terminate and kill stragglers."""
         if self.control.closed:
             return
         for name, child in self.children.items():

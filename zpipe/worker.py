@@ -6,6 +6,11 @@ arrays themselves, as read-only views: no serialization, no copy); a stage fed f
 socket at its endpoint; outputs for another process (or the pipeline's sink) leave through one PUSH socket per
 destination. A DEALER to the supervisor carries the READY handshake and orders.
 
+A worker never blocks on a send. Groups can feed each other both ways (a fork's process sends to a branch in
+another process, whose output comes back to the join in the first), so two workers each blocked on sending to the
+other would deadlock. A message that a full link refuses waits in that destination's outbox, flushed when the
+link has room; meanwhile the worker keeps reading. What bounds the queues is the pipeline's ``max_in_flight``.
+
 The loop is the one dispatch point: a malformed message or a raising stage costs one request (an ERROR message
 travels downstream in its place, naming the stage), never the worker. Before a stage runs, its name is written to
 a small shared file, so that when the process dies the supervisor can tell which stage it was running.
@@ -146,6 +151,7 @@ class _Worker:
         self.local: collections.deque[tuple[_Runner, Message]] = collections.deque()  # in-group hand-offs
         self.pulls: dict[zmq.Socket, _Runner] = {}
         self.pushes: dict[str, zmq.Socket] = {}  # destination endpoint -> socket
+        self.outboxes: dict[str, collections.deque] = {}  # destination endpoint -> frames its full link refused
         self.board: Board | None = None
         self.marker: _Marker | None = None
         # Asynchronous stages (a remote stand-in) return a Future from handle(); their completions come back
@@ -177,9 +183,14 @@ class _Worker:
                         sock = make_socket(ctx, zmq.PUSH, hwm=plan.hwm)
                         sock.connect(endpoint)
                         self.pushes[endpoint] = sock
+                        self.outboxes[endpoint] = collections.deque()
             for runner in self.runners.values():
                 current = runner.name
+                if self.marker is not None:
+                    self.marker.set(runner.name)  # a native crash in setup() names the stage too
                 runner.setup()
+            if self.marker is not None:
+                self.marker.clear()
         except Exception as exc:
             log.exception("setup of stage %r failed", current)
             self._control("failed", stage=current, error=type(exc).__name__, message=str(exc)[:4000],
@@ -205,11 +216,18 @@ class _Worker:
             poller.register(sock, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.waker.fd, zmq.POLLIN)
+        writing = dict.fromkeys(self.pushes, False)
+        for sock in self.pushes.values():
+            poller.register(sock, 0)
         while not self.stopping:
             for sock, runner in self.pulls.items():  # backpressure: stop taking work while a stage is saturated
                 if reading[sock] != runner.has_room():
                     reading[sock] = not reading[sock]
                     poller.modify(sock, zmq.POLLIN if reading[sock] else 0)
+            for endpoint, box in self.outboxes.items():  # wait for room only where messages wait
+                if writing[endpoint] != bool(box):
+                    writing[endpoint] = bool(box)
+                    poller.modify(self.pushes[endpoint], zmq.POLLOUT if box else 0)
             if self.plan.parent_pid and os.getppid() != self.plan.parent_pid:  # orphaned
                 log.error("parent process %d is gone; exiting", self.plan.parent_pid)
                 return
@@ -219,6 +237,9 @@ class _Worker:
                     return
                 if self.waker.fd in events:
                     self._collect_async()
+                for endpoint, sock in self.pushes.items():
+                    if sock in events:
+                        self._flush(endpoint)
                 for sock, runner in self.pulls.items():
                     if sock in events:
                         for _ in range(100):  # drain a burst, but keep serving control and deadlines
@@ -235,6 +256,8 @@ class _Worker:
                 log.exception("error while handling a message; the worker carries on")
 
     def _timeout_ms(self) -> int:
+        if self.local:
+            return 0
         timeout_ms = 200
         if self.board is not None and any(r.unpublished() for r in self.runners.values()):
             timeout_ms = 3  # a change waits to be published
@@ -274,6 +297,9 @@ class _Worker:
     def _drain_local(self) -> None:
         while self.local:
             runner, msg = self.local.popleft()
+            if msg.kind == Kind.REQUEST and not runner.has_room():
+                runner.parked.append(msg)  # an asynchronous stage at its max_in_flight: released by collect()
+                continue
             runner.on_message(msg)
 
     def _publish(self) -> None:
@@ -289,6 +315,8 @@ class _Worker:
             except queue.Empty:
                 break
             runner.collect(rid, future)
+            while runner.parked and runner.has_room():
+                runner.on_message(runner.parked.popleft())
         self._drain_local()
 
     def async_done(self, runner: "_Runner", rid: int, future: Future) -> None:
@@ -312,13 +340,24 @@ class _Worker:
                     kind=message.kind, request_id=message.request_id, meta=message.meta,
                     tensors={name: _read_only(array) for name, array in tensors.items()})))
             else:
-                ready.append((True, self.pushes[endpoint], encode(message, self.plan.limits)))
+                ready.append((True, endpoint, encode(message, self.plan.limits)))
         ready.sort(key=lambda item: item[0])  # stable: in-memory async stages first, then the rest in order
         for _, target, payload in ready:
             if isinstance(target, _Runner):
                 self.local.append((target, payload))
             else:
-                target.send_multipart(payload, copy=False)
+                self.outboxes[target].append(payload)
+                self._flush(target)
+
+    def _flush(self, endpoint: str) -> None:
+        """Send what waits for ``endpoint`` until its link is full (never blocks)."""
+        box, sock = self.outboxes[endpoint], self.pushes[endpoint]
+        while box:
+            try:
+                sock.send_multipart(box[0], copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            box.popleft()
 
     def _control(self, op: str, **meta: Any) -> None:
         send_message(self.control, Message(kind=Kind.CONTROL, request_id=0,
@@ -336,8 +375,13 @@ class _Runner:
         self.needed = frozenset(t for _, t in slot.inputs)
         self.joins: dict[int, _Join] = {}
         self.failed: collections.OrderedDict[int, None] = collections.OrderedDict()
+        # A stage that may run before all its inputs arrived (Stage.runnable) remembers those requests, so that
+        # their late parts are dropped instead of starting a new join.
+        self.early = type(stage).runnable is not Stage.runnable
+        self.finished: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.counts = collections.Counter()
         self.running: dict[int, tuple[dict[str, Any], float]] = {}  # asynchronous runs awaiting their Future
+        self.parked: collections.deque[Message] = collections.deque()  # in-memory work waiting for has_room()
         self.is_async = bool(getattr(stage, "asynchronous", False))
         self.live = type(stage).signals is not Stage.signals  # publishes figures that change while idle
         self.service = Ewma(0.2)  # smoothed processing time, published on the board
@@ -355,6 +399,9 @@ class _Runner:
     # -- joining ---------------------------------------------------------------------------------------------------
     def on_message(self, msg: Message) -> None:
         rid = msg.request_id
+        if rid in self.finished:  # ran already without this part (see Stage.runnable): the late part is dropped
+            self.counts["late_parts"] += 1
+            return
         if msg.kind == Kind.ERROR:
             first_news = rid not in self.failed
             self.joins.pop(rid, None)
@@ -375,7 +422,7 @@ class _Runner:
             log.warning("stage %r dropped a malformed message: %s", self.name, exc)
             return
         join = self.joins.get(rid)
-        if join is None and self.needed <= msg.tensors.keys() | skipped:
+        if join is None and self._complete(rid, msg.tensors, skipped):
             self._run(rid, msg.tensors, skipped, msg.meta)
             return
         if join is None:
@@ -383,9 +430,27 @@ class _Runner:
         join.tensors.update(msg.tensors)
         join.skipped |= skipped
         join.meta.update(msg.meta)
-        if self.needed <= join.tensors.keys() | join.skipped:
+        if self._complete(rid, join.tensors, join.skipped):
             del self.joins[rid]
             self._run(rid, join.tensors, join.skipped, join.meta)
+
+    def _complete(self, rid: int, tensors: Mapping[str, np.ndarray], skipped: set[str]) -> bool:
+        """Whether request ``rid`` can run with what has arrived."""
+        if self.needed <= tensors.keys() | skipped:
+            return True
+        if not self.early:
+            return False
+        arrived = {port: True if t in tensors else False if t in skipped else None for port, t in self.slot.inputs}
+        try:
+            if not self.stage.runnable(arrived):
+                return False
+        except Exception:
+            log.exception("stage %r: runnable() raised; waiting for all inputs instead", self.name)
+            return False
+        self.finished[rid] = None
+        if len(self.finished) > _FAILED_MEMORY:
+            self.finished.popitem(last=False)
+        return True
 
     def _join_timeout_s(self) -> float:
         own = getattr(self.stage, "join_timeout_s", None)

@@ -54,8 +54,8 @@ class CompileOptions:
     ``max_stages``: merge small stages down to this many; ``whole``: one stage, no cuts and no gates;
     ``tuning``: MetaSchedule tuning (None: untuned); ``placements``: stage -> host; ``hosts``: host -> endpoint;
     ``force``: replace ``OUT`` even when it holds another model's build; ``max_groups``: worker processes the
-    emitted topology's groups may use on the device (default: this machine's CPU count; 0: emit no groups and let
-    the device group automatically).
+    emitted topology's groups may use on the device (default: this machine's CPU count, or no groups for a cross
+    target; 0: emit no groups and let the device group automatically).
     """
 
     shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
@@ -131,7 +131,7 @@ def compile_model(model: str | Path, out_dir: str | Path, options: CompileOption
             builds.append(build)
         emit = dict(plan=plan, target=options.target, placements=options.placements, hosts=options.hosts,
                     source=model.name)
-        groups = _groups(topology_toml(**emit), tmp, plan, options.max_groups)
+        groups = _groups(topology_toml(**emit), tmp, plan, options.max_groups, options.target)
         (tmp / "topology.toml").write_text(topology_toml(**emit, groups=groups))
         record = {"format": BUILD_FORMAT, "source": str(model.resolve()), "source_sha256": plan.source_sha256,
                   "target": str(target), "target_label": options.target.label, "plan": plan_dict(plan),
@@ -148,10 +148,12 @@ def compile_model(model: str | Path, out_dir: str | Path, options: CompileOption
                          tuning=tuple(tuned.values()), seconds=time.monotonic() - started, groups=groups)
 
 
-def _groups(text: str, out_dir: Path, plan: Plan, max_groups: int | None) -> dict[str, str]:
+def _groups(text: str, out_dir: Path, plan: Plan, max_groups: int | None, target: TargetSpec) -> dict[str, str]:
     """Stage -> worker group for the emitted topology, weighing stages by their multiply-accumulates."""
     if max_groups == 0:
         return {}
+    if max_groups is None and not target.runs_here:
+        return {}  # another machine: its core count is unknown here, so the device groups automatically
     from ..grouping import plan_groups
     from ..topology import Topology
 
