@@ -258,16 +258,27 @@ def orchestrate(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="zpipe-bench-policy-"))
     procs: list[Proc] = []
     try:
-        library = build_heavy(work)
         tvm = import_tvm()
-        vm = load_vm(str(library))
         rng = np.random.default_rng(1)
         xs = [rng.standard_normal(SHAPE).astype("float32") for _ in range(8)]
+
+        def per_call_ms(vm) -> float:
+            t = time.perf_counter()
+            for x in xs:
+                vm["forward"](tvm.runtime.tensor(x)).numpy()
+            return (time.perf_counter() - t) / len(xs) * 1e3
+
+        # Calibrate: the branch should take --branch-ms on a host core (×4 on the 25 % device), whatever this
+        # machine's speed, so that always-local is loaded but not saturated at --rate.
+        probe_dir = work / "calibrate"
+        probe_dir.mkdir()
+        vm = load_vm(str(build_heavy(probe_dir, depth=10)))
+        per_call_ms(vm)
+        args.depth = max(2, round(10 * args.branch_ms / per_call_ms(vm)))
+        library = build_heavy(work, depth=args.depth)
+        vm = load_vm(str(library))
         ys = [vm["forward"](tvm.runtime.tensor(x)).numpy() for x in xs]
-        t = time.perf_counter()
-        for x in xs:
-            vm["forward"](tvm.runtime.tensor(x)).numpy()
-        log(f"heavy branch: {(time.perf_counter() - t) / len(xs) * 1e3:.1f} ms per call on this (host) core")
+        log(f"heavy branch: {args.depth} conv3x3 layers, {per_call_ms(vm):.1f} ms per call on this (host) core")
         np.savez(work / "inputs.npz", xs=np.stack(xs), ys=np.stack(ys))
         endpoint = f"tcp://{EDGE_ADDR}:{args.port}"
         (work / "topology.toml").write_text(topology_text(endpoint, library, args.host_timeout_s,
@@ -369,7 +380,7 @@ def analyse(args: argparse.Namespace, result: dict) -> dict:
 def report(args: argparse.Namespace, result: dict, analysis: dict) -> None:
     table, switches = analysis["table"], analysis["switches"]
     modes = [m for m in MODES if m in result]
-    print(f"\nheavy branch (32 ch x 10 conv3x3 on [1, 8, 32, 32]); device at {args.cpu}% of one CPU; "
+    print(f"\nheavy branch (32 ch x {args.depth} conv3x3 on [1, 8, 32, 32]); device at {args.cpu}% of one CPU; "
           f"{args.rate} req/s open loop; 5 phases x {args.phase_s} s per mode, modes one after the other; "
           "policy 'latency' " + (f"{{ {args.policy_options} }}" if args.policy_options else "(default options)"))
     head = f"{'phase':<12} | " + " | ".join(f"{m + ' p50/p99 ms':>20} {'off%':>4} {'fb':>3} {'lost':>4}"
@@ -483,6 +494,8 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=3.0)
     parser.add_argument("--cpu", type=float, default=25, help="device CPU share, %% of one CPU")
     parser.add_argument("--modes", default="auto,local,remote")
+    parser.add_argument("--branch-ms", type=float, default=30.0,
+                        help="calibrate the heavy branch to this many ms per call on a host core")
     parser.add_argument("--policy-options", default="", help='TOML inline-table body, e.g. "probe_interval_s = 5"')
     parser.add_argument("--host-timeout-s", type=float, default=5.0)
     parser.add_argument("--port", type=int, default=5555)
