@@ -156,6 +156,30 @@ def test_hedged_probes_cost_no_latency_and_the_later_answer_is_dropped(affine, t
     assert stats["ok"] == 100 and stats["failed"] == 0 and stats["late"] == 0
 
 
+def test_a_hedged_probe_whose_remote_branch_fails_is_answered_by_the_local_one(affine, tmp_path, serve):
+    """The server's model takes another shape than these requests carry: every remote attempt fails at once, long
+    before the local branch answers (50 ms). Probes are hedged, so the select holds the remote failure until the
+    local answer comes: no request fails."""
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, affine)
+    server = serve(repo)
+    topo = gated_auto([server.endpoint], local_s=0.05, fallback=False,
+                      options="min_dwell_s = 0.2, probe_interval_s = 0.2")
+    with Pipeline(topo) as pipe:
+        results = []
+        for i in range(30):
+            x = np.full((2, 3), float(i), np.float32)  # not the served model's shape
+            results.append(pipe.submit({"x": x}).result(timeout=30))
+            np.testing.assert_allclose(results[-1].outputs["y"], x * 2 + 1)
+        remote = pipe.signals("remote")
+        stats = pipe.stats()
+    hedged = [r for r in results if r.meta.get("hedge:gate") == 1]
+    assert len(hedged) >= 2, [r.meta["why:gate"] for r in results]
+    assert remote["error_rate"] > 0.5 and remote["failed"] >= len(hedged), remote
+    assert stats["ok"] == 30 and stats["failed"] == 0, stats
+    assert all(r.meta["x:gate"] == 0 for r in results)
+
+
 def test_policy_offloads_when_the_device_is_busy(affine, tmp_path, serve):
     repo = tmp_path / "repo"
     add_version(repo, "affine", 1, affine)

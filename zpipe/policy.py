@@ -91,7 +91,7 @@ class LatencyPolicy:
         if s.remote_error_rate > self.max_error_rate:
             # Errors only fade with new samples: probe now and then, or one bad spell would keep it local forever.
             if self._probe_due("remote", s.now):
-                return Decision(True, f"probe remote (errors {s.remote_error_rate:.0%})")
+                return self._probe("remote", f"errors {s.remote_error_rate:.0%}")
             return self.state.choose(False, s.now, f"remote errors {s.remote_error_rate:.0%}", forced=True)
         if s.remote_rtt_s is None or s.local_service_s is None:
             side = "remote" if s.remote_rtt_s is None else "local"

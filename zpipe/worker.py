@@ -132,13 +132,15 @@ class _Marker:
 
 
 class _Join:
-    __slots__ = ("tensors", "skipped", "meta", "deadline")
+    __slots__ = ("tensors", "skipped", "meta", "deadline", "lost", "error")
 
     def __init__(self, deadline: float) -> None:
         self.tensors: dict[str, np.ndarray] = {}
         self.skipped: set[str] = set()  # tensors the gate routed away from this path for this request
         self.meta: dict[str, Any] = {}
         self.deadline = deadline
+        self.lost: set[str] = set()  # tensors whose producer failed (held while another branch may still answer)
+        self.error: dict[str, Any] | None = None  # that failure, reported if no branch answers
 
 
 class _Worker:
@@ -403,6 +405,8 @@ class _Runner:
             self.counts["late_parts"] += 1
             return
         if msg.kind == Kind.ERROR:
+            if self.early and self._hold_error(rid, msg.meta):
+                return
             first_news = rid not in self.failed
             self.joins.pop(rid, None)
             if first_news:  # forward each failure once, whichever branch reports it first
@@ -434,6 +438,26 @@ class _Runner:
             del self.joins[rid]
             self._run(rid, join.tensors, join.skipped, join.meta)
 
+    def _hold_error(self, rid: int, error: Mapping[str, Any]) -> bool:
+        """A stage that may run early (the select of a hedged gate) holds a branch's failure while another branch
+        can still answer; True when held. The error names the tensors it stands in for."""
+        tensors = error.get("tensors")
+        if rid in self.failed or not isinstance(tensors, list):
+            return False
+        join = self.joins.get(rid)
+        if join is None:
+            join = self.joins[rid] = _Join(time.monotonic() + self._join_timeout_s())
+        join.lost.update(t for t in tensors if isinstance(t, str))
+        join.error = join.error or dict(error)
+        best = {port: None if t in join.lost else t not in join.skipped for port, t in self.slot.inputs}
+        try:
+            if self.stage.runnable(best):  # what still may arrive could make it runnable: wait for it
+                return True
+        except Exception:
+            log.exception("stage %r: runnable() raised", self.name)
+        del self.joins[rid]
+        return False
+
     def _complete(self, rid: int, tensors: Mapping[str, np.ndarray], skipped: set[str]) -> bool:
         """Whether request ``rid`` can run with what has arrived."""
         if self.needed <= tensors.keys() | skipped:
@@ -463,6 +487,9 @@ class _Runner:
             if join.deadline > now:
                 return
             del self.joins[rid]
+            if join.error is not None:  # a branch failed and no other answered in time: report that failure
+                self._forward_error(rid, join.error)
+                continue
             missing = sorted(self.needed - join.tensors.keys())
             self.counts["join_timeouts"] += 1
             self._fail(rid, "PeerTimeout", f"stage {self.name!r} waited {self._join_timeout_s():g}s for tensors "
@@ -549,8 +576,10 @@ class _Runner:
         if len(self.failed) > _FAILED_MEMORY:
             self.failed.popitem(last=False)
         error = {k: meta[k] for k in ("stage", "error", "message") if k in meta}
-        self.worker.deliver([(consumer, endpoint, Message(kind=Kind.ERROR, request_id=rid, meta=dict(error)))
-                             for consumer, endpoint, _ in self.slot.routes])
+        # Each consumer learns which of its tensors the failure stands in for (a select may wait for another branch).
+        self.worker.deliver([(consumer, endpoint, Message(kind=Kind.ERROR, request_id=rid,
+                                                          meta={**error, "tensors": list(tensors)}))
+                             for consumer, endpoint, tensors in self.slot.routes])
 
     # -- the signal board ------------------------------------------------------------------------------------------
     def unpublished(self) -> bool:
