@@ -333,23 +333,21 @@ class _Worker:
         whole, whichever way it travels. Stages that answer asynchronously (remote stand-ins) go first, so that
         an offloaded branch is on its way before a local one occupies this process.
         """
-        ready = []
+        in_memory: list[tuple[_Runner, Message]] = []
+        outbound: list[tuple[str, list]] = []
         for consumer, endpoint, message in batch:
             runner = self.runners.get(consumer)
-            if runner is not None:
-                tensors = check_message(message, self.plan.limits)
-                ready.append((not runner.is_async, runner, Message(
-                    kind=message.kind, request_id=message.request_id, meta=message.meta,
-                    tensors={name: _read_only(array) for name, array in tensors.items()})))
-            else:
-                ready.append((True, endpoint, encode(message, self.plan.limits)))
-        ready.sort(key=lambda item: item[0])  # stable: in-memory async stages first, then the rest in order
-        for _, target, payload in ready:
-            if isinstance(target, _Runner):
-                self.local.append((target, payload))
-            else:
-                self.outboxes[target].append(payload)
-                self._flush(target)
+            if runner is None:
+                outbound.append((endpoint, encode(message, self.plan.limits)))
+                continue
+            tensors = check_message(message, self.plan.limits)
+            in_memory.append((runner, Message(kind=message.kind, request_id=message.request_id, meta=message.meta,
+                                              tensors={n: _read_only(a) for n, a in tensors.items()})))
+        in_memory.sort(key=lambda item: not item[0].is_async)  # stable: asynchronous stages first
+        self.local.extend(in_memory)
+        for endpoint, frames in outbound:
+            self.outboxes[endpoint].append(frames)
+            self._flush(endpoint)
 
     def _flush(self, endpoint: str) -> None:
         """Send what waits for ``endpoint`` until its link is full (never blocks)."""
