@@ -42,9 +42,18 @@ def test_latency_policy_counts_the_local_backlog_and_probes_stale_sides():
     probe = p.decide(Signals(now=12.0, **s))  # local not measured for 3 s: probe it, on both sides
     assert probe.reason == "probe local (hedged)" and probe.hedge and probe.offload  # remote stays the primary
     unhedged = LatencyPolicy(hysteresis=0.1, min_dwell_s=0, probe_interval_s=2.0, hedge=False)
-    assert unhedged.decide(Signals(now=10.1, local_backlog=3, **s)).offload
-    probe = unhedged.decide(Signals(now=12.0, **s))
-    assert probe.reason == "probe local" and not probe.hedge and not probe.offload
+    probe = unhedged.decide(Signals(now=12.0, **s))  # remote not measured for 3 s: probed on its own
+    assert probe.reason == "probe remote" and not probe.hedge and probe.offload
+
+
+def test_the_first_probes_of_a_side_come_faster():
+    """A side's first samples are often cold (first transfers on a connection, a model's first call): its first
+    three probes come every 0.2 s, then every probe_interval_s."""
+    p = LatencyPolicy(min_dwell_s=0, probe_interval_s=5.0)
+    s = dict(local_service_s=0.030, remote_rtt_s=0.050, remote_measured_at=0.0)  # local is better: remote is probed
+    times = (0.1, 0.3, 0.35, 0.6, 0.9, 1.5, 3.0, 4.9)
+    reasons = [p.decide(Signals(now=t, local_measured_at=t, **s)).reason for t in times]
+    assert [t for t, r in zip(times, reasons) if r.startswith("probe remote")] == [0.3, 0.6, 0.9], reasons
 
 
 def test_threshold_policy():

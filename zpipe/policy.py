@@ -67,6 +67,10 @@ class _Hysteresis:
         return Decision(offload, reason)
 
 
+_WARM_PROBES = 3
+_WARM_INTERVAL_S = 0.2
+
+
 class LatencyPolicy:
     def __init__(self, *, hysteresis: float = 0.15, min_dwell_s: float = 1.0, probe_interval_s: float = 2.0,
                  max_error_rate: float = 0.2, risk: float = 1.0, hedge: bool = True) -> None:
@@ -80,6 +84,7 @@ class LatencyPolicy:
         self.hedge = bool(hedge)
         self.state = _Hysteresis(min_dwell_s)
         self._probed: dict[str, float] = {}
+        self._probes: dict[str, int] = {}  # probes sent per side: the first few come faster (see _probe_due)
 
     @property
     def switches(self) -> int:
@@ -99,8 +104,8 @@ class LatencyPolicy:
                 return self._probe(side, "never measured")
             return Decision(side != "remote", f"waiting for the first {side} measurement")
         if self.probe_interval_s:
-            stale_remote = s.now - (s.remote_measured_at or -math.inf) > self.probe_interval_s
-            stale_local = s.now - (s.local_measured_at or -math.inf) > self.probe_interval_s
+            stale_remote = s.remote_measured_at is None or s.now - s.remote_measured_at > self._interval("remote")
+            stale_local = s.local_measured_at is None or s.now - s.local_measured_at > self._interval("local")
             if self.state.offload and stale_local and self._probe_due("local", s.now):
                 return self._probe("local")
             if not self.state.offload and stale_remote and self._probe_due("remote", s.now):
@@ -122,13 +127,19 @@ class LatencyPolicy:
             return Decision(self.state.offload, reason, hedge=True)
         return Decision(side == "remote", reason)
 
+    def _interval(self, side: str) -> float:
+        """How often ``side`` is probed. Its first samples are often cold (a connection's first transfers, a model's
+        first call), so its first ``_WARM_PROBES`` probes come every ``_WARM_INTERVAL_S`` at most."""
+        interval = self.probe_interval_s or math.inf
+        return min(interval, _WARM_INTERVAL_S) if self._probes.get(side, 0) < _WARM_PROBES else interval
+
     def _probe_due(self, side: str, now: float) -> bool:
         """At most one probe per side per probe interval (a probe is one request, not every request until the
         measurement arrives)."""
-        interval = self.probe_interval_s or math.inf
-        if now - self._probed.get(side, -math.inf) < interval:
+        if now - self._probed.get(side, -math.inf) < self._interval(side):
             return False
         self._probed[side] = now
+        self._probes[side] = self._probes.get(side, 0) + 1
         return True
 
 
