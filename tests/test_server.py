@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +39,14 @@ def built(tmp_path_factory):
     manifest = json.loads(lib2.with_suffix(".json").read_text())
     manifest["library_sha256"] = ""
     (broken / "affine.json").write_text(json.dumps(manifest))
-    return {"v1": lib2, "v2": lib3, "broken": broken / "affine.so"}
+    # A real library whose manifest promises another input shape: it loads, and fails when called.
+    wrong = out / "wrong_shape"
+    wrong.mkdir()
+    shutil.copy(lib2, wrong / "affine.so")
+    manifest = json.loads(lib2.with_suffix(".json").read_text())
+    manifest["inputs"][0]["shape"] = [1, 128]
+    (wrong / "affine.json").write_text(json.dumps(manifest))
+    return {"v1": lib2, "v2": lib3, "broken": broken / "affine.so", "wrong_shape": wrong / "affine.so"}
 
 
 class ServerProcess:
@@ -164,6 +172,23 @@ def test_broken_new_version_keeps_the_old_one_serving(built, tmp_path, serve, is
         health = c.health()
         assert health["ready"] and health["version:affine"] == 1 and health["state:affine"] == "available"
         assert "cannot load TVM library" in health["error:affine"]
+        np.testing.assert_allclose(c.infer("affine", {"x": x_of(1)})["y"], x_of(3))
+
+
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+def test_a_version_that_loads_but_cannot_run_fails_its_warm_up_and_the_old_one_keeps_serving(built, tmp_path,
+                                                                                              serve, isolation):
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, built["v1"])
+    server = serve(repo, "--isolation", isolation)
+    add_version(repo, "affine", 2, built["wrong_shape"])
+    with RemoteClient(server.endpoint) as c:
+        deadline = time.monotonic() + 30
+        while "version 2" not in c.health()["error:affine"]:
+            assert time.monotonic() < deadline, c.health()
+            time.sleep(0.1)
+        health = c.health()
+        assert health["version:affine"] == 1 and "failed its warm-up run" in health["error:affine"], health
         np.testing.assert_allclose(c.infer("affine", {"x": x_of(1)})["y"], x_of(3))
 
 

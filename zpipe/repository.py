@@ -17,9 +17,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from concurrent.futures import Future, ThreadPoolExecutor
+import numpy as np
 
 from .errors import ArtifactError, Busy, PeerTimeout, PipelineClosed, ZpipeError
 from .manifest import Manifest
@@ -29,6 +30,8 @@ from .topology import StageSpec, Topology
 __all__ = ["Repository", "ModelVersion", "ModelStatus"]
 
 log = logging.getLogger(__name__)
+
+_WARM_UP_S = 60.0  # a loaded version's warm-up run may take this long
 
 
 @dataclass
@@ -268,9 +271,11 @@ class Repository:
         if self.isolation == "thread":
             started = time.monotonic()
             threads = _InProcess(make_stage, threads=self.workers, max_in_flight=self.max_in_flight)
+            mv = ModelVersion(model=model, version=version, manifest=manifest, threads=threads)
+            _warm_up(mv, [mv.submit])
             log.info("model %r version %d loaded in-process in %.2fs (%d threads)", model, version,
                      time.monotonic() - started, self.workers)
-            return ModelVersion(model=model, version=version, manifest=manifest, threads=threads)
+            return mv
         topology = Topology(name=f"{model}@{version}", inputs=[t.name for t in manifest.inputs],
                             outputs=[t.name for t in manifest.outputs], max_in_flight=self.max_in_flight,
                             stages=[StageSpec(name=_stage_name(model), stage=stage,
@@ -285,9 +290,12 @@ class Repository:
             for pipe in pools:
                 pipe.close(drain_timeout_s=0)
             raise
+        mv = ModelVersion(model=model, version=version, manifest=manifest, pools=pools)
+        _warm_up(mv, [lambda tensors, timeout_s, pipe=pipe: pipe.submit(tensors, timeout_s=timeout_s)
+                      for pipe in pools])
         log.info("model %r version %d loaded in %.2fs (%d workers)", model, version, time.monotonic() - started,
                  self.workers)
-        return ModelVersion(model=model, version=version, manifest=manifest, pools=pools)
+        return mv
 
     def _swap(self, mv: ModelVersion, status: ModelStatus) -> None:
         with self._lock:
@@ -300,6 +308,20 @@ class Repository:
             log.info("model %r: version %d replaces %d; draining the old one", mv.model, mv.version, old.version)
             threading.Thread(target=old.close, args=(self.drain_timeout_s,), daemon=True,
                              name=f"zpipe-drain-{mv.model}-{old.version}").start()
+
+
+def _warm_up(mv: ModelVersion, submits: list) -> None:
+    """Run every worker once on zeros before the version is served: its first request does not pay the first
+    call's cost (TVM resolves kernels and allocates then: ~7 ms here), and a library that loads but fails to run
+    fails the version (the previous one keeps serving) instead of the first real request."""
+    zeros = {t.name: np.zeros(t.shape, np.dtype(t.dtype)) for t in mv.manifest.inputs}
+    try:
+        for submit in submits:
+            submit(zeros, timeout_s=_WARM_UP_S).result()
+    except BaseException as exc:
+        mv.close(drain_timeout_s=0)
+        raise ArtifactError(f"model {mv.model!r} version {mv.version} loaded but failed its warm-up run on "
+                            f"zeros: {exc}") from exc
 
 
 def _stage_name(model: str) -> str:
