@@ -38,3 +38,12 @@ def test_offload_demo(tmp_path):
     assert "link carried 0 bytes up, server saw 0 requests" in proc.stdout
     assert "outputs match the whole model both ways" in proc.stdout
 
+
+
+@pytest.mark.tvm
+def test_many_stages(tmp_path):
+    pytest.importorskip("onnxruntime")
+    proc = run("many_stages.py", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "46 stages: first result" in proc.stdout and "max |zpipe - onnxruntime|" in proc.stdout
+    assert "worker processes on device for 46 stages" in proc.stdout
