@@ -79,6 +79,9 @@ class MergeStage(Stage):
     def _select(inputs: Mapping[str, np.ndarray | None]) -> tuple:
         ports, arrays = list(inputs), list(inputs.values())
         n = len(arrays) // 2
+        complete = [side for side in (arrays[:n], arrays[n:]) if all(a is not None for a in side)]
+        if len(complete) == 1:  # one branch answered whole (a hedged request may hold parts of the other)
+            return tuple(complete[0])
         chosen = []
         for i in range(n):
             then, other = arrays[i], arrays[n + i]

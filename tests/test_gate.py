@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -135,3 +136,30 @@ def test_all_skipped_outputs_reaching_the_pipeline_fail_clearly():
     with Pipeline(topo) as pipe:
         with pytest.raises(RequestFailed, match=r"pipeline outputs \['b'\] were skipped by a gate"):
             pipe.infer({"x": np.ones(1), "c": np.array(True)})
+
+
+@pytest.mark.parametrize("groups", ["auto", "per-stage"])
+def test_a_failing_branch_fails_its_request_at_once_with_its_own_error(groups):
+    """The select holds a branch's failure only while the other branch may still answer; here it was skipped."""
+    text = GATED.replace('[stages.remote_branch]\nkind = "zpipe.testing:Scale"\nfactor = 10.0',
+                         '[stages.remote_branch]\nkind = "zpipe.testing:FailOn"\nvalue = 3.0')
+    text = text.replace("timeout_s = 20", f'timeout_s = 20\ngroups = "{groups}"')
+    with Pipeline(gated(text)) as pipe:
+        started = time.monotonic()
+        with pytest.raises(RequestFailed, match="stage 'remote_branch'") as info:
+            pipe.infer({"x": np.full(4, 3.0, np.float32), "ctl": np.array(True)})
+        assert info.value.reason == "stage_error" and time.monotonic() - started < 5
+        z = pipe.infer({"x": np.full(4, 2.0, np.float32), "ctl": np.array(True)})["z"]
+        np.testing.assert_allclose(z, np.full(4, 2.5))  # passed through, plus post's offset
+
+
+def test_select_takes_the_branch_that_answered_whole():
+    """A hedged request may hold parts of the losing branch when the other one completes."""
+    from zpipe.stage import resolve_kind
+
+    select = resolve_kind("merge")(op="select")
+    a1, a2, b1, b2 = (np.full(2, v) for v in (1.0, 2.0, 3.0, 4.0))
+    out = select.process({"t1": a1, "t2": None, "e1": b1, "e2": b2})
+    assert [o[0] for o in out] == [3.0, 4.0]
+    assert select.runnable({"t1": True, "t2": None, "e1": True, "e2": True})
+    assert not select.runnable({"t1": True, "t2": None, "e1": True, "e2": None})

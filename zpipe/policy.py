@@ -130,8 +130,10 @@ class LatencyPolicy:
     def _interval(self, side: str) -> float:
         """How often ``side`` is probed. Its first samples are often cold (a connection's first transfers, a model's
         first call), so its first ``_WARM_PROBES`` probes come every ``_WARM_INTERVAL_S`` at most."""
-        interval = self.probe_interval_s or math.inf
-        return min(interval, _WARM_INTERVAL_S) if self._probes.get(side, 0) < _WARM_PROBES else interval
+        if not self.probe_interval_s:
+            return math.inf  # probing off: one probe of a side never measured, then none
+        warm = self._probes.get(side, 0) < _WARM_PROBES
+        return min(self.probe_interval_s, _WARM_INTERVAL_S) if warm else self.probe_interval_s
 
     def _probe_due(self, side: str, now: float) -> bool:
         """At most one probe per side per probe interval (a probe is one request, not every request until the

@@ -77,6 +77,7 @@ class _InProcess:
         self._in_flight = 0
         self._max = max_in_flight
         self._closed = False
+        self._threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zpipe-model")
         self._stages: list = []
         # Load once now, so a broken library fails the version here (and keeps the old one serving).
@@ -91,6 +92,17 @@ class _InProcess:
             with self._lock:
                 self._stages.append(stage)
         return stage
+
+    def warm_up(self, tensors: dict, timeout_s: float) -> list[Future]:
+        """Run ``tensors`` once on every thread (each has its own stage instance): all threads are held at a
+        barrier until each has taken one task, so no thread takes two."""
+        barrier = threading.Barrier(self._threads)
+
+        def task():
+            barrier.wait(timeout_s)
+            return self._stage().process(tensors)
+
+        return [self._pool.submit(task) for _ in range(self._threads)]
 
     def submit(self, tensors: dict, timeout_s: float) -> Future:
         with self._lock:
@@ -272,7 +284,7 @@ class Repository:
             started = time.monotonic()
             threads = _InProcess(make_stage, threads=self.workers, max_in_flight=self.max_in_flight)
             mv = ModelVersion(model=model, version=version, manifest=manifest, threads=threads)
-            _warm_up(mv, [mv.submit])
+            _warm_up(mv, lambda zeros: threads.warm_up(zeros, _WARM_UP_S))
             log.info("model %r version %d loaded in-process in %.2fs (%d threads)", model, version,
                      time.monotonic() - started, self.workers)
             return mv
@@ -291,8 +303,7 @@ class Repository:
                 pipe.close(drain_timeout_s=0)
             raise
         mv = ModelVersion(model=model, version=version, manifest=manifest, pools=pools)
-        _warm_up(mv, [lambda tensors, timeout_s, pipe=pipe: pipe.submit(tensors, timeout_s=timeout_s)
-                      for pipe in pools])
+        _warm_up(mv, lambda zeros: [pipe.submit(zeros, timeout_s=_WARM_UP_S) for pipe in pools])
         log.info("model %r version %d loaded in %.2fs (%d workers)", model, version, time.monotonic() - started,
                  self.workers)
         return mv
@@ -310,15 +321,16 @@ class Repository:
                              name=f"zpipe-drain-{mv.model}-{old.version}").start()
 
 
-def _warm_up(mv: ModelVersion, submits: list) -> None:
-    """Run every worker once on zeros before the version is served: its first request does not pay the first
-    call's cost (TVM resolves kernels and allocates then: ~7 ms here), and a library that loads but fails to run
-    fails the version (the previous one keeps serving) instead of the first real request."""
+def _warm_up(mv: ModelVersion, run_everywhere) -> None:
+    """Run every worker (process or thread) once on zeros before the version is served: its first request does not
+    pay the first call's cost (TVM resolves kernels and allocates then: ~7 ms here), and a library that loads but
+    fails to run fails the version (the previous one keeps serving) instead of the first real request.
+    ``run_everywhere(zeros)`` returns one future per worker."""
     zeros = {t.name: np.zeros(t.shape, np.dtype(t.dtype)) for t in mv.manifest.inputs}
     try:
-        for submit in submits:
-            submit(zeros, timeout_s=_WARM_UP_S).result()
-    except BaseException as exc:
+        for future in run_everywhere(zeros):
+            future.result(timeout=_WARM_UP_S)
+    except Exception as exc:
         mv.close(drain_timeout_s=0)
         raise ArtifactError(f"model {mv.model!r} version {mv.version} loaded but failed its warm-up run on "
                             f"zeros: {exc}") from exc

@@ -9,7 +9,8 @@ destination. A DEALER to the supervisor carries the READY handshake and orders.
 A worker never blocks on a send. Groups can feed each other both ways (a fork's process sends to a branch in
 another process, whose output comes back to the join in the first), so two workers each blocked on sending to the
 other would deadlock. A message that a full link refuses waits in that destination's outbox, flushed when the
-link has room; meanwhile the worker keeps reading. What bounds the queues is the pipeline's ``max_in_flight``.
+link has room; meanwhile the worker keeps reading. What bounds the queues is the pipeline's ``max_in_flight``,
+and a request whose deadline passed while it waited there is dropped (the pipeline has failed it already).
 
 The loop is the one dispatch point: a malformed message or a raising stage costs one request (an ERROR message
 travels downstream in its place, naming the stage), never the worker. Before a stage runs, its name is written to
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import mmap
 import os
 import pickle
@@ -153,7 +155,8 @@ class _Worker:
         self.local: collections.deque[tuple[_Runner, Message]] = collections.deque()  # in-group hand-offs
         self.pulls: dict[zmq.Socket, _Runner] = {}
         self.pushes: dict[str, zmq.Socket] = {}  # destination endpoint -> socket
-        self.outboxes: dict[str, collections.deque] = {}  # destination endpoint -> frames its full link refused
+        self.outboxes: dict[str, collections.deque] = {}  # destination -> (deadline, frames) its full link refused
+        self.expired_in_outbox = 0
         self.board: Board | None = None
         self.marker: _Marker | None = None
         # Asynchronous stages (a remote stand-in) return a Future from handle(); their completions come back
@@ -316,9 +319,12 @@ class _Worker:
                 runner, rid, future = self.done.get_nowait()
             except queue.Empty:
                 break
-            runner.collect(rid, future)
-            while runner.parked and runner.has_room():
-                runner.on_message(runner.parked.popleft())
+            try:
+                runner.collect(rid, future)
+                while runner.parked and runner.has_room():
+                    runner.on_message(runner.parked.popleft())
+            except Exception:
+                log.exception("stage %r: error while finishing request %d", runner.name, rid)
         self._drain_local()
 
     def async_done(self, runner: "_Runner", rid: int, future: Future) -> None:
@@ -334,27 +340,35 @@ class _Worker:
         an offloaded branch is on its way before a local one occupies this process.
         """
         in_memory: list[tuple[_Runner, Message]] = []
-        outbound: list[tuple[str, list]] = []
+        outbound: list[tuple[str, tuple[float, list]]] = []
         for consumer, endpoint, message in batch:
             runner = self.runners.get(consumer)
             if runner is None:
-                outbound.append((endpoint, encode(message, self.plan.limits)))
+                deadline = message.meta.get(DEADLINE)
+                deadline = deadline if isinstance(deadline, (int, float)) else math.inf
+                outbound.append((endpoint, (deadline, encode(message, self.plan.limits))))
                 continue
             tensors = check_message(message, self.plan.limits)
             in_memory.append((runner, Message(kind=message.kind, request_id=message.request_id, meta=message.meta,
                                               tensors={n: _read_only(a) for n, a in tensors.items()})))
         in_memory.sort(key=lambda item: not item[0].is_async)  # stable: asynchronous stages first
         self.local.extend(in_memory)
-        for endpoint, frames in outbound:
-            self.outboxes[endpoint].append(frames)
+        for endpoint, entry in outbound:
+            self.outboxes[endpoint].append(entry)
             self._flush(endpoint)
 
     def _flush(self, endpoint: str) -> None:
         """Send what waits for ``endpoint`` until its link is full (never blocks)."""
         box, sock = self.outboxes[endpoint], self.pushes[endpoint]
+        now = time.monotonic()
         while box:
+            deadline, frames = box[0]
+            if deadline < now:  # waited past its deadline: the pipeline has failed that request already
+                box.popleft()
+                self.expired_in_outbox += 1
+                continue
             try:
-                sock.send_multipart(box[0], copy=False, flags=zmq.NOBLOCK)
+                sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
             box.popleft()
@@ -379,6 +393,8 @@ class _Runner:
         # their late parts are dropped instead of starting a new join.
         self.early = type(stage).runnable is not Stage.runnable
         self.finished: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.finished_floor = -1  # ids at most this were forgotten from `finished`: request ids only grow, and at
+        # most max_in_flight are unanswered, so a part this old belongs to a request that already ran
         self.counts = collections.Counter()
         self.running: dict[int, tuple[dict[str, Any], float]] = {}  # asynchronous runs awaiting their Future
         self.parked: collections.deque[Message] = collections.deque()  # in-memory work waiting for has_room()
@@ -399,7 +415,7 @@ class _Runner:
     # -- joining ---------------------------------------------------------------------------------------------------
     def on_message(self, msg: Message) -> None:
         rid = msg.request_id
-        if rid in self.finished:  # ran already without this part (see Stage.runnable): the late part is dropped
+        if rid in self.finished or rid <= self.finished_floor:  # ran already without this part (Stage.runnable)
             self.counts["late_parts"] += 1
             return
         if msg.kind == Kind.ERROR:
@@ -435,6 +451,9 @@ class _Runner:
         if self._complete(rid, join.tensors, join.skipped):
             del self.joins[rid]
             self._run(rid, join.tensors, join.skipped, join.meta)
+        elif join.error is not None and not self._may_answer(join):  # e.g. the other branch was skipped
+            del self.joins[rid]
+            self._forward_error(rid, join.error)
 
     def _hold_error(self, rid: int, error: Mapping[str, Any]) -> bool:
         """A stage that may run early (the select of a hedged gate) holds a branch's failure while another branch
@@ -447,14 +466,19 @@ class _Runner:
             join = self.joins[rid] = _Join(time.monotonic() + self._join_timeout_s())
         join.lost.update(t for t in tensors if isinstance(t, str))
         join.error = join.error or dict(error)
-        best = {port: None if t in join.lost else t not in join.skipped for port, t in self.slot.inputs}
-        try:
-            if self.stage.runnable(best):  # what still may arrive could make it runnable: wait for it
-                return True
-        except Exception:
-            log.exception("stage %r: runnable() raised", self.name)
+        if self._may_answer(join):
+            return True
         del self.joins[rid]
         return False
+
+    def _may_answer(self, join: _Join) -> bool:
+        """Whether the tensors that may still arrive (none lost, none skipped) could make the stage runnable."""
+        best = {port: None if t in join.lost else t not in join.skipped for port, t in self.slot.inputs}
+        try:
+            return bool(self.stage.runnable(best))
+        except Exception:
+            log.exception("stage %r: runnable() raised", self.name)
+            return False
 
     def _complete(self, rid: int, tensors: Mapping[str, np.ndarray], skipped: set[str]) -> bool:
         """Whether request ``rid`` can run with what has arrived."""
@@ -471,7 +495,7 @@ class _Runner:
             return False
         self.finished[rid] = None
         if len(self.finished) > _FAILED_MEMORY:
-            self.finished.popitem(last=False)
+            self.finished_floor = max(self.finished_floor, self.finished.popitem(last=False)[0])
         return True
 
     def _join_timeout_s(self) -> float:
