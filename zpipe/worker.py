@@ -354,11 +354,17 @@ class _Worker:
         in_memory.sort(key=lambda item: not item[0].is_async)  # stable: asynchronous stages first
         self.local.extend(in_memory)
         for endpoint, entry in outbound:
-            self.outboxes[endpoint].append(entry)
-            self._flush(endpoint)
+            box = self.outboxes[endpoint]
+            if not box:  # nothing waiting: send now, whatever its deadline (the pipeline counts late replies)
+                try:
+                    self.pushes[endpoint].send_multipart(entry[1], copy=False, flags=zmq.NOBLOCK)
+                    continue
+                except zmq.Again:
+                    pass
+            box.append(entry)
 
     def _flush(self, endpoint: str) -> None:
-        """Send what waits for ``endpoint`` until its link is full (never blocks)."""
+        """Send what waits for ``endpoint`` until its link is full (never blocks); drop what waited too long."""
         box, sock = self.outboxes[endpoint], self.pushes[endpoint]
         now = time.monotonic()
         while box:
