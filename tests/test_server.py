@@ -325,6 +325,25 @@ def test_upload_disabled_by_default(built, tmp_path, serve, keys):
     assert not (repo / "affine").exists()
 
 
+def test_without_uploads_a_frame_over_64_mib_is_refused_before_it_is_read(built, tmp_path, serve):
+    """ZeroMQ drops a peer whose frame exceeds the server's bound; only --allow-upload raises it to the upload size."""
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, built["v1"])
+    server = serve(repo)
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.linger = 0
+    raw.connect(server.endpoint)
+    try:
+        big = np.zeros(70 << 18, np.float32)  # 70 MiB
+        send_message(raw, Message(kind=Kind.REQUEST, request_id=1, tensors={"x": big}, meta={"model": "affine"}))
+        assert not raw.poll(2000)  # no reply: the connection was dropped, nothing was read
+    finally:
+        ctx.destroy(linger=0)
+    with RemoteClient(server.endpoint) as c:  # everyone else is served as before
+        np.testing.assert_allclose(c.infer("affine", {"x": x_of(1)})["y"], x_of(3))
+
+
 def test_insecure_configurations_are_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "zpipe", "serve", "--repo", str(tmp_path), "--bind",
                            "tcp://0.0.0.0:*"], capture_output=True, text=True, timeout=30)

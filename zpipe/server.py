@@ -47,6 +47,8 @@ __all__ = ["ServerConfig", "Server"]
 
 log = logging.getLogger(__name__)
 
+_MAX_FRAME_BYTES = 64 << 20  # the largest request frame (tensor) a server takes
+
 
 @dataclass(frozen=True, kw_only=True)
 class ServerConfig:
@@ -121,8 +123,10 @@ class Server:
         self.repository.start(wait=True)
         self._ctx = new_context()
         self._auth = None
-        self.socket = make_socket(self._ctx, zmq.ROUTER, hwm=10_000,
-                                  max_message_bytes=max(self.config.max_upload_bytes, 64 << 20) + (1 << 20))
+        # A peer sending a bigger frame is disconnected by ZeroMQ before anything is read into memory. Uploads
+        # (a whole library in one frame) raise the bound only when they are allowed.
+        largest = max(self.config.max_upload_bytes if self.config.allow_upload else 0, _MAX_FRAME_BYTES)
+        self.socket = make_socket(self._ctx, zmq.ROUTER, hwm=10_000, max_message_bytes=largest + (1 << 20))
         if self.config.server_key is not None:
             from zmq.auth.thread import ThreadAuthenticator
 
