@@ -260,3 +260,23 @@ def test_two_servers_one_killed_traffic_moves_to_the_other(affine, tmp_path, ser
         after = [run_one(pipe, i)[1] for i in range(40)]
     assert {servers[0].endpoint in w for w in before if w} == {True, False}, before  # spread over both
     assert all(servers[1].endpoint in w for w in after[5:] if w), after
+
+
+def test_local_probes_back_off_while_local_is_clearly_worse_but_remote_probes_do_not():
+    p = LatencyPolicy(min_dwell_s=0, probe_interval_s=1.0)
+    p._probes = {"local": 3, "remote": 3}  # past the warm-up probes
+    probes, measured = [], 0.0
+    for step in range(200):  # offloaded: remote 50 ms, local 200 ms (a busy device), measured when probed
+        t = step * 0.1
+        d = p.decide(Signals(now=t, local_service_s=0.2, local_measured_at=measured, remote_rtt_s=0.05,
+                             remote_measured_at=t))
+        if d.reason.startswith("probe local"):
+            probes.append(round(t, 1))
+            measured = t
+    # The sample taken before offloading already showed local 4× worse: 1 s doubled to 2 s, then 4 s (the cap).
+    assert probes[0] == pytest.approx(2.1) and len(probes) == 5, probes
+    assert [b - a for a, b in zip(probes, probes[1:])] == pytest.approx([4.1] * 4, abs=0.15), probes
+    assert p._interval("remote") == 1.0  # remote probes never back off: a recovered link is seen within 1 s
+    p.decide(Signals(now=21.0, local_service_s=0.04, local_measured_at=21.0, remote_rtt_s=0.05,
+                     remote_measured_at=21.0))
+    assert p._interval("local") == 1.0  # local is competitive again: back to the normal interval

@@ -9,7 +9,10 @@ and asks a policy for a :class:`Decision`. Two policies:
   ``min_dwell_s`` old (a side more than twice as fast wins at once). A side that has not been measured for
   ``probe_interval_s`` gets one request (a probe), so estimates never go stale; ``probe_interval_s = 0`` turns
   probing off. With ``hedge = true`` (the default) a probe runs on *both* sides and the first answer wins, so
-  exploring never costs the probed request its latency (the probe's branch still reports its timing).
+  exploring never costs the probed request its latency (the probe's branch still reports its timing). Probes of
+  the local side cost the device's CPU, the scarce thing when offloading: while local keeps measuring more than
+  1.5× the remote time, its probe interval doubles (up to 4×). Remote probes never back off, so a link that
+  recovers is noticed within ``probe_interval_s``.
 * :class:`ThresholdPolicy`: offload while the device is busy (CPU use or backlog above a high mark, until it falls
   below a low mark) unless the link is slow (RTT above ``max_rtt_s``) or failing.
 
@@ -69,6 +72,8 @@ class _Hysteresis:
 
 _WARM_PROBES = 3
 _WARM_INTERVAL_S = 0.2
+_BACKOFF_RATIO = 1.5  # local probes back off while local measures more than this times the remote time
+_MAX_BACKOFF = 4
 
 
 class LatencyPolicy:
@@ -85,6 +90,8 @@ class LatencyPolicy:
         self.state = _Hysteresis(min_dwell_s)
         self._probed: dict[str, float] = {}
         self._probes: dict[str, int] = {}  # probes sent per side: the first few come faster (see _probe_due)
+        self._local_backoff = 1  # multiplies the local probe interval while local is clearly worse
+        self._local_seen: float | None = None  # the local sample the back-off last looked at
 
     @property
     def switches(self) -> int:
@@ -112,6 +119,10 @@ class LatencyPolicy:
                 return self._probe("remote")
         local = s.local_service_s * (s.local_backlog + 1)
         remote = s.remote_rtt_s + self.risk * s.remote_rtt_std_s
+        if self.state.offload and s.local_measured_at != self._local_seen:  # a new local sample (a probe)
+            self._local_seen = s.local_measured_at
+            worse = local > _BACKOFF_RATIO * remote
+            self._local_backoff = min(self._local_backoff * 2, _MAX_BACKOFF) if worse else 1
         why = f"local {local * 1000:.1f} ms vs remote {remote * 1000:.1f} ms"
         # A side twice as fast wins at once: the dwell time damps flapping, it must not hold a clearly bad choice.
         clear = max(local, remote) > 2 * min(local, remote)
@@ -132,8 +143,9 @@ class LatencyPolicy:
         first call), so its first ``_WARM_PROBES`` probes come every ``_WARM_INTERVAL_S`` at most."""
         if not self.probe_interval_s:
             return math.inf  # probing off: one probe of a side never measured, then none
-        warm = self._probes.get(side, 0) < _WARM_PROBES
-        return min(self.probe_interval_s, _WARM_INTERVAL_S) if warm else self.probe_interval_s
+        if self._probes.get(side, 0) < _WARM_PROBES:
+            return min(self.probe_interval_s, _WARM_INTERVAL_S)
+        return self.probe_interval_s * (self._local_backoff if side == "local" else 1)
 
     def _probe_due(self, side: str, now: float) -> bool:
         """At most one probe per side per probe interval (a probe is one request, not every request until the
