@@ -21,9 +21,11 @@ A request the gate routes elsewhere never reaches this stage, so nothing is sent
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import Any, Mapping
 
 import numpy as np
@@ -38,6 +40,11 @@ __all__ = ["RemoteStage"]
 _FALLBACK_REASONS = {"disconnected", "timeout", "refused", "send_error", "busy", "shutting_down", "not_found",
                      "closed", "unreachable"}
 _TRANSPORT_REASONS = {"disconnected", "timeout", "refused", "send_error"}
+# With a fallback, a request whose reply is this overdue also starts locally; the first answer wins ("the tail at
+# scale" hedging): a link that degrades mid-request costs that request the local time, not the slow round trip.
+_HEDGE_FACTOR = 3.0  # x the smoothed round trip
+_HEDGE_SIGMAS = 4.0  # or the round trip plus this many standard deviations, whichever is later
+_HEDGE_MIN_S = 0.02
 
 
 class _Link:
@@ -95,9 +102,13 @@ class RemoteStage(Stage):
         self._links = [_Link(RemoteClient(e, server_key=self.server_key, client_key=self.client_key,
                                           timeout_s=self.timeout_s, heartbeat_s=self.heartbeat_s).start(), e)
                        for e in self.endpoints]
+        self._hedges: list = []  # (when, seq, inputs, outer): requests to start locally if still unanswered then
+        self._hedge_cv = threading.Condition()
+        self._hedge_seq = itertools.count()
         if self.fallback is not None:
             self.fallback.setup()
             self._local = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zpipe-fallback")
+            threading.Thread(target=self._hedge_loop, name="zpipe-hedge", daemon=True).start()
         problems = []
         for link in self._links:
             try:
@@ -138,6 +149,8 @@ class RemoteStage(Stage):
 
     def teardown(self) -> None:
         self._stop.set()
+        with self._hedge_cv:
+            self._hedge_cv.notify()
         for link in self._links:
             link.client.close()
         if self.fallback is not None:
@@ -145,7 +158,8 @@ class RemoteStage(Stage):
             self.fallback.teardown()
 
     def __getstate__(self) -> dict:
-        private = ("_links", "_lock", "_rtt", "_errors", "_local", "_prober", "_stop")
+        private = ("_links", "_lock", "_rtt", "_errors", "_local", "_prober", "_stop", "_hedges", "_hedge_cv",
+                   "_hedge_seq")
         return {k: v for k, v in self.__dict__.items() if k not in private}
 
     # -- requests ------------------------------------------------------------------------------------------------
@@ -159,11 +173,13 @@ class RemoteStage(Stage):
 
     def _attempt(self, inputs: Mapping[str, np.ndarray], deadline: float, outer: Future, tried: set[str],
                  why: str) -> None:
+        if outer.done():  # a hedge answered already: no retry elsewhere
+            return
         remaining = deadline - time.monotonic()
         link = self._pick(tried)
         if remaining <= 0:
-            outer.set_exception(PeerTimeout(f"model {self.model!r} on {self.host!r}: the request's deadline passed"
-                                            + (f" ({why})" if why else ""), reason="timeout"))
+            _settle(outer, exc=PeerTimeout(f"model {self.model!r} on {self.host!r}: the request's deadline passed"
+                                           + (f" ({why})" if why else ""), reason="timeout"))
             return
         if link is None:
             return self._run_locally(inputs, outer, why or self._down_summary())
@@ -186,34 +202,65 @@ class RemoteStage(Stage):
                 exc = f.exception()
                 if exc is None:
                     self._succeeded(link, time.monotonic() - sent)
-                    outer.set_result(Outcome(f.result().outputs, {"at": f"{self.host} ({link.endpoint})"}))
+                    _settle(outer, Outcome(f.result().outputs, {"at": f"{self.host} ({link.endpoint})"}))
                     return
                 reason = getattr(exc, "reason", "error")
                 self._failed(link, reason, str(exc))
                 if reason in _FALLBACK_REASONS:
                     self._attempt(inputs, deadline, outer, tried, f"{reason}: {exc}")
                 else:
-                    outer.set_exception(exc)
+                    _settle(outer, exc=exc)
             except Exception as exc:  # never leave the request without an outcome
-                if not outer.done():
-                    outer.set_exception(exc)
+                _settle(outer, exc=exc)
 
         inner.add_done_callback(done)
+        self._arm_hedge(inputs, outer)
+
+    def _arm_hedge(self, inputs: Mapping[str, np.ndarray], outer: Future) -> None:
+        """With a fallback: start this request locally too if no reply came by ~3 round trips (see _HEDGE_*)."""
+        if self.fallback is None:
+            return
+        with self._lock:
+            mean, std = self._rtt.mean, self._rtt.var ** 0.5
+        if mean is None:
+            return
+        after = max(_HEDGE_FACTOR * mean, mean + _HEDGE_SIGMAS * std, _HEDGE_MIN_S)
+        with self._hedge_cv:
+            heapq.heappush(self._hedges, (time.monotonic() + after, next(self._hedge_seq), inputs, outer, after))
+            self._hedge_cv.notify()
+
+    def _hedge_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._hedge_cv:
+                if not self._hedges:
+                    self._hedge_cv.wait(0.5)
+                    continue
+                when, _, inputs, outer, after = self._hedges[0]
+                if outer.done():
+                    heapq.heappop(self._hedges)
+                    continue
+                if when > time.monotonic():
+                    self._hedge_cv.wait(when - time.monotonic())
+                    continue
+                heapq.heappop(self._hedges)
+            self._run_locally(inputs, outer, f"hedged: no reply from {self.host!r} after {after * 1000:.0f} ms")
 
     def _run_locally(self, inputs: Mapping[str, np.ndarray], outer: Future, reason: str) -> None:
         if self.fallback is None:
-            outer.set_exception(StageError(f"model {self.model!r} on {self.host!r}: {reason}; no local fallback "
-                                           "configured (fallback = true)"))
+            _settle(outer, exc=StageError(f"model {self.model!r} on {self.host!r}: {reason}; no local fallback "
+                                          "configured (fallback = true)"))
             return
         with self._lock:
             self._fallbacks += 1
 
         def run() -> None:
+            if outer.done():  # the server answered while this waited for the local thread
+                return
             try:
                 outputs = self.fallback.process(inputs)
-                outer.set_result(Outcome(outputs, {"at": f"device (fallback: {reason})"}))
+                _settle(outer, Outcome(outputs, {"at": f"device (fallback: {reason})"}))
             except Exception as exc:
-                outer.set_exception(exc)
+                _settle(outer, exc=exc)
 
         self._local.submit(run)
 
@@ -285,3 +332,14 @@ class RemoteStage(Stage):
                     "requests_sent": sum(link.client.requests_sent for link in self._links),
                     "bytes_sent": sum(link.client.bytes_sent for link in self._links),
                     "down": [f"{link.endpoint}: {link.down_reason}" for link in self._links if not link.up]}
+
+
+def _settle(outer: Future, result: Any = None, *, exc: BaseException | None = None) -> None:
+    """Give the request its outcome unless another attempt (a hedge, or the server) already did."""
+    try:
+        if exc is not None:
+            outer.set_exception(exc)
+        else:
+            outer.set_result(result)
+    except InvalidStateError:
+        pass
