@@ -108,6 +108,26 @@ def gated_auto(endpoints: list[str], *, local_s: float, options: str = "", fallb
     """).replace("'", '"'))
 
 
+def remote_with_fallback(endpoint: str, *, host_options: str = "heartbeat_s = 0.2") -> Topology:
+    """One stage on the edge server, with its device twin as the fallback."""
+    return Topology.from_toml(textwrap.dedent(f"""
+    [pipeline]
+    inputs = ["x"]
+    outputs = ["y"]
+    timeout_s = 20
+    [hosts.edge]
+    endpoint = "{endpoint}"
+    {host_options}
+    [stages.remote]
+    kind = "zpipe.testing:Affine"
+    host = "edge"
+    model = "affine"
+    fallback = true
+    inputs = ["x"]
+    outputs = ["y"]
+    """))
+
+
 def run_one(pipe: Pipeline, i: int) -> tuple[int, str]:
     x = np.full(SHAPE, float(i), np.float32)
     result = pipe.submit({"x": x}).result(timeout=30)
@@ -211,23 +231,7 @@ def test_server_killed_mid_stream_every_request_gets_exactly_one_correct_output(
     repo = tmp_path / "repo"
     add_version(repo, "affine", 1, affine)
     server = serve(repo)
-    topo = Topology.from_toml(textwrap.dedent(f"""
-    [pipeline]
-    inputs = ["x"]
-    outputs = ["y"]
-    timeout_s = 20
-    [hosts.edge]
-    endpoint = "{server.endpoint}"
-    timeout_s = 2
-    heartbeat_s = 0.2
-    [stages.remote]
-    kind = "zpipe.testing:Affine"
-    host = "edge"
-    model = "affine"
-    fallback = true
-    inputs = ["x"]
-    outputs = ["y"]
-    """))
+    topo = remote_with_fallback(server.endpoint, host_options="timeout_s = 2\n    heartbeat_s = 0.2")
     with Pipeline(topo) as pipe:
         xs = [np.full(SHAPE, float(i), np.float32) for i in range(400)]
         futures = []
@@ -291,21 +295,7 @@ def test_a_straggling_remote_request_is_hedged_locally_and_answered_once(affine,
     add_version(repo, "affine", 1, affine)
     server = serve(repo)
     with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(server.endpoint), delay_ms=2) as link:
-        topo = Topology.from_toml(textwrap.dedent(f"""
-        [pipeline]
-        inputs = ["x"]
-        outputs = ["y"]
-        [hosts.edge]
-        endpoint = "tcp://127.0.0.1:{link.port}"
-        heartbeat_s = 0
-        [stages.remote]
-        kind = "zpipe.testing:Affine"
-        host = "edge"
-        model = "affine"
-        fallback = true
-        inputs = ["x"]
-        outputs = ["y"]
-        """))
+        topo = remote_with_fallback(f"tcp://127.0.0.1:{link.port}", host_options="heartbeat_s = 0")
         with Pipeline(topo) as pipe:
             for i in range(20):  # the round trip settles at a few ms
                 x = np.full(SHAPE, float(i), np.float32)
