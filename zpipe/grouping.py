@@ -34,7 +34,7 @@ else 1 per compute stage and 0 per light stage.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping
 
 from .errors import TopologyError
@@ -53,12 +53,13 @@ class Grouping:
     """Group name -> its stages (topological order); groups are ordered by their first stage."""
 
     groups: dict[str, tuple[str, ...]]
+    _by_stage: dict[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_stage", {s: g for g, stages in self.groups.items() for s in stages})
 
     def group_of(self, stage: str) -> str:
-        for group, stages in self.groups.items():
-            if stage in stages:
-                return group
-        raise KeyError(stage)
+        return self._by_stage[stage]
 
     def describe(self, group: str) -> str:
         """How errors name a group: by its stage when it has one, else by name and stages."""

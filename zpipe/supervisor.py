@@ -26,7 +26,7 @@ import zmq
 from .errors import PeerTimeout, StageError, ZpipeError
 from .framing import Kind, Message
 from .stage import Stage, resolve_kind
-from .topology import LOCAL_HOST, SINK, StageSpec, Topology
+from .topology import LOCAL_HOST, REQUEST, SINK, StageSpec, Topology
 from .transport import ipc_endpoint, make_socket, recv_message, send_message
 from .grouping import Grouping
 from .worker import StageSlot, WorkerPlan, marker_path, running_stage
@@ -61,12 +61,12 @@ class Supervisor:
         control = self.control.getsockopt_string(zmq.LAST_ENDPOINT)
         self.grouping: Grouping = topology.grouping()
         self.board_dir = os.path.join(rundir, "board")
-        group_of = {stage: group for group, stages in self.grouping.groups.items() for stage in stages}
+        group_of = self.grouping.group_of
         # A stage needs a socket only when something outside its group feeds it (the request, or another group).
         endpoints = {}
         for i, spec in enumerate(topology.stages):
             producers = {topology.producer(t) for t in spec.tensors_in()}
-            if any(p not in group_of or group_of[p] != group_of[spec.name] for p in producers):
+            if any(p == REQUEST or group_of(p) != group_of(spec.name) for p in producers):
                 endpoints[spec.name] = ipc_endpoint(rundir, f"s{i}")
         endpoints[SINK] = sink_endpoint
         self.endpoints = endpoints

@@ -156,7 +156,6 @@ class _Worker:
         self.pulls: dict[zmq.Socket, _Runner] = {}
         self.pushes: dict[str, zmq.Socket] = {}  # destination endpoint -> socket
         self.outboxes: dict[str, collections.deque] = {}  # destination -> (deadline, frames) its full link refused
-        self.expired_in_outbox = 0
         self.board: Board | None = None
         self.marker: _Marker | None = None
         # Asynchronous stages (a remote stand-in) return a Future from handle(); their completions come back
@@ -371,7 +370,6 @@ class _Worker:
             deadline, frames = box[0]
             if deadline < now:  # waited past its deadline: the pipeline has failed that request already
                 box.popleft()
-                self.expired_in_outbox += 1
                 continue
             try:
                 sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
@@ -479,9 +477,12 @@ class _Runner:
 
     def _may_answer(self, join: _Join) -> bool:
         """Whether the tensors that may still arrive (none lost, none skipped) could make the stage runnable."""
-        best = {port: None if t in join.lost else t not in join.skipped for port, t in self.slot.inputs}
+        return self._runnable({port: None if t in join.lost else t not in join.skipped for port, t in self.slot.inputs})
+
+    def _runnable(self, arrived: Mapping[str, bool | None]) -> bool:
+        """Stage.runnable; a hook that raises counts as "not yet" (the stage then waits for all its inputs)."""
         try:
-            return bool(self.stage.runnable(best))
+            return bool(self.stage.runnable(arrived))
         except Exception:
             log.exception("stage %r: runnable() raised", self.name)
             return False
@@ -490,14 +491,8 @@ class _Runner:
         """Whether request ``rid`` can run with what has arrived."""
         if self.needed <= tensors.keys() | skipped:
             return True
-        if not self.early:
-            return False
-        arrived = {port: True if t in tensors else False if t in skipped else None for port, t in self.slot.inputs}
-        try:
-            if not self.stage.runnable(arrived):
-                return False
-        except Exception:
-            log.exception("stage %r: runnable() raised; waiting for all inputs instead", self.name)
+        if not self.early or not self._runnable(
+                {port: True if t in tensors else False if t in skipped else None for port, t in self.slot.inputs}):
             return False
         self.finished[rid] = None
         if len(self.finished) > _FAILED_MEMORY:
