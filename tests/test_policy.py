@@ -70,6 +70,14 @@ def affine(tmp_path_factory):
     return build_affine(tmp_path_factory.mktemp("policy"), "affine", scale=2.0)
 
 
+@pytest.fixture
+def affine_server(affine, tmp_path, serve):
+    """A zpipe serve process whose repository holds the affine model (y = 2x + 1) as version 1."""
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, affine)
+    return serve(repo)
+
+
 def gated_auto(endpoints: list[str], *, local_s: float, options: str = "", fallback: bool = True,
                timeout_s: float = 2.0) -> Topology:
     return Topology.from_toml(textwrap.dedent(f"""
@@ -139,10 +147,8 @@ def switches(xs: list[int]) -> int:
     return sum(a != b for a, b in zip(xs, xs[1:]))
 
 
-def test_policy_offloads_on_a_fast_link_and_goes_local_when_it_slows(affine, tmp_path, serve):
-    repo = tmp_path / "repo"
-    add_version(repo, "affine", 1, affine)
-    server = serve(repo)
+def test_policy_offloads_on_a_fast_link_and_goes_local_when_it_slows(affine_server):
+    server = affine_server
     with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(server.endpoint), delay_ms=3) as link:
         topo = gated_auto([f"tcp://127.0.0.1:{link.port}"], local_s=0.03,
                           options="min_dwell_s = 0.3, probe_interval_s = 1.0")
@@ -161,12 +167,10 @@ def test_policy_offloads_on_a_fast_link_and_goes_local_when_it_slows(affine, tmp
     assert switches(fast[10:]) <= 6 and switches(slow[10:]) <= 12, (fast, slow)  # probes, no flapping
 
 
-def test_hedged_probes_cost_no_latency_and_the_later_answer_is_dropped(affine, tmp_path, serve):
+def test_hedged_probes_cost_no_latency_and_the_later_answer_is_dropped(affine_server):
     """Local 10 ms beats a remote behind 2 × 60 ms: the policy stays local, and its probes of the remote run on
     both sides, so no request waits for the slow link; the remote still gets measured."""
-    repo = tmp_path / "repo"
-    add_version(repo, "affine", 1, affine)
-    server = serve(repo)
+    server = affine_server
     with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(server.endpoint), delay_ms=60) as link:
         topo = gated_auto([f"tcp://127.0.0.1:{link.port}"], local_s=0.01,
                           options="min_dwell_s = 0.2, probe_interval_s = 0.2")
@@ -187,13 +191,11 @@ def test_hedged_probes_cost_no_latency_and_the_later_answer_is_dropped(affine, t
     assert stats["ok"] == 100 and stats["failed"] == 0 and stats["late"] == 0
 
 
-def test_a_hedged_probe_whose_remote_branch_fails_is_answered_by_the_local_one(affine, tmp_path, serve):
+def test_a_hedged_probe_whose_remote_branch_fails_is_answered_by_the_local_one(affine_server):
     """The server's model takes another shape than these requests carry: every remote attempt fails at once, long
     before the local branch answers (50 ms). Probes are hedged, so the select holds the remote failure until the
     local answer comes: no request fails."""
-    repo = tmp_path / "repo"
-    add_version(repo, "affine", 1, affine)
-    server = serve(repo)
+    server = affine_server
     topo = gated_auto([server.endpoint], local_s=0.05, fallback=False,
                       options="min_dwell_s = 0.2, probe_interval_s = 0.2")
     with Pipeline(topo) as pipe:
@@ -211,10 +213,8 @@ def test_a_hedged_probe_whose_remote_branch_fails_is_answered_by_the_local_one(a
     assert all(r.meta["x:gate"] == 0 for r in results)
 
 
-def test_policy_offloads_when_the_device_is_busy(affine, tmp_path, serve):
-    repo = tmp_path / "repo"
-    add_version(repo, "affine", 1, affine)
-    server = serve(repo)
+def test_policy_offloads_when_the_device_is_busy(affine_server):
+    server = affine_server
     with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(server.endpoint), delay_ms=20) as link:
         topo = gated_auto([f"tcp://127.0.0.1:{link.port}"], local_s=0.02,
                           options="min_dwell_s = 0.2, probe_interval_s = 1.0")
@@ -227,10 +227,8 @@ def test_policy_offloads_when_the_device_is_busy(affine, tmp_path, serve):
     assert sum(burst) >= 100, f"only {sum(burst)} of 200 offloaded while the device was saturated"
 
 
-def test_server_killed_mid_stream_every_request_gets_exactly_one_correct_output(affine, tmp_path, serve):
-    repo = tmp_path / "repo"
-    add_version(repo, "affine", 1, affine)
-    server = serve(repo)
+def test_server_killed_mid_stream_every_request_gets_exactly_one_correct_output(affine_server):
+    server = affine_server
     topo = remote_with_fallback(server.endpoint, host_options="timeout_s = 2\n    heartbeat_s = 0.2")
     with Pipeline(topo) as pipe:
         xs = [np.full(SHAPE, float(i), np.float32) for i in range(400)]
@@ -288,12 +286,10 @@ def test_local_probes_back_off_while_local_is_clearly_worse_but_remote_probes_do
     assert p._interval("local") == 1.0  # local is competitive again: back to the normal interval
 
 
-def test_a_straggling_remote_request_is_hedged_locally_and_answered_once(affine, tmp_path, serve):
+def test_a_straggling_remote_request_is_hedged_locally_and_answered_once(affine_server):
     """With fallback = true, a request whose reply is ~3 round trips overdue also starts on the device: when the
     link slows down mid-stream, that request costs the local time, not the slow round trip, and ends exactly once."""
-    repo = tmp_path / "repo"
-    add_version(repo, "affine", 1, affine)
-    server = serve(repo)
+    server = affine_server
     with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(server.endpoint), delay_ms=2) as link:
         topo = remote_with_fallback(f"tcp://127.0.0.1:{link.port}", host_options="heartbeat_s = 0")
         with Pipeline(topo) as pipe:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -195,15 +196,24 @@ def test_health_exit_codes(built, tmp_path, serve):
     assert dead.returncode == 1 and "no connection established" in dead.stdout
 
 
+@contextlib.contextmanager
+def raw_dealer(endpoint: str):
+    """A bare DEALER socket connected to a server: sends what RemoteClient never would."""
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.linger = 0
+    raw.connect(endpoint)
+    try:
+        yield raw
+    finally:
+        ctx.destroy(linger=0)
+
+
 def test_bad_requests_get_precise_errors_and_the_server_keeps_serving(built, tmp_path, serve):
     repo = tmp_path / "repo"
     add_version(repo, "affine", 1, built["v1"])
     server = serve(repo)
-    ctx = zmq.Context()
-    raw = ctx.socket(zmq.DEALER)
-    raw.linger = 0
-    raw.connect(server.endpoint)
-    try:
+    with raw_dealer(server.endpoint) as raw:
         raw.send_multipart([b"garbage", b"\x00\x01"])
         assert raw.poll(10_000)
         _, reply = recv_message(raw)
@@ -219,9 +229,6 @@ def test_bad_requests_get_precise_errors_and_the_server_keeps_serving(built, tmp
         assert raw.poll(10_000)
         _, reply = recv_message(raw)
         assert reply.request_id == 6 and reply.meta["error"] == "timeout" and "not run" in reply.meta["message"]
-    finally:
-        raw.close()
-        ctx.term()
     with RemoteClient(server.endpoint) as c:
         with pytest.raises(RequestFailed, match="not_found: model 'nope' is not available") as info:
             c.infer("nope", {"x": x_of(1)})
@@ -314,16 +321,10 @@ def test_without_uploads_a_frame_over_64_mib_is_refused_before_it_is_read(built,
     repo = tmp_path / "repo"
     add_version(repo, "affine", 1, built["v1"])
     server = serve(repo)
-    ctx = zmq.Context()
-    raw = ctx.socket(zmq.DEALER)
-    raw.linger = 0
-    raw.connect(server.endpoint)
-    try:
+    with raw_dealer(server.endpoint) as raw:
         big = np.zeros(70 << 18, np.float32)  # 70 MiB
         send_message(raw, Message(kind=Kind.REQUEST, request_id=1, tensors={"x": big}, meta={"model": "affine"}))
         assert not raw.poll(2000)  # no reply: the connection was dropped, nothing was read
-    finally:
-        ctx.destroy(linger=0)
     with RemoteClient(server.endpoint) as c:  # everyone else is served as before
         np.testing.assert_allclose(c.infer("affine", {"x": x_of(1)})["y"], x_of(3))
 

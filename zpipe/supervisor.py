@@ -25,10 +25,10 @@ import zmq
 
 from .errors import PeerTimeout, StageError, ZpipeError
 from .framing import Kind, Message
+from .grouping import Grouping
 from .stage import Stage, resolve_kind
 from .topology import LOCAL_HOST, REQUEST, SINK, StageSpec, Topology
 from .transport import ipc_endpoint, make_socket, recv_message, send_message
-from .grouping import Grouping
 from .worker import StageSlot, WorkerPlan, marker_path, running_stage
 
 __all__ = ["Supervisor"]
