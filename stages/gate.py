@@ -88,8 +88,9 @@ class GateStage(Stage):
                 raise TopologyError(f"gate {name!r} routes nothing to its {branch!r} branch; add a "
                                     f"'{branch}.<input>' output")
 
-    def decide(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> tuple[bool, str]:
-        """(True, why) for the then-branch (X == 1), (False, why) for the else-branch (X == 0)."""
+    def decide(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> tuple[bool, str, bool]:
+        """(offload, why, hedge): offload is True for the then-branch (X == 1); hedge (policy probes only) sends
+        the request down both branches. X the request brings wins over the policy."""
         if self.meta_key is not None and self.meta_key in meta:
             value, where = meta[self.meta_key], f"meta {self.meta_key!r}"
         elif self.control in inputs and inputs[self.control] is not None:
@@ -100,15 +101,15 @@ class GateStage(Stage):
             value = array.reshape(-1)[0].item()
         elif self._policy is not None:
             decision = self._policy.decide(self._signals())
-            return decision.offload, f"policy: {decision.reason}"
+            return decision.offload, f"policy: {decision.reason}", decision.hedge
         else:
             raise StageError(f"gate: the request carries no meta {self.meta_key!r} and no control input")
         if isinstance(value, bool) or value in (0, 1):
-            return bool(value), f"given by {where}"
+            return bool(value), f"given by {where}", False
         raise StageError(f"gate {where} is {value!r}; X must be 0 (local branch) or 1 (remote branch)")
 
     def handle(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Outcome:
-        offload, why, hedge = self._choose(inputs, meta)
+        offload, why, hedge = self.decide(inputs, meta)
         branches = _BRANCHES if hedge else ("then" if offload else "else",)
         if self._policy is not None:
             for branch in branches:
@@ -116,16 +117,6 @@ class GateStage(Stage):
         outputs = {f"{branch}.{port}": array for branch in branches
                    for port, array in inputs.items() if port != self.control}
         return Outcome(outputs, {"x": int(offload), "why": why, **({"hedge": 1} if hedge else {})})
-
-    def _choose(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> tuple[bool, str, bool]:
-        if self._policy is not None and not self._given(inputs, meta):
-            decision = self._policy.decide(self._signals())
-            return decision.offload, f"policy: {decision.reason}", decision.hedge
-        return (*self.decide(inputs, meta), False)
-
-    def _given(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bool:
-        """Whether the request brings X itself (meta or control input) rather than leaving it to the policy."""
-        return (self.meta_key is not None and self.meta_key in meta) or inputs.get(self.control) is not None
 
     def process(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.handle(inputs, {}).outputs
