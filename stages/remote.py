@@ -102,7 +102,7 @@ class RemoteStage(Stage):
         self._links = [_Link(RemoteClient(e, server_key=self.server_key, client_key=self.client_key,
                                           timeout_s=self.timeout_s, heartbeat_s=self.heartbeat_s).start(), e)
                        for e in self.endpoints]
-        self._hedges: list = []  # (when, seq, inputs, outer): requests to start locally if still unanswered then
+        self._hedges: list = []  # heap of (when, seq, inputs, outer, after): start locally if unanswered by then
         self._hedge_cv = threading.Condition()
         self._hedge_seq = itertools.count()
         if self.fallback is not None:
@@ -225,9 +225,11 @@ class RemoteStage(Stage):
         if mean is None:
             return
         after = max(_HEDGE_FACTOR * mean, mean + _HEDGE_SIGMAS * std, _HEDGE_MIN_S)
+        entry = (time.monotonic() + after, next(self._hedge_seq), inputs, outer, after)
         with self._hedge_cv:
-            heapq.heappush(self._hedges, (time.monotonic() + after, next(self._hedge_seq), inputs, outer, after))
-            self._hedge_cv.notify()
+            heapq.heappush(self._hedges, entry)
+            if self._hedges[0] is entry:  # only an earlier wake-up than the one already planned needs a notify
+                self._hedge_cv.notify()
 
     def _hedge_loop(self) -> None:
         while not self._stop.is_set():
