@@ -23,6 +23,10 @@ class TvmStage(Stage):
     manifest (dtype and shape) and copied into 64-byte-aligned buffers that the stage owns and reuses for every
     request (TVM needs the alignment; received frames do not have it). The copy is one memcpy; reuse avoids paying
     first-touch page faults on every request.
+
+    Outputs are not copied: each is a read-only numpy view of the tensor the VM returned (DLPack), which stays alive
+    as long as the view does. An output that is one of the staging buffers (a model that returns an input as it is)
+    is copied, since the next request overwrites those.
     """
 
     path_params = ("library", "manifest")
@@ -62,7 +66,16 @@ class TvmStage(Stage):
         if len(values) != len(self.manifest.outputs):
             raise StageError(f"library {self.library!r} returned {len(values)} outputs, manifest lists "
                              f"{len(self.manifest.outputs)}", stage=self.manifest.name)
-        return {spec.name: value.numpy() for spec, value in zip(self.manifest.outputs, values)}
+        return {spec.name: self._to_numpy(value) for spec, value in zip(self.manifest.outputs, values)}
+
+    def _to_numpy(self, value) -> np.ndarray:
+        if self.device != "cpu":
+            return value.numpy()
+        array = np.from_dlpack(value)
+        if any(np.may_share_memory(array, buffer) for buffer in self._staging.values()):
+            return array.copy()
+        array.flags.writeable = False  # it may be the VM's constant, or travel zero-copy: nobody writes to it
+        return array
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("_tvm", "_vm", "_fn", "_staging", "_dev_inputs")}

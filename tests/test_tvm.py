@@ -74,3 +74,34 @@ def test_zpipe_demo_command(tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert "matches the whole model run in one process" in proc.stdout
     assert (tmp_path / "model" / "topology.toml").exists() and (tmp_path / "demo.onnx").exists()
+
+
+def _export(tmp_path, name, forward):
+    from tvm.relax.frontend import nn
+
+    from zpipe.compile import export_stage
+
+    module = type(name, (nn.Module,), {"forward": lambda self, x: forward(x)})
+    mod, _ = module().export_tvm({"forward": {"x": nn.spec.Tensor((1, 4096), "float32")}})
+    export_stage(mod, name=name, out_dir=tmp_path / name, function="forward", input_names=["x"], output_names=["y"])
+    return tmp_path / name / f"{name}.so"
+
+
+def test_tvm_stage_outputs_are_read_only_views_and_never_alias_the_next_input(tmp_path):
+    from stages.tvm import TvmStage
+
+    affine = TvmStage(library=str(_export(tmp_path, "affine", lambda x: x * 2.0 + 1.0)))
+    identity = TvmStage(library=str(_export(tmp_path, "identity", lambda x: x)))
+    for stage in (affine, identity):
+        stage.setup()
+    ones, twos = np.ones((1, 4096), np.float32), np.full((1, 4096), 2, np.float32)
+
+    y = affine.process({"x": ones})["y"]
+    assert not y.flags.writeable and not y.flags.owndata  # the VM's own tensor, not a copy
+    affine.process({"x": twos})
+    assert np.array_equal(y, np.full((1, 4096), 3, np.float32))  # a later request left it alone
+
+    # A model that returns its input returns the stage's staging buffer: that one must be copied.
+    first = identity.process({"x": ones})["y"]
+    identity.process({"x": twos})
+    assert np.array_equal(first, ones)
