@@ -242,6 +242,56 @@ def test_bad_requests_get_precise_errors_and_the_server_keeps_serving(built, tmp
         np.testing.assert_allclose(c.infer("affine", {"x": x_of(2)})["y"], x_of(5))
 
 
+@pytest.mark.parametrize("inline_ms", ["1", "0"])
+def test_an_idle_thread_server_runs_fast_models_on_its_loop(built, tmp_path, serve, inline_ms):
+    """Two thread hand-offs cost more than a small model: an idle server runs it on its own loop (unless told not
+    to). The first request goes to a model thread, which measures how long the model takes."""
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, built["v1"])
+    server = serve(repo, "--isolation", "thread", "--inline-ms", inline_ms)
+    with RemoteClient(server.endpoint) as c:
+        for i in range(30):
+            np.testing.assert_allclose(c.infer("affine", {"x": x_of(i)})["y"], x_of(2 * i + 1))
+        stats = c.stats()
+    assert stats["requests"] == 30
+    if inline_ms == "0":
+        assert stats["run_on_loop"] == 0
+    else:
+        assert 10 <= stats["run_on_loop"] <= 29
+
+
+def test_blocking_infer_never_takes_a_late_reply_and_works_from_many_threads(built, tmp_path, serve):
+    """infer() waits on the caller's thread on a connection of its own: a reply that comes after its request's
+    deadline must not be taken as the answer to the next request."""
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, built["v1"])
+    server = serve(repo, "--isolation", "thread")
+    with RemoteClient(server.endpoint) as c:
+        np.testing.assert_allclose(c.infer("affine", {"x": x_of(1)})["y"], x_of(3))
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(PeerTimeout, match="did not answer"):
+                c.infer("affine", {"x": x_of(2)}, timeout_s=0.5)
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        np.testing.assert_allclose(c.infer("affine", {"x": x_of(3)})["y"], x_of(7))  # not x_of(5), the late one
+        outputs: dict[int, np.ndarray] = {}
+
+        def caller(k: int) -> None:
+            for i in range(20):
+                outputs[k * 100 + i] = c.infer("affine", {"x": x_of(k * 100 + i)})["y"]
+
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert sorted(outputs) == sorted(k * 100 + i for k in range(4) for i in range(20))
+        for n, y in outputs.items():
+            np.testing.assert_allclose(y, x_of(2 * n + 1))
+        assert c.requests_sent == 83
+
+
 def test_sigterm_drains_requests_in_flight(built, tmp_path, serve):
     repo = tmp_path / "repo"
     add_version(repo, "affine", 1, built["v1"])

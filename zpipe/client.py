@@ -6,7 +6,8 @@
         server.upload("branch_a", "build/branch_a.so")          # needs an authorised key and --allow-upload
 
 One I/O thread owns the socket: callers queue messages and wake it through a pipe, replies are matched to futures
-by request id. Every request ends: with its outputs, with the server's error (``reason`` is its code), with
+by request id. ``infer`` (blocking) skips both thread hand-offs when it can: one caller at a time sends on a second
+connection of its own and waits for the reply on its own thread (others take the queue). Every request ends: with its outputs, with the server's error (``reason`` is its code), with
 ``PeerTimeout`` at its deadline, or at once when the connection is lost or the server refuses our key (the socket
 monitor sees the failed handshake; plain ZeroMQ would hang silently).
 """
@@ -86,6 +87,10 @@ class RemoteClient:
         self._stop = False
         self.bytes_sent = 0  # tensor bytes this client sent (the device-side count for the gate's X==0 proof)
         self.requests_sent = 0
+        self._direct_lock = threading.Lock()  # held by the one caller using the direct connection
+        self._direct: zmq.Socket | None = None
+        self._disconnects = 0  # connections lost so far (a direct caller waiting across one gives up)
+        self._break_reason = ""
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def start(self) -> "RemoteClient":
@@ -93,7 +98,13 @@ class RemoteClient:
             return self
         self._ctx = new_context()
         self._waker = Waker()
-        sock = make_socket(self._ctx, zmq.DEALER, hwm=self.hwm, identity=self.identity.encode())
+        self._sock = self._connect(self.identity, hwm=self.hwm, monitored=True)
+        self._thread = threading.Thread(target=self._io_loop, name="zpipe-client", daemon=True)
+        self._thread.start()
+        return self
+
+    def _connect(self, identity: str, *, hwm: int, monitored: bool = False) -> zmq.Socket:
+        sock = make_socket(self._ctx, zmq.DEALER, hwm=hwm, identity=identity.encode())
         # Queue messages only on a completed connection: while there is none (server down, handshake refused),
         # requests wait in our own backlog, where their deadlines can end them and they are never sent late.
         sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -103,12 +114,10 @@ class RemoteClient:
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl_ms)
         if self.server_key is not None:
             curve_client(sock, self.server_key, self.client_key)
-        self._monitor = sock.get_monitor_socket(_MONITORED)
+        if monitored:
+            self._monitor = sock.get_monitor_socket(_MONITORED)
         sock.connect(self.endpoint)
-        self._sock = sock
-        self._thread = threading.Thread(target=self._io_loop, name="zpipe-client", daemon=True)
-        self._thread.start()
-        return self
+        return sock
 
     def close(self) -> None:
         if self._thread is None:
@@ -116,6 +125,11 @@ class RemoteClient:
         self._stop = True
         self._waker.wake()
         self._thread.join(timeout=5.0)
+        if self._direct_lock.acquire(timeout=5.0):  # a direct caller sees _stop within one poll slice
+            if self._direct is not None:
+                self._direct.close(linger=0)
+                self._direct = None
+            self._direct_lock.release()
         self._fail_all(PipelineClosed, "the client was closed")
         self._ctx.destroy(linger=0)
         self._waker.close()
@@ -131,20 +145,89 @@ class RemoteClient:
     def submit(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None,
                timeout_s: float | None = None, meta: Mapping[str, Any] | None = None) -> Future:
         """Send one inference request; the future resolves to a :class:`~zpipe.Result` or raises."""
+        message, timeout = self._request(model, inputs, version, timeout_s, meta)
+        future = self._send(message, timeout, f"model {model!r}")
+        self._count(message)
+        return future
+
+    def infer(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None,
+              timeout_s: float | None = None, meta: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """Run one request and wait for its outputs; raises like ``submit(...).result()``."""
+        if not self._direct_lock.acquire(blocking=False):  # another caller is on the direct connection
+            return self.submit(model, inputs, version=version, timeout_s=timeout_s, meta=meta).result().outputs
+        try:
+            message, timeout = self._request(model, inputs, version, timeout_s, meta)
+            return self._call_direct(message, timeout, f"model {model!r}").outputs
+        finally:
+            self._direct_lock.release()
+
+    def _request(self, model: str, inputs: Mapping[str, Any], version: int | None, timeout_s: float | None,
+                 meta: Mapping[str, Any] | None) -> tuple[Message, float]:
         tensors = {name: check_tensor(name, array) for name, array in inputs.items()}
         timeout = self.timeout_s if timeout_s is None else timeout_s
         request_meta = {**(meta or {}), "model": model, "timeout_ms": timeout * 1000}
         if version is not None:
             request_meta["version"] = version
-        future = self._send(Message(kind=Kind.REQUEST, request_id=0, tensors=tensors, meta=request_meta), timeout,
-                            f"model {model!r}")
+        return Message(kind=Kind.REQUEST, request_id=0, tensors=tensors, meta=request_meta), timeout
+
+    def _count(self, message: Message) -> None:
         with self._lock:
             self.requests_sent += 1
-            self.bytes_sent += sum(a.nbytes for a in tensors.values())
-        return future
+            self.bytes_sent += sum(a.nbytes for a in message.tensors.values())
 
-    def infer(self, model: str, inputs: Mapping[str, Any], **kw: Any) -> dict[str, np.ndarray]:
-        return self.submit(model, inputs, **kw).result().outputs
+    def _call_direct(self, message: Message, timeout_s: float, what: str) -> Result:
+        """Send and wait on the caller's thread, on the client's second connection (held by ``_direct_lock``).
+        The I/O thread still watches the main connection: a refusal or a lost connection ends the wait at once."""
+        self._check_open()
+        if self._direct is None:
+            self._direct = self._connect(f"{self.identity}.direct", hwm=16)
+        sock = self._direct
+        rid = message.request_id = next(self._ids)
+        sent = time.monotonic()
+        deadline = sent + timeout_s
+        disconnects = self._disconnects
+        sending = True
+        while True:
+            self._check_open()
+            if self._disconnects != disconnects:
+                raise RequestFailed(f"request {rid}: {self._break_reason}", request_id=rid, reason="disconnected")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                state = "connected" if self.connected else "no connection established"
+                raise PeerTimeout(f"server {self.endpoint} did not answer request {rid} ({what}) within "
+                                  f"{timeout_s:g}s ({state})", request_id=rid, stage=what, reason="timeout")
+            if not sock.poll(min(left, 0.05) * 1000, zmq.POLLOUT if sending else zmq.POLLIN):
+                continue
+            if sending:  # the connection is up and has room (IMMEDIATE: never queued on a missing one)
+                try:
+                    send_message(sock, message, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    continue
+                except (zmq.ZMQError, FramingError) as exc:
+                    raise RequestFailed(f"request {rid} to {self.endpoint}: could not be sent: {exc}",
+                                        request_id=rid, reason="send_error") from None
+                self._count(message)
+                sending = False
+                continue
+            try:
+                _, reply = recv_message(sock, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            except FramingError as exc:
+                log.warning("malformed reply from %s: %s", self.endpoint, exc)
+                continue
+            if reply.request_id != rid:
+                continue  # a late reply to an earlier direct request that timed out
+            outcome = self._outcome(reply, what, sent)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+    def _check_open(self) -> None:
+        if self._thread is None or self._stop:
+            raise PipelineClosed("the client is not started (use start() or a with-block)")
+        if self.refused:
+            raise ServerRefused(self.refused, reason="refused")
 
     def health(self, timeout_s: float = 5.0) -> dict[str, Any]:
         """The server's health answer: live, ready, models and their state/version/error."""
@@ -179,10 +262,7 @@ class RemoteClient:
         return dict(reply.meta)
 
     def _send(self, message: Message, timeout_s: float, what: str, *, raw: bool = False) -> Future:
-        if self._thread is None or self._stop:
-            raise PipelineClosed("the client is not started (use start() or a with-block)")
-        if self.refused:
-            raise ServerRefused(self.refused, reason="refused")
+        self._check_open()
         future: Future = Future()
         future.set_running_or_notify_cancel()
         rid = next(self._ids)
@@ -254,16 +334,21 @@ class RemoteClient:
             pending = self._pending.get(msg.request_id)
         if pending is None:
             return True  # a late reply for a request that already ended
+        outcome = self._outcome(msg, pending.what, pending.sent)
+        if isinstance(outcome, Exception):
+            self._finish(msg.request_id, exc=outcome)
+        else:
+            self._finish(msg.request_id, result=outcome, reply=msg)
+        return True
+
+    def _outcome(self, msg: Message, what: str, sent: float) -> Result | RequestFailed:
         if msg.kind == Kind.ERROR:
             code, text = msg.meta.get("error", "error"), msg.meta.get("message", "")
             cls = PeerTimeout if code == "timeout" else RequestFailed
-            self._finish(msg.request_id, exc=cls(f"{self.endpoint} ({pending.what}): {code}: {text}",
-                                                 request_id=msg.request_id, stage=pending.what, reason=code))
-        else:
-            self._finish(msg.request_id, result=Result(request_id=msg.request_id, outputs=msg.tensors,
-                                                       latency_s=time.monotonic() - pending.sent,
-                                                       meta=dict(msg.meta)), reply=msg)
-        return True
+            return cls(f"{self.endpoint} ({what}): {code}: {text}", request_id=msg.request_id, stage=what,
+                       reason=code)
+        return Result(request_id=msg.request_id, outputs=msg.tensors, latency_s=time.monotonic() - sent,
+                      meta=dict(msg.meta))
 
     def _on_monitor(self) -> None:
         while self._monitor.poll(0):
@@ -282,12 +367,17 @@ class RemoteClient:
             elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 # The connection broke off during the handshake: a cut link, a server going down, or a server key
                 # that does not match. Not a definite refusal: ZeroMQ keeps retrying.
-                self._fail_all(RequestFailed, f"handshake with {self.endpoint} broke off (link cut, server down, "
-                                              "or wrong server key)", reason="disconnected")
+                self._broke(f"handshake with {self.endpoint} broke off (link cut, server down, or wrong server "
+                            "key)")
             elif event == zmq.EVENT_DISCONNECTED and self.connected:
                 self.connected = False
                 # ZeroMQ silently loses what was in flight on a broken connection: fail it now, with a reason.
-                self._fail_all(RequestFailed, f"connection to {self.endpoint} lost", reason="disconnected")
+                self._broke(f"connection to {self.endpoint} lost")
+
+    def _broke(self, text: str) -> None:
+        self._break_reason = text
+        self._disconnects += 1  # after the reason: a direct caller that sees the count change reads it
+        self._fail_all(RequestFailed, text, reason="disconnected")
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -14,6 +14,7 @@ keeps serving; it is retried only when its directory changes.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,8 +40,8 @@ class ModelVersion:
     """One loaded version of a model: its manifest and where it runs.
 
     ``pools``: single-stage pipelines, one worker process each (isolation: a crash in native code costs a
-    worker, not the server). ``threads``: an executor in the server process, one stage instance per thread (TVM
-    releases the GIL while it computes, measured here), which saves two ipc hops per request.
+    worker, not the server). ``threads``: stage instances in the server process, run on a thread pool or by the
+    server's loop itself (TVM releases the GIL while it computes, measured here): no ipc hops.
     """
 
     model: str
@@ -68,41 +69,35 @@ class ModelVersion:
 
 
 class _InProcess:
-    """Runs a stage in the server's own process on a few threads, each with its own stage instance."""
+    """Runs a stage in the server's own process: ``threads`` stage instances, each running one request at a time,
+    and a thread pool of that size. The server's loop may also run a request itself on an idle instance
+    (:meth:`run_here`): for a fast model, the two thread hand-offs cost more than the model."""
+
+    _SMOOTHING = 0.2  # weight of the newest run time in ``run_s``
 
     def __init__(self, stage_factory, *, threads: int, max_in_flight: int) -> None:
-        self._factory = stage_factory
-        self._local = threading.local()
         self._lock = threading.Lock()
         self._in_flight = 0
         self._max = max_in_flight
         self._closed = False
-        self._threads = threads
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zpipe-model")
         self._stages: list = []
-        # Load once now, so a broken library fails the version here (and keeps the old one serving).
-        self._pool.submit(self._stage).result()
-
-    def _stage(self):
-        stage = getattr(self._local, "stage", None)
-        if stage is None:
-            stage = self._factory()
-            stage.setup()
-            self._local.stage = stage
-            with self._lock:
+        try:  # all built now, so a broken library fails the version here (and the old one keeps serving)
+            for _ in range(threads):
+                stage = stage_factory()
+                stage.setup()
                 self._stages.append(stage)
-        return stage
+        except BaseException:
+            self._teardown()
+            raise
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        for stage in self._stages:
+            self._idle.put(stage)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zpipe-model")
+        self.run_s: float | None = None  # smoothed time of one request, once one has run
 
     def warm_up(self, tensors: dict, timeout_s: float) -> list[Future]:
-        """Run ``tensors`` once on every thread (each has its own stage instance): all threads are held at a
-        barrier until each has taken one task, so no thread takes two."""
-        barrier = threading.Barrier(self._threads)
-
-        def task():
-            barrier.wait(timeout_s)
-            return self._stage().process(tensors)
-
-        return [self._pool.submit(task) for _ in range(self._threads)]
+        """Run ``tensors`` once on every stage instance, on the pool's threads."""
+        return [self._pool.submit(stage.process, tensors) for stage in self._stages]
 
     def submit(self, tensors: dict, timeout_s: float) -> Future:
         with self._lock:
@@ -114,23 +109,56 @@ class _InProcess:
             # Inside the lock: close() cannot shut the executor down between the check and the submit.
             return self._pool.submit(self._run, tensors, time.monotonic() + timeout_s)
 
-    def _run(self, tensors: dict, deadline: float) -> Result:
+    def run_here(self, tensors: dict, deadline: float) -> Result | None:
+        """Run one request on the calling thread if a stage instance is idle; None (nothing run) if none is."""
+        with self._lock:
+            if self._closed:
+                raise PipelineClosed("this model version was replaced or the server is stopping")
+            try:
+                stage = self._idle.get_nowait()
+            except queue.Empty:
+                return None
+            self._in_flight += 1
         try:
-            started = time.monotonic()
-            if started > deadline:
-                raise PeerTimeout("the request's deadline passed before a thread was free; not run",
-                                  reason="timeout")
-            outputs = self._stage().process(tensors)
-            return Result(request_id=0, outputs=outputs, latency_s=time.monotonic() - started)
+            return self._process(stage, tensors, deadline)
         finally:
-            with self._lock:
-                self._in_flight -= 1
+            self._release(stage)
+
+    def _run(self, tensors: dict, deadline: float) -> Result:
+        """A pool thread's task (counted in ``_in_flight`` by submit)."""
+        stage = self._idle.get()  # only the loop's run_here can hold one past this pool's size, briefly
+        try:
+            return self._process(stage, tensors, deadline)
+        finally:
+            self._release(stage)
+
+    def _process(self, stage, tensors: dict, deadline: float) -> Result:
+        started = time.monotonic()
+        if started > deadline:
+            raise PeerTimeout("the request's deadline passed before a thread was free; not run", reason="timeout")
+        outputs = stage.process(tensors)
+        elapsed = time.monotonic() - started
+        self.run_s = elapsed if self.run_s is None else self.run_s + self._SMOOTHING * (elapsed - self.run_s)
+        return Result(request_id=0, outputs=outputs, latency_s=elapsed)
+
+    def _release(self, stage) -> None:
+        self._idle.put(stage)
+        with self._lock:
+            self._in_flight -= 1
 
     def close(self, drain_timeout_s: float) -> None:
         with self._lock:
             self._closed = True
             self._pool.shutdown(wait=False)  # no new work from here on; what is queued still runs
         self._pool.shutdown(wait=True)  # the drain: running and queued requests finish
+        for _ in self._stages:  # and a request the server's loop is running itself (run_here)
+            try:
+                self._idle.get(timeout=max(drain_timeout_s, 1.0))
+            except queue.Empty:
+                log.warning("a stage instance was still running at the end of the drain")
+        self._teardown()
+
+    def _teardown(self) -> None:
         for stage in self._stages:
             try:
                 stage.teardown()

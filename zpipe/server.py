@@ -59,6 +59,7 @@ class ServerConfig:
     bind: str = "tcp://127.0.0.1:5555"
     workers: int = 1
     isolation: str = "process"  # "thread": run models in the server process (faster, no crash isolation)
+    inline_ms: float = 1.0  # thread isolation: an idle server runs a model this fast on its loop (0: never)
     max_queue: int = 1024
     max_in_flight: int = 64
     default_timeout_s: float = 30.0
@@ -86,6 +87,8 @@ class ServerConfig:
                              "Configure keys (zpipe keygen; --server-key, --clients) or pass --insecure")
         if self.workers < 1 or self.max_queue < 1:
             raise ZpipeError("workers and max_queue must be >= 1")
+        if not self.inline_ms >= 0:
+            raise ZpipeError(f"inline_ms must be >= 0, got {self.inline_ms!r}")
 
 
 @dataclass
@@ -271,19 +274,35 @@ class Server:
                     continue
                 try:
                     mv = self.repository.get(model, item.version)
+                    if self._may_run_here(mv):
+                        result = mv.threads.run_here(item.message.tensors, item.deadline)
+                        if result is not None:
+                            q.popleft()
+                            self.metrics.ran_on_loop(model)
+                            self._answer(item, mv.version, result=result)
+                            continue
                     future = mv.submit(item.message.tensors, timeout_s=item.deadline - now)
                 except (Busy, PipelineClosed):
                     break  # saturated, or a swap closed this version in between: keep the queue, retry soon
-                except Exception as exc:  # no version, dead workers, or anything else: answer, never crash
+                except Exception as exc:  # no version, a failed run, or anything else: answer, never crash
                     q.popleft()
-                    code = "not_found" if isinstance(exc, ArtifactError) else "stage_error"
-                    self._reply_error(item.envelope, item.message.request_id, code, str(exc))
+                    if isinstance(exc, ArtifactError):
+                        self._reply_error(item.envelope, item.message.request_id, "not_found", str(exc))
+                    else:
+                        self._answer(item, None, exc=exc)
                     continue
                 q.popleft()
                 self._in_flight += 1
                 self._running[id(item)] = item
                 future.add_done_callback(lambda f, item=item, v=mv.version: self._completed(item, v, f))
             self.metrics.queue_depth.labels(model).set(len(q))
+
+    def _may_run_here(self, mv) -> bool:
+        """Run on this loop instead of a model thread: a fast in-process model, and nothing else to do meanwhile
+        (no request queued or running), so the loop is held for at most about ``inline_ms``."""
+        run_s = mv.threads.run_s if mv.threads is not None else None
+        return (run_s is not None and run_s * 1000 <= self.config.inline_ms and self._in_flight == 0
+                and self._queued() == 1)
 
     def _completed(self, item: _Queued, version: int, future) -> None:
         """Runs on a pipeline's I/O thread: hand the result to the loop thread."""
@@ -305,17 +324,20 @@ class Server:
                 return
             self._in_flight -= 1
             self._running.pop(id(item), None)
-            elapsed = time.monotonic() - item.received
-            rid = item.message.request_id
             exc = future.exception()
-            if exc is None:
-                self.metrics.finished(item.model, "ok", elapsed)
-                self._send(item.envelope, Message(kind=Kind.REPLY, request_id=rid, tensors=future.result().outputs,
-                                                  meta={"model": item.model, "version": version}))
-            else:
-                code = "timeout" if getattr(exc, "reason", "") == "timeout" else "stage_error"
-                self.metrics.finished(item.model, code, elapsed)
-                self._reply_error(item.envelope, rid, code, str(exc))
+            self._answer(item, version, result=None if exc else future.result(), exc=exc)
+
+    def _answer(self, item: _Queued, version: int | None, *, result=None, exc: BaseException | None = None) -> None:
+        elapsed = time.monotonic() - item.received
+        rid = item.message.request_id
+        if exc is None:
+            self.metrics.finished(item.model, "ok", elapsed)
+            self._send(item.envelope, Message(kind=Kind.REPLY, request_id=rid, tensors=result.outputs,
+                                              meta={"model": item.model, "version": version}))
+        else:
+            code = "timeout" if getattr(exc, "reason", "") == "timeout" else "stage_error"
+            self.metrics.finished(item.model, code, elapsed)
+            self._reply_error(item.envelope, rid, code, str(exc))
 
     # -- control -------------------------------------------------------------------------------------------------
     def _control(self, envelope: list[bytes], msg: Message) -> None:

@@ -35,6 +35,8 @@ class ServerMetrics:
                                  registry=self.registry)
         self.undeliverable = Counter("zpipe_server_undeliverable_replies", "Replies to clients that were gone",
                                      registry=self.registry)
+        self.on_loop = Counter("zpipe_server_run_on_loop", "Requests the server's loop ran itself (a fast "
+                               "in-process model on an idle server), by model", ["model"], registry=self.registry)
         self._lock = threading.Lock()
         self._per_client: collections.Counter[str] = collections.Counter()
         self._clients: set[str] = set()
@@ -59,6 +61,11 @@ class ServerMetrics:
                 return client
         return "other"
 
+    def ran_on_loop(self, model: str) -> None:
+        self.on_loop.labels(model).inc()
+        with self._lock:
+            self._per_client["run_on_loop"] += 1
+
     def finished(self, model: str, outcome: str, seconds: float) -> None:
         self.requests.labels(model, outcome).inc()
         if outcome == "ok":
@@ -69,6 +76,7 @@ class ServerMetrics:
             counts = dict(self._per_client)
         counts.setdefault("requests", 0)
         counts.setdefault("request_bytes", 0)
+        counts.setdefault("run_on_loop", 0)
         return counts
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
