@@ -137,6 +137,8 @@ class GateStage(Stage):
             remote_rtt_std_s=max((v.get("rtt_std_s", 0.0) for v in rtts), default=0.0),
             remote_measured_at=min((v["measured_at"] for v in rtts if v.get("measured_at")), default=None),
             remote_backlog=sum(v.get("inflight", 0) for v in remote),
+            remote_oldest_age_s=max((now - v["oldest_sent_at"] for v in remote if v.get("oldest_sent_at")),
+                                    default=0.0),
             remote_error_rate=max((v.get("error_rate", 0.0) for v in remote), default=0.0),
             remote_up=all(v.get("up", True) for v in remote))
 

@@ -105,6 +105,8 @@ class RemoteStage(Stage):
         self._hedges: list = []  # heap of (when, seq, inputs, outer, after): start locally if unanswered by then
         self._hedge_cv = threading.Condition()
         self._hedge_seq = itertools.count()
+        self._sent_at: dict[int, float] = {}  # requests in flight to a server: when each was sent
+        self._send_seq = itertools.count()
         if self.fallback is not None:
             self.fallback.setup()
             self._local = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zpipe-fallback")
@@ -159,7 +161,7 @@ class RemoteStage(Stage):
 
     def __getstate__(self) -> dict:
         private = ("_links", "_lock", "_rtt", "_errors", "_local", "_prober", "_stop", "_hedges", "_hedge_cv",
-                   "_hedge_seq")
+                   "_hedge_seq", "_sent_at", "_send_seq")
         return {k: v for k, v in self.__dict__.items() if k not in private}
 
     # -- requests ------------------------------------------------------------------------------------------------
@@ -184,14 +186,17 @@ class RemoteStage(Stage):
         if link is None:
             return self._run_locally(inputs, outer, why or self._down_summary())
         tried.add(link.endpoint)
+        key = next(self._send_seq)
+        sent = time.monotonic()
         with self._lock:
             link.inflight += 1
-        sent = time.monotonic()
+            self._sent_at[key] = sent
         try:
             inner = link.client.submit(self.model, inputs, version=link.version, timeout_s=remaining)
         except Exception as exc:  # refused before sending, or closed
             with self._lock:
                 link.inflight -= 1
+                del self._sent_at[key]
             self._failed(link, getattr(exc, "reason", "send_error"), str(exc))
             return self._attempt(inputs, deadline, outer, tried, f"{link.endpoint}: {exc}")
 
@@ -199,6 +204,7 @@ class RemoteStage(Stage):
             try:
                 with self._lock:
                     link.inflight -= 1
+                    del self._sent_at[key]
                 exc = f.exception()
                 if exc is None:
                     self._succeeded(link, time.monotonic() - sent)
@@ -329,7 +335,8 @@ class RemoteStage(Stage):
         """What this stage publishes on the signal board (read by the gate's offload policy)."""
         with self._lock:
             return {"rtt_s": self._rtt.mean, "rtt_std_s": self._rtt.var ** 0.5, "measured_at": self._measured_at,
-                    "inflight": sum(link.inflight for link in self._links), "error_rate": self._errors.mean or 0.0,
+                    "inflight": sum(link.inflight for link in self._links),
+                    "oldest_sent_at": min(self._sent_at.values(), default=None), "error_rate": self._errors.mean or 0.0,
                     "up": any(link.up for link in self._links), "fallbacks": self._fallbacks,
                     "requests_sent": sum(link.client.requests_sent for link in self._links),
                     "bytes_sent": sum(link.client.bytes_sent for link in self._links),

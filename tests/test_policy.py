@@ -46,6 +46,20 @@ def test_latency_policy_counts_the_local_backlog_and_probes_stale_sides():
     assert probe.reason == "probe remote" and not probe.hedge and probe.offload
 
 
+def test_a_request_out_too_long_shows_a_slow_link_before_any_reply_does():
+    """The smoothed round trip only moves when replies come back; the oldest request in flight shows at once that the
+    link or server got slower. Both policies read it."""
+    p = LatencyPolicy(min_dwell_s=1.0, probe_interval_s=0)
+    s = dict(local_service_s=0.100, local_measured_at=0.0, remote_rtt_s=0.040, remote_measured_at=0.0)
+    assert p.decide(Signals(now=5.0, remote_oldest_age_s=0.030, **s)).offload  # young: nothing to say yet
+    assert p.decide(Signals(now=5.1, remote_oldest_age_s=0.105, **s)).offload  # inside the hysteresis
+    slow = p.decide(Signals(now=5.2, remote_oldest_age_s=0.250, **s))  # 2.5x local: at once, despite the dwell
+    assert not slow.offload and "(oldest in flight)" in slow.reason
+    t = ThresholdPolicy(min_dwell_s=0, max_rtt_s=0.1)
+    assert t.decide(Signals(now=1, device_load=0.95, remote_rtt_s=0.02)).offload
+    assert not t.decide(Signals(now=2, device_load=0.95, remote_rtt_s=0.02, remote_oldest_age_s=0.3)).offload
+
+
 def test_the_first_probes_of_a_side_come_faster():
     """A side's first samples are often cold (first transfers on a connection, a model's first call): its first
     three probes come every 0.2 s, then every probe_interval_s."""
@@ -165,6 +179,27 @@ def test_policy_offloads_on_a_fast_link_and_goes_local_when_it_slows(affine_serv
     # the first few slow requests end in ~50 ms each and a few more are sent before the first slow reply lands.
     assert first_local <= 6, slow
     assert switches(fast[10:]) <= 6 and switches(slow[10:]) <= 12, (fast, slow)  # probes, no flapping
+
+
+def test_with_requests_in_flight_a_slower_link_is_seen_before_its_first_reply(affine_server):
+    """At a steady request rate, the age of the oldest request out on the link turns the gate local long before
+    the first slow reply arrives (the smoothed round trip alone would wait for it)."""
+    with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(affine_server.endpoint), delay_ms=3) as link:
+        topo = gated_auto([f"tcp://127.0.0.1:{link.port}"], local_s=0.03, fallback=False,
+                          options="min_dwell_s = 0.3, probe_interval_s = 1.0")
+        with Pipeline(topo) as pipe:
+            warm = [run_one(pipe, i)[0] for i in range(40)]
+            link.set(delay_ms=200)  # a round trip now takes over 400 ms
+            changed = time.monotonic()
+            sent = []
+            while time.monotonic() - changed < 0.3:  # every request here is sent before a slow reply can land
+                sent.append((time.monotonic() - changed, pipe.submit({"x": np.full(SHAPE, 1.0, np.float32)})))
+                time.sleep(0.02)
+            results = [(at, future.result(timeout=30)) for at, future in sent]
+    assert sum(warm[10:]) >= 25, warm  # offloading on the fast link
+    local = [(at, r.meta["why:gate"]) for at, r in results if int(r.meta["x:gate"]) == 0]
+    assert local and local[0][0] < 0.25, [(at, r.meta["why:gate"]) for at, r in results]
+    assert "oldest in flight" in local[0][1], local[0]
 
 
 def test_hedged_probes_cost_no_latency_and_the_later_answer_is_dropped(affine_server):

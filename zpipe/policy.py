@@ -4,7 +4,8 @@ The gate gathers :class:`Signals` (its own counts, what the branches publish on 
 and asks a policy for a :class:`Decision`. Two policies:
 
 * :class:`LatencyPolicy` (default): estimate the local time (service time × (backlog + 1)) and the remote time
-  (smoothed round trip + ``risk`` standard deviations, which already include transfer and server queueing), and
+  (smoothed round trip + ``risk`` standard deviations, which already include transfer and server queueing; at
+  least the age of the oldest request still in flight, which shows a slower link before any reply does), and
   pick the smaller, switching only when the other side is better by ``hysteresis`` and the last switch is at least
   ``min_dwell_s`` old (a side more than twice as fast wins at once). A side that has not been measured for
   ``probe_interval_s`` gets one request (a probe), so estimates never go stale; ``probe_interval_s = 0`` turns
@@ -41,6 +42,7 @@ class Signals:
     remote_rtt_std_s: float = 0.0
     remote_measured_at: float | None = None
     remote_backlog: int = 0
+    remote_oldest_age_s: float = 0.0  # how long the oldest request still in flight to the server has been out
     remote_error_rate: float = 0.0  # smoothed share of remote requests that failed
     remote_up: bool = True  # connected, and the circuit breaker is closed
 
@@ -118,12 +120,15 @@ class LatencyPolicy:
             if not self.state.offload and stale_remote and self._probe_due("remote", s.now):
                 return self._probe("remote")
         local = s.local_service_s * (s.local_backlog + 1)
-        remote = s.remote_rtt_s + self.risk * s.remote_rtt_std_s
+        # A request out for longer than the estimate says the link (or server) got slower before any reply shows it.
+        remote = max(s.remote_rtt_s + self.risk * s.remote_rtt_std_s, s.remote_oldest_age_s)
         if self.state.offload and s.local_measured_at != self._local_seen:  # a new local sample (a probe)
             self._local_seen = s.local_measured_at
             worse = local > _BACKOFF_RATIO * remote
             self._local_backoff = min(self._local_backoff * 2, _MAX_BACKOFF) if worse else 1
         why = f"local {local * 1000:.1f} ms vs remote {remote * 1000:.1f} ms"
+        if remote == s.remote_oldest_age_s:
+            why += " (oldest in flight)"
         # A side twice as fast wins at once: the dwell time damps flapping, it must not hold a clearly bad choice.
         clear = max(local, remote) > 2 * min(local, remote)
         if self.state.offload:
@@ -180,6 +185,9 @@ class ThresholdPolicy:
             return self.state.choose(False, s.now, f"remote errors {s.remote_error_rate:.0%}", forced=True)
         if s.remote_rtt_s is not None and s.remote_rtt_s > self.max_rtt_s:
             return self.state.choose(False, s.now, f"slow link: rtt {s.remote_rtt_s * 1000:.0f} ms")
+        if s.remote_oldest_age_s > self.max_rtt_s:
+            return self.state.choose(False, s.now, f"slow link: a request out for {s.remote_oldest_age_s * 1000:.0f} "
+                                                   "ms")
         busy = s.device_load >= self.load_high or s.local_backlog >= self.backlog_high
         idle = s.device_load <= self.load_low and s.local_backlog <= self.backlog_low
         why = f"load {s.device_load:.0%}, backlog {s.local_backlog}"

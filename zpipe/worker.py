@@ -406,7 +406,7 @@ class _Runner:
         self.live = type(stage).signals is not Stage.signals  # publishes figures that change while idle
         self.service = Ewma(0.2)  # smoothed processing time, published on the board
         self.measured_at: float | None = None
-        self.published_at, self.published_done = 0.0, -1
+        self.published_at, self.published_progress = 0.0, (-1, 0)
 
     def setup(self) -> None:
         self.stage.context = StageContext(name=self.name, consumers=dict(self.slot.consumers),
@@ -605,18 +605,22 @@ class _Runner:
                              for consumer, endpoint, tensors in self.slot.routes])
 
     # -- the signal board ------------------------------------------------------------------------------------------
+    def _progress(self) -> tuple[int, int]:
+        return self.counts["processed"] + self.counts["failed"], len(self.running)
+
     def unpublished(self) -> bool:
-        return self.counts["processed"] + self.counts["failed"] != self.published_done
+        return self._progress() != self.published_progress
 
     def publish(self) -> None:
-        """Publish this stage's figures within 2 ms of a change in its counts; a stage with live signals (a remote
-        stand-in's round trip, say) also at least every 50 ms."""
+        """Publish this stage's figures within 2 ms of a change in its counts or in what it has running (a policy
+        reads the age of the oldest request in flight); a stage with live signals (a remote stand-in's round trip,
+        say) also at least every 50 ms."""
         now = time.monotonic()
-        done = self.counts["processed"] + self.counts["failed"]
+        progress = self._progress()
         since = now - self.published_at
-        if since < 0.002 or (done == self.published_done and (since < 0.05 or not self.live)):
+        if since < 0.002 or (progress == self.published_progress and (since < 0.05 or not self.live)):
             return
-        self.published_at, self.published_done = now, done
+        self.published_at, self.published_progress = now, progress
         self.worker.board.publish(self.name, {
             "pid": os.getpid(), "group": self.worker.plan.group, "processed": self.counts["processed"],
             "failed": self.counts["failed"], "service_s": self.service.mean, "measured_at": self.measured_at,
