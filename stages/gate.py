@@ -25,6 +25,8 @@ probed branch still measures itself. Hedging needs a ``select`` merge joining th
 
 from __future__ import annotations
 
+import collections
+
 import time
 from typing import Any, Mapping, Sequence
 
@@ -63,6 +65,7 @@ class GateStage(Stage):
             self._remote = sorted({c for p, cs in consumers.items() if p.startswith("then.") for c in cs})
             self._local = sorted({c for p, cs in consumers.items() if p.startswith("else.") for c in cs})
             self._sent = {True: 0, False: 0}
+            self._local_sent_at: collections.deque[float] = collections.deque(maxlen=1024)  # newest last
             self._epochs: dict[str, tuple[int, int]] = {}  # local stage -> (its pid, its count when we saw it)
             self._load = (0.0, 0.0)  # (measured at, value)
 
@@ -114,6 +117,8 @@ class GateStage(Stage):
         if self._policy is not None:
             for branch in branches:
                 self._sent[branch == "then"] += 1
+            if "else" in branches:
+                self._local_sent_at.append(time.monotonic())
         outputs = {f"{branch}.{port}": array for branch in branches
                    for port, array in inputs.items() if port != self.control}
         return Outcome(outputs, {"x": int(offload), "why": why, **({"hedge": 1} if hedge else {})})
@@ -130,9 +135,13 @@ class GateStage(Stage):
         local_service = max((v["service_s"] for v in local if v.get("service_s") is not None), default=None)
         local_at = min((v["measured_at"] for v in local if v.get("measured_at") is not None), default=None)
         rtts = [v for v in remote if v.get("rtt_s") is not None]
+        backlog = max(0, self._sent[False] - local_done)
+        # The local branch takes its requests in order: the oldest unfinished one is the backlog-th newest sent.
+        oldest = self._local_sent_at[-min(backlog, len(self._local_sent_at))] if backlog and self._local_sent_at \
+            else now
         return Signals(
-            now=now, local_service_s=local_service, local_measured_at=local_at,
-            local_backlog=max(0, self._sent[False] - local_done), device_load=self._device_load(now),
+            now=now, local_service_s=local_service, local_measured_at=local_at, local_backlog=backlog,
+            local_oldest_age_s=now - oldest, device_load=self._device_load(now),
             remote_rtt_s=max((v["rtt_s"] for v in rtts), default=None),
             remote_rtt_std_s=max((v.get("rtt_std_s", 0.0) for v in rtts), default=0.0),
             remote_measured_at=min((v["measured_at"] for v in rtts if v.get("measured_at")), default=None),

@@ -46,15 +46,20 @@ def test_latency_policy_counts_the_local_backlog_and_probes_stale_sides():
     assert probe.reason == "probe remote" and not probe.hedge and probe.offload
 
 
-def test_a_request_out_too_long_shows_a_slow_link_before_any_reply_does():
-    """The smoothed round trip only moves when replies come back; the oldest request in flight shows at once that the
-    link or server got slower. Both policies read it."""
+def test_a_request_out_too_long_shows_a_slower_side_before_it_finishes():
+    """Smoothed figures only move when requests finish; the oldest request in flight shows at once that the link or
+    server (or the device) got slower. Both policies read the remote one; the latency policy also the local one."""
     p = LatencyPolicy(min_dwell_s=1.0, probe_interval_s=0)
     s = dict(local_service_s=0.100, local_measured_at=0.0, remote_rtt_s=0.040, remote_measured_at=0.0)
     assert p.decide(Signals(now=5.0, remote_oldest_age_s=0.030, **s)).offload  # young: nothing to say yet
     assert p.decide(Signals(now=5.1, remote_oldest_age_s=0.105, **s)).offload  # inside the hysteresis
     slow = p.decide(Signals(now=5.2, remote_oldest_age_s=0.250, **s))  # 2.5x local: at once, despite the dwell
-    assert not slow.offload and "(oldest in flight)" in slow.reason
+    assert not slow.offload and "(oldest in flight: remote)" in slow.reason
+    # Locally: a device that just got busy shows in the request it has been working on, not yet in its average.
+    s = {**s, "local_service_s": 0.015}  # 2 x 15 ms: local still looks better than 40 ms remote...
+    assert not p.decide(Signals(now=8.0, local_backlog=1, local_oldest_age_s=0.020, **s)).offload
+    busy = p.decide(Signals(now=9.0, local_backlog=1, local_oldest_age_s=0.200, **s))  # ...until one is 200 ms old
+    assert busy.offload and "(oldest in flight: local)" in busy.reason
     t = ThresholdPolicy(min_dwell_s=0, max_rtt_s=0.1)
     assert t.decide(Signals(now=1, device_load=0.95, remote_rtt_s=0.02)).offload
     assert not t.decide(Signals(now=2, device_load=0.95, remote_rtt_s=0.02, remote_oldest_age_s=0.3)).offload
@@ -199,7 +204,7 @@ def test_with_requests_in_flight_a_slower_link_is_seen_before_its_first_reply(af
     assert sum(warm[10:]) >= 25, warm  # offloading on the fast link
     local = [(at, r.meta["why:gate"]) for at, r in results if int(r.meta["x:gate"]) == 0]
     assert local and local[0][0] < 0.25, [(at, r.meta["why:gate"]) for at, r in results]
-    assert "oldest in flight" in local[0][1], local[0]
+    assert "oldest in flight: remote" in local[0][1], local[0]
 
 
 def test_hedged_probes_cost_no_latency_and_the_later_answer_is_dropped(affine_server):

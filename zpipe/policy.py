@@ -5,7 +5,8 @@ and asks a policy for a :class:`Decision`. Two policies:
 
 * :class:`LatencyPolicy` (default): estimate the local time (service time × (backlog + 1)) and the remote time
   (smoothed round trip + ``risk`` standard deviations, which already include transfer and server queueing; at
-  least the age of the oldest request still in flight, which shows a slower link before any reply does), and
+  least the age of the oldest request still in flight, which shows a slower link before any reply does; the same
+  bound holds locally, where it shows a device that just got busy), and
   pick the smaller, switching only when the other side is better by ``hysteresis`` and the last switch is at least
   ``min_dwell_s`` old (a side more than twice as fast wins at once). A side that has not been measured for
   ``probe_interval_s`` gets one request (a probe), so estimates never go stale; ``probe_interval_s = 0`` turns
@@ -37,6 +38,7 @@ class Signals:
     local_service_s: float | None = None  # smoothed compute time of the local branch (None: never measured)
     local_measured_at: float | None = None
     local_backlog: int = 0  # requests sent to the local branch and not finished
+    local_oldest_age_s: float = 0.0  # how long the oldest of those has been out
     device_load: float = 0.0  # CPU use of this host, 0..1
     remote_rtt_s: float | None = None  # smoothed round trip of the remote branch (None: never measured)
     remote_rtt_std_s: float = 0.0
@@ -119,16 +121,17 @@ class LatencyPolicy:
                 return self._probe("local")
             if not self.state.offload and stale_remote and self._probe_due("remote", s.now):
                 return self._probe("remote")
-        local = s.local_service_s * (s.local_backlog + 1)
-        # A request out for longer than the estimate says the link (or server) got slower before any reply shows it.
+        # A request out for longer than a side's estimate shows that side got slower (a busier device, a slower
+        # link or server) before its smoothed figures can: no side is faster than its oldest unfinished request.
+        local = max(s.local_service_s * (s.local_backlog + 1), s.local_oldest_age_s)
         remote = max(s.remote_rtt_s + self.risk * s.remote_rtt_std_s, s.remote_oldest_age_s)
         if self.state.offload and s.local_measured_at != self._local_seen:  # a new local sample (a probe)
             self._local_seen = s.local_measured_at
             worse = local > _BACKOFF_RATIO * remote
             self._local_backoff = min(self._local_backoff * 2, _MAX_BACKOFF) if worse else 1
         why = f"local {local * 1000:.1f} ms vs remote {remote * 1000:.1f} ms"
-        if remote == s.remote_oldest_age_s:
-            why += " (oldest in flight)"
+        if remote == s.remote_oldest_age_s or local == s.local_oldest_age_s:
+            why += f" (oldest in flight: {'remote' if remote == s.remote_oldest_age_s else 'local'})"
         # A side twice as fast wins at once: the dwell time damps flapping, it must not hold a clearly bad choice.
         clear = max(local, remote) > 2 * min(local, remote)
         if self.state.offload:
