@@ -42,7 +42,7 @@ _FALLBACK_REASONS = {"disconnected", "timeout", "refused", "send_error", "busy",
 _TRANSPORT_REASONS = {"disconnected", "timeout", "refused", "send_error"}
 # With a fallback, a request whose reply is this overdue also starts locally; the first answer wins ("the tail at
 # scale" hedging): a link that degrades mid-request costs that request the local time, not the slow round trip.
-_HEDGE_FACTOR = 3.0  # x the smoothed round trip
+_HEDGE_FACTOR = 1.5  # x the smoothed round trip
 _HEDGE_SIGMAS = 4.0  # or the round trip plus this many standard deviations, whichever is later
 _HEDGE_MIN_S = 0.02
 
@@ -223,7 +223,7 @@ class RemoteStage(Stage):
         self._arm_hedge(inputs, outer)
 
     def _arm_hedge(self, inputs: Mapping[str, np.ndarray], outer: Future) -> None:
-        """With a fallback: start this request locally too if no reply came by ~3 round trips (see _HEDGE_*)."""
+        """With a fallback: start this request locally too if its reply is overdue (see _HEDGE_*)."""
         if self.fallback is None:
             return
         with self._lock:

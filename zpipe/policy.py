@@ -13,7 +13,7 @@ and asks a policy for a :class:`Decision`. Two policies:
   probing off. With ``hedge = true`` (the default) a probe runs on *both* sides and the first answer wins, so
   exploring never costs the probed request its latency (the probe's branch still reports its timing). Probes of
   the local side cost the device's CPU, the scarce thing when offloading: while local keeps measuring more than
-  1.5× the remote time, its probe interval doubles (up to 4×). Remote probes never back off, so a link that
+  1.2× the remote time, its probe interval doubles (up to 4×). Remote probes never back off, so a link that
   recovers is noticed within ``probe_interval_s``.
 * :class:`ThresholdPolicy`: offload while the device is busy (CPU use or backlog above a high mark, until it falls
   below a low mark) unless the link is slow (RTT above ``max_rtt_s``) or failing.
@@ -76,7 +76,7 @@ class _Hysteresis:
 
 _WARM_PROBES = 3
 _WARM_INTERVAL_S = 0.2
-_BACKOFF_RATIO = 1.5  # local probes back off while local measures more than this times the remote time
+_BACKOFF_RATIO = 1.2  # local probes back off while local measures more than this times the remote time
 _MAX_BACKOFF = 4
 
 
