@@ -42,7 +42,7 @@ _FALLBACK_REASONS = {"disconnected", "timeout", "refused", "send_error", "busy",
 _TRANSPORT_REASONS = {"disconnected", "timeout", "refused", "send_error"}
 # With a fallback, a request whose reply is this overdue also starts locally; the first answer wins ("the tail at
 # scale" hedging): a link that degrades mid-request costs that request the local time, not the slow round trip.
-_HEDGE_FACTOR = 1.5  # x the smoothed round trip
+_HEDGE_FACTOR = 3.0  # x the smoothed round trip
 _HEDGE_SIGMAS = 4.0  # or the round trip plus this many standard deviations, whichever is later
 _HEDGE_MIN_S = 0.02
 
@@ -170,11 +170,14 @@ class RemoteStage(Stage):
         deadline = time.monotonic() + self.timeout_s
         if isinstance(meta.get("deadline"), (int, float)):  # the request's own deadline, if it is sooner
             deadline = min(deadline, meta["deadline"])
-        self._attempt(inputs, deadline, outer, tried=set(), why="")
+        # A request a gate already sent down both branches (a hedged probe) is being computed on the device: a
+        # straggler hedge would compute it there a second time.
+        hedge = not any(key.startswith("hedge:") for key in meta)
+        self._attempt(inputs, deadline, outer, tried=set(), why="", hedge=hedge)
         return outer
 
     def _attempt(self, inputs: Mapping[str, np.ndarray], deadline: float, outer: Future, tried: set[str],
-                 why: str) -> None:
+                 why: str, hedge: bool = True) -> None:
         if outer.done():  # a hedge answered already: no retry elsewhere
             return
         remaining = deadline - time.monotonic()
@@ -198,7 +201,7 @@ class RemoteStage(Stage):
                 link.inflight -= 1
                 del self._sent_at[key]
             self._failed(link, getattr(exc, "reason", "send_error"), str(exc))
-            return self._attempt(inputs, deadline, outer, tried, f"{link.endpoint}: {exc}")
+            return self._attempt(inputs, deadline, outer, tried, f"{link.endpoint}: {exc}", hedge)
 
         def done(f: Future) -> None:
             try:
@@ -213,14 +216,15 @@ class RemoteStage(Stage):
                 reason = getattr(exc, "reason", "error")
                 self._failed(link, reason, str(exc))
                 if reason in _FALLBACK_REASONS:
-                    self._attempt(inputs, deadline, outer, tried, f"{reason}: {exc}")
+                    self._attempt(inputs, deadline, outer, tried, f"{reason}: {exc}", hedge)
                 else:
                     _settle(outer, exc=exc)
             except Exception as exc:  # never leave the request without an outcome
                 _settle(outer, exc=exc)
 
         inner.add_done_callback(done)
-        self._arm_hedge(inputs, outer)
+        if hedge:
+            self._arm_hedge(inputs, outer)
 
     def _arm_hedge(self, inputs: Mapping[str, np.ndarray], outer: Future) -> None:
         """With a fallback: start this request locally too if its reply is overdue (see _HEDGE_*)."""
