@@ -67,8 +67,8 @@ def test_a_request_out_too_long_shows_a_slower_side_before_it_finishes():
 
 def test_the_first_probes_of_a_side_come_faster():
     """A side's first samples are often cold (first transfers on a connection, a model's first call): its first
-    three probes come every 0.2 s, then every (remote_)probe_interval_s."""
-    p = LatencyPolicy(min_dwell_s=0, probe_interval_s=5.0, remote_probe_interval_s=5.0)
+    three probes come every 0.2 s, then every probe_interval_s."""
+    p = LatencyPolicy(min_dwell_s=0, probe_interval_s=5.0)
     s = dict(local_service_s=0.030, remote_rtt_s=0.050, remote_measured_at=0.0)  # local is better: remote is probed
     times = (0.1, 0.3, 0.35, 0.6, 0.9, 1.5, 3.0, 4.9)
     reasons = [p.decide(Signals(now=t, local_measured_at=t, **s)).reason for t in times]
@@ -79,7 +79,7 @@ def test_an_unused_side_that_measures_much_better_is_confirmed_at_once():
     """A link that recovers shows in one remote probe; the next probes then come at the warm-up pace, so a second
     sample can confirm it within a second instead of one probe interval later."""
     def remote_probes(recovers: bool) -> list[float]:
-        p = LatencyPolicy(min_dwell_s=0, probe_interval_s=2.0, remote_probe_interval_s=2.0)
+        p = LatencyPolicy(min_dwell_s=0, probe_interval_s=2.0)
         probes, measured_at, rtt = [], None, 0.300
         for step in range(60):  # local (100 ms) is in use; remote measures 300 ms until a probe finds 120 ms
             now = round(10.0 + step * 0.1, 1)
@@ -342,7 +342,7 @@ def test_local_probes_back_off_while_local_is_clearly_worse_but_remote_probes_do
     # The sample taken before offloading already showed local 4× worse: 1 s doubled to 2 s, then 4 s (the cap).
     assert probes[0] == pytest.approx(2.1) and len(probes) == 5, probes
     assert [b - a for a, b in zip(probes, probes[1:])] == pytest.approx([4.1] * 4, abs=0.15), probes
-    assert p._interval("remote") == 0.5  # remote probes never back off: a recovered link is seen within 0.5 s
+    assert p._interval("remote") == 1.0  # remote probes never back off: a recovered link is seen within 1 s
     p.decide(Signals(now=21.0, local_service_s=0.04, local_measured_at=21.0, remote_rtt_s=0.05,
                      remote_measured_at=21.0))
     assert p._local_backoff == 1  # local is competitive again: no back-off...

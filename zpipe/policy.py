@@ -13,9 +13,8 @@ and asks a policy for a :class:`Decision`. Two policies:
   probing off. With ``hedge = true`` (the default) a probe runs on *both* sides and the first answer wins, so
   exploring never costs the probed request its latency (the probe's branch still reports its timing). Probes of
   the local side cost the device's CPU, the scarce thing when offloading: while local keeps measuring more than
-  1.2× the remote time, its probe interval doubles (up to 4×). Remote probes cost the device bytes, not compute:
-  they come every ``remote_probe_interval_s`` (default: 0.5 s, at most ``probe_interval_s``) and never back off, so
-  a link that recovers is noticed within half a second; a probe that finds the unused side 25 % better than its last
+  1.2× the remote time, its probe interval doubles (up to 4×). Remote probes never back off, so a link that
+  recovers is noticed within ``probe_interval_s``; a probe that finds the unused side 25 % better than its last
   sample is confirmed at the warm-up pace (its next probes come every 0.2 s, not an interval later).
 * :class:`ThresholdPolicy`: offload while the device is busy (CPU use or backlog above a high mark, until it falls
   below a low mark) unless the link is slow (RTT above ``max_rtt_s``) or failing.
@@ -80,23 +79,17 @@ _WARM_PROBES = 3
 _WARM_INTERVAL_S = 0.2
 _BACKOFF_RATIO = 1.2  # local probes back off while local measures more than this times the remote time
 _MAX_BACKOFF = 4
-_REMOTE_PROBE_S = 0.5  # default remote probe interval (at most probe_interval_s)
 _REWARM_GAIN = 0.25  # an unused side measuring this much better than before is probed again at the warm-up pace
 
 
 class LatencyPolicy:
     def __init__(self, *, hysteresis: float = 0.15, min_dwell_s: float = 1.0, probe_interval_s: float = 2.0,
-                 remote_probe_interval_s: float | None = None, max_error_rate: float = 0.2, risk: float = 1.0,
-                 hedge: bool = True) -> None:
-        if remote_probe_interval_s is None:  # remote probes cost the device bytes, not compute: probe it more often
-            remote_probe_interval_s = min(probe_interval_s, _REMOTE_PROBE_S)
-        if (not 0 <= hysteresis < 1 or min_dwell_s < 0 or probe_interval_s < 0 or remote_probe_interval_s < 0
-                or risk < 0):
+                 max_error_rate: float = 0.2, risk: float = 1.0, hedge: bool = True) -> None:
+        if not 0 <= hysteresis < 1 or min_dwell_s < 0 or probe_interval_s < 0 or risk < 0:
             raise TopologyError("latency policy: need 0 <= hysteresis < 1, min_dwell_s >= 0, probe_interval_s >= 0, "
-                                "remote_probe_interval_s >= 0, risk >= 0")
+                                "risk >= 0")
         self.hysteresis = hysteresis
         self.probe_interval_s = probe_interval_s
-        self.remote_probe_interval_s = remote_probe_interval_s if probe_interval_s else 0.0
         self.max_error_rate = max_error_rate
         self.risk = risk
         self.hedge = bool(hedge)
@@ -174,12 +167,11 @@ class LatencyPolicy:
     def _interval(self, side: str) -> float:
         """How often ``side`` is probed. Its first samples are often cold (a connection's first transfers, a model's
         first call), so its first ``_WARM_PROBES`` probes come every ``_WARM_INTERVAL_S`` at most."""
-        base = self.probe_interval_s * self._local_backoff if side == "local" else self.remote_probe_interval_s
-        if not base:
+        if not self.probe_interval_s:
             return math.inf  # probing off: one probe of a side never measured, then none
         if self._probes.get(side, 0) < _WARM_PROBES:
-            return min(base, _WARM_INTERVAL_S)
-        return base
+            return min(self.probe_interval_s, _WARM_INTERVAL_S)
+        return self.probe_interval_s * (self._local_backoff if side == "local" else 1)
 
     def _probe_due(self, side: str, now: float) -> bool:
         """At most one probe per side per probe interval (a probe is one request, not every request until the
