@@ -14,8 +14,7 @@ and asks a policy for a :class:`Decision`. Two policies:
   exploring never costs the probed request its latency (the probe's branch still reports its timing). Probes of
   the local side cost the device's CPU, the scarce thing when offloading: while local keeps measuring more than
   1.2× the remote time, its probe interval doubles (up to 4×). Remote probes never back off, so a link that
-  recovers is noticed within ``probe_interval_s``; a probe that finds the unused side 25 % better than its last
-  sample is confirmed at the warm-up pace (its next probes come every 0.2 s, not an interval later).
+  recovers is noticed within ``probe_interval_s``.
 * :class:`ThresholdPolicy`: offload while the device is busy (CPU use or backlog above a high mark, until it falls
   below a low mark) unless the link is slow (RTT above ``max_rtt_s``) or failing.
 
@@ -79,7 +78,6 @@ _WARM_PROBES = 3
 _WARM_INTERVAL_S = 0.2
 _BACKOFF_RATIO = 1.2  # local probes back off while local measures more than this times the remote time
 _MAX_BACKOFF = 4
-_REWARM_GAIN = 0.25  # an unused side measuring this much better than before is probed again at the warm-up pace
 
 
 class LatencyPolicy:
@@ -98,7 +96,6 @@ class LatencyPolicy:
         self._probes: dict[str, int] = {}  # probes sent per side: the first few come faster (see _probe_due)
         self._local_backoff = 1  # multiplies the local probe interval while local is clearly worse
         self._local_seen: float | None = None  # the local sample the back-off last looked at
-        self._last_sample: dict[str, tuple[float | None, float]] = {}  # side -> (measured_at, its estimate then)
 
     @property
     def switches(self) -> int:
@@ -118,7 +115,6 @@ class LatencyPolicy:
                 return self._probe(side, "never measured")
             return Decision(side != "remote", f"waiting for the first {side} measurement")
         if self.probe_interval_s:
-            self._rewarm_on_improvement(s)
             stale_remote = s.remote_measured_at is None or s.now - s.remote_measured_at > self._interval("remote")
             stale_local = s.local_measured_at is None or s.now - s.local_measured_at > self._interval("local")
             if self.state.offload and stale_local and self._probe_due("local", s.now):
@@ -141,20 +137,6 @@ class LatencyPolicy:
         if self.state.offload:
             return self.state.choose(not local < remote * (1 - self.hysteresis), s.now, why, forced=clear)
         return self.state.choose(remote < local * (1 - self.hysteresis), s.now, why, forced=clear)
-
-    def _rewarm_on_improvement(self, s: Signals) -> None:
-        """The side not in use is seen only through probes, every ``probe_interval_s``. When a probe finds it much
-        better than its previous sample (a link that recovered, a device no longer busy), confirm soon: its next
-        probes come at the warm-up pace again, instead of one interval later."""
-        unused = "local" if self.state.offload else "remote"
-        measured_at, value = ((s.local_measured_at, s.local_service_s) if unused == "local"
-                              else (s.remote_measured_at, s.remote_rtt_s))
-        previous = self._last_sample.get(unused)
-        if previous is not None and previous[0] == measured_at:
-            return
-        self._last_sample[unused] = (measured_at, value)
-        if previous is not None and value < (1 - _REWARM_GAIN) * previous[1]:
-            self._probes[unused] = 0
 
     def _probe(self, side: str, why: str = "") -> Decision:
         """A probe of ``side``: hedged (both sides run, the first answer wins) unless hedging is off."""
