@@ -292,6 +292,22 @@ def test_blocking_infer_never_takes_a_late_reply_and_works_from_many_threads(bui
         assert c.requests_sent == 83
 
 
+def test_blocking_infer_fails_at_once_when_the_server_dies_mid_request(built, tmp_path, serve):
+    """The blocking path's own connection is watched like the main one: a dead server ends the wait with
+    'disconnected' at once, not at the request's deadline."""
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, built["v1"])
+    server = serve(repo, "--isolation", "thread")
+    with RemoteClient(server.endpoint, timeout_s=20) as c:
+        np.testing.assert_allclose(c.infer("affine", {"x": x_of(1)})["y"], x_of(3))
+        server.proc.send_signal(signal.SIGSTOP)  # the next request waits in the server's socket...
+        threading.Timer(0.5, server.proc.kill).start()  # ...until the process dies
+        started = time.monotonic()
+        with pytest.raises(RequestFailed, match="lost") as failed:
+            c.infer("affine", {"x": x_of(2)})
+    assert failed.value.reason == "disconnected" and time.monotonic() - started < 5
+
+
 def test_sigterm_drains_requests_in_flight(built, tmp_path, serve):
     repo = tmp_path / "repo"
     add_version(repo, "affine", 1, built["v1"])

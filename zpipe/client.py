@@ -50,6 +50,18 @@ class ServerRefused(RequestFailed):
     """The server refused this client's Curve key (not on its allowlist), or the handshake failed."""
 
 
+def _handshake_failure(event: int, endpoint: str) -> str:
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (f"server {endpoint} refused our Curve key (it is not on the server's allowlist, or the server key is "
+                "wrong)")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return (f"handshake with {endpoint} failed: not a zpipe/ZeroMQ server, or one that needs CurveZMQ keys we "
+                "did not configure (or the reverse)")
+    # The connection broke off during the handshake: a cut link, a server going down, or a server key that does
+    # not match.
+    return f"handshake with {endpoint} broke off (link cut, server down, or wrong server key)"
+
+
 class _Pending:
     __slots__ = ("future", "sent", "deadline", "what", "raw")
 
@@ -88,9 +100,7 @@ class RemoteClient:
         self.bytes_sent = 0  # tensor bytes this client sent (the device-side count for the gate's X==0 proof)
         self.requests_sent = 0
         self._direct_lock = threading.Lock()  # held by the one caller using the direct connection
-        self._direct: zmq.Socket | None = None
-        self._disconnects = 0  # connections lost so far (a direct caller waiting across one gives up)
-        self._break_reason = ""
+        self._direct: zmq.Socket | None = None  # and its monitor, its poller, whether it is up
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def start(self) -> "RemoteClient":
@@ -98,12 +108,13 @@ class RemoteClient:
             return self
         self._ctx = new_context()
         self._waker = Waker()
-        self._sock = self._connect(self.identity, hwm=self.hwm, monitored=True)
+        self._sock, self._monitor = self._connect(self.identity, hwm=self.hwm)
         self._thread = threading.Thread(target=self._io_loop, name="zpipe-client", daemon=True)
         self._thread.start()
         return self
 
-    def _connect(self, identity: str, *, hwm: int, monitored: bool = False) -> zmq.Socket:
+    def _connect(self, identity: str, *, hwm: int) -> tuple[zmq.Socket, zmq.Socket]:
+        """A DEALER to the server and the monitor of its connection (created before connecting: no event missed)."""
         sock = make_socket(self._ctx, zmq.DEALER, hwm=hwm, identity=identity.encode())
         # Queue messages only on a completed connection: while there is none (server down, handshake refused),
         # requests wait in our own backlog, where their deadlines can end them and they are never sent late.
@@ -114,10 +125,9 @@ class RemoteClient:
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl_ms)
         if self.server_key is not None:
             curve_client(sock, self.server_key, self.client_key)
-        if monitored:
-            self._monitor = sock.get_monitor_socket(_MONITORED)
+        monitor = sock.get_monitor_socket(_MONITORED)
         sock.connect(self.endpoint)
-        return sock
+        return sock, monitor
 
     def close(self) -> None:
         if self._thread is None:
@@ -128,6 +138,7 @@ class RemoteClient:
         if self._direct_lock.acquire(timeout=5.0):  # a direct caller sees _stop within one poll slice
             if self._direct is not None:
                 self._direct.close(linger=0)
+                self._direct_monitor.close(linger=0)
                 self._direct = None
             self._direct_lock.release()
         self._fail_all(PipelineClosed, "the client was closed")
@@ -176,27 +187,37 @@ class RemoteClient:
             self.bytes_sent += sum(a.nbytes for a in message.tensors.values())
 
     def _call_direct(self, message: Message, timeout_s: float, what: str) -> Result:
-        """Send and wait on the caller's thread, on the client's second connection (held by ``_direct_lock``).
-        The I/O thread still watches the main connection: a refusal or a lost connection ends the wait at once."""
+        """Send and wait on the caller's thread, on the client's second connection (held by ``_direct_lock``),
+        watched by its own monitor: a refusal or a lost connection ends the wait at once, as on the main one."""
         self._check_open()
         if self._direct is None:
-            self._direct = self._connect(f"{self.identity}.direct", hwm=16)
-        sock = self._direct
+            self._direct, self._direct_monitor = self._connect(f"{self.identity[:200]}.direct", hwm=16)
+            self._direct_up = False
+            self._direct_poller = zmq.Poller()
+            self._direct_poller.register(self._direct_monitor, zmq.POLLIN)
+            self._direct_poller.register(self._direct, zmq.POLLOUT)
+        sock, poller = self._direct, self._direct_poller
+        self._direct_events()  # what happened between calls changes only the state, not this request
         rid = message.request_id = next(self._ids)
         sent = time.monotonic()
         deadline = sent + timeout_s
-        disconnects = self._disconnects
         sending = True
         while True:
             self._check_open()
-            if self._disconnects != disconnects:
-                raise RequestFailed(f"request {rid}: {self._break_reason}", request_id=rid, reason="disconnected")
             left = deadline - time.monotonic()
             if left <= 0:
-                state = "connected" if self.connected else "no connection established"
+                state = "connected" if self._direct_up else "no connection established"
                 raise PeerTimeout(f"server {self.endpoint} did not answer request {rid} ({what}) within "
                                   f"{timeout_s:g}s ({state})", request_id=rid, stage=what, reason="timeout")
-            if not sock.poll(min(left, 0.05) * 1000, zmq.POLLOUT if sending else zmq.POLLIN):
+            poller.modify(sock, zmq.POLLOUT if sending else zmq.POLLIN)
+            events = dict(poller.poll(min(left, 0.05) * 1000))
+            if self._direct_monitor in events:
+                broke = self._direct_events()
+                if broke and (sending or not sock.poll(0, zmq.POLLIN)):  # unless the reply is already here
+                    if self.refused:
+                        raise ServerRefused(self.refused, reason="refused")
+                    raise RequestFailed(f"request {rid}: {broke}", request_id=rid, reason="disconnected")
+            if sock not in events:
                 continue
             if sending:  # the connection is up and has room (IMMEDIATE: never queued on a missing one)
                 try:
@@ -222,6 +243,22 @@ class RemoteClient:
             if isinstance(outcome, Exception):
                 raise outcome
             return outcome
+
+    def _direct_events(self) -> str:
+        """Read the direct connection's monitor; returns why it broke ("" if it did not)."""
+        broke = ""
+        while self._direct_monitor.poll(0):
+            event = recv_monitor_message(self._direct_monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._direct_up = True
+            elif event == zmq.EVENT_DISCONNECTED and self._direct_up:
+                self._direct_up = False
+                broke = f"connection to {self.endpoint} lost"
+            elif event != zmq.EVENT_DISCONNECTED:  # a failed handshake
+                broke = _handshake_failure(event, self.endpoint)
+                if event != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # a definite refusal, as on the main connection
+                    self.refused = broke
+        return broke
 
     def _check_open(self) -> None:
         if self._thread is None or self._stop:
@@ -356,28 +393,16 @@ class RemoteClient:
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected = True
                 self.refused = None
-            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self.refused = (f"server {self.endpoint} refused our Curve key (it is not on the server's "
-                                "allowlist, or the server key is wrong)")
-                self._fail_all(ServerRefused, self.refused, reason="refused")
-            elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-                self.refused = (f"handshake with {self.endpoint} failed: not a zpipe/ZeroMQ server, or one that "
-                                "needs CurveZMQ keys we did not configure (or the reverse)")
+            elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                self.refused = _handshake_failure(event, self.endpoint)
                 self._fail_all(ServerRefused, self.refused, reason="refused")
             elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-                # The connection broke off during the handshake: a cut link, a server going down, or a server key
-                # that does not match. Not a definite refusal: ZeroMQ keeps retrying.
-                self._broke(f"handshake with {self.endpoint} broke off (link cut, server down, or wrong server "
-                            "key)")
+                # Not a definite refusal: ZeroMQ keeps retrying.
+                self._fail_all(RequestFailed, _handshake_failure(event, self.endpoint), reason="disconnected")
             elif event == zmq.EVENT_DISCONNECTED and self.connected:
                 self.connected = False
                 # ZeroMQ silently loses what was in flight on a broken connection: fail it now, with a reason.
-                self._broke(f"connection to {self.endpoint} lost")
-
-    def _broke(self, text: str) -> None:
-        self._break_reason = text
-        self._disconnects += 1  # after the reason: a direct caller that sees the count change reads it
-        self._fail_all(RequestFailed, text, reason="disconnected")
+                self._fail_all(RequestFailed, f"connection to {self.endpoint} lost", reason="disconnected")
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -274,14 +274,10 @@ class Server:
                     continue
                 try:
                     mv = self.repository.get(model, item.version)
-                    if self._may_run_here(mv):
-                        result = mv.threads.run_here(item.message.tensors, item.deadline)
-                        if result is not None:
-                            q.popleft()
-                            self.metrics.ran_on_loop(model)
-                            self._answer(item, mv.version, result=result)
-                            continue
-                    future = mv.submit(item.message.tensors, timeout_s=item.deadline - now)
+                    result = mv.threads.run_here(item.message.tensors, item.deadline) \
+                        if self._may_run_here(mv) else None  # None: not run here (no idle instance)
+                    if result is None:
+                        future = mv.submit(item.message.tensors, timeout_s=item.deadline - now)
                 except (Busy, PipelineClosed):
                     break  # saturated, or a swap closed this version in between: keep the queue, retry soon
                 except Exception as exc:  # no version, a failed run, or anything else: answer, never crash
@@ -292,6 +288,10 @@ class Server:
                         self._answer(item, None, exc=exc)
                     continue
                 q.popleft()
+                if result is not None:
+                    self.metrics.ran_on_loop(model)
+                    self._answer(item, mv.version, result=result)
+                    continue
                 self._in_flight += 1
                 self._running[id(item)] = item
                 future.add_done_callback(lambda f, item=item, v=mv.version: self._completed(item, v, f))
@@ -301,8 +301,8 @@ class Server:
         """Run on this loop instead of a model thread: a fast in-process model, and nothing else to do meanwhile
         (no request queued or running), so the loop is held for at most about ``inline_ms``."""
         run_s = mv.threads.run_s if mv.threads is not None else None
-        return (run_s is not None and run_s * 1000 <= self.config.inline_ms and self._in_flight == 0
-                and self._queued() == 1)
+        return (self.config.inline_ms > 0 and run_s is not None and run_s * 1000 <= self.config.inline_ms
+                and self._in_flight == 0 and self._queued() == 1)
 
     def _completed(self, item: _Queued, version: int, future) -> None:
         """Runs on a pipeline's I/O thread: hand the result to the loop thread."""
