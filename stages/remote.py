@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
@@ -106,6 +107,7 @@ class RemoteStage(Stage):
         self._hedge_cv = threading.Condition()
         self._hedge_seq = itertools.count()
         self._sent_at: dict[int, float] = {}  # requests in flight to a server: when each was sent
+        self._newest_done = -math.inf  # when the newest request that has finished was sent
         self._send_seq = itertools.count()
         if self.fallback is not None:
             self.fallback.setup()
@@ -208,6 +210,7 @@ class RemoteStage(Stage):
                 with self._lock:
                     link.inflight -= 1
                     del self._sent_at[key]
+                    self._newest_done = max(self._newest_done, sent)
                 exc = f.exception()
                 if exc is None:
                     self._succeeded(link, time.monotonic() - sent)
@@ -340,7 +343,10 @@ class RemoteStage(Stage):
         with self._lock:
             return {"rtt_s": self._rtt.mean, "rtt_std_s": self._rtt.var ** 0.5, "measured_at": self._measured_at,
                     "inflight": sum(link.inflight for link in self._links),
-                    "oldest_sent_at": min(self._sent_at.values(), default=None), "error_rate": self._errors.mean or 0.0,
+                    # Requests sent before one that already finished are stragglers (a lost reply, a retransmit),
+                    # not news about the link: newer ones came back.
+                    "oldest_sent_at": min((t for t in self._sent_at.values() if t > self._newest_done),
+                                          default=None), "error_rate": self._errors.mean or 0.0,
                     "up": any(link.up for link in self._links), "fallbacks": self._fallbacks,
                     "requests_sent": sum(link.client.requests_sent for link in self._links),
                     "bytes_sent": sum(link.client.bytes_sent for link in self._links),

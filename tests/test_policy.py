@@ -60,6 +60,10 @@ def test_a_request_out_too_long_shows_a_slower_side_before_it_finishes():
     assert not p.decide(Signals(now=8.0, local_backlog=1, local_oldest_age_s=0.020, **s)).offload
     busy = p.decide(Signals(now=9.0, local_backlog=1, local_oldest_age_s=0.200, **s))  # ...until one is 200 ms old
     assert busy.offload and "(oldest in flight: local)" in busy.reason
+    # The gate infers the local age from counts: a request lost from them raises the estimate at most 4x.
+    q = LatencyPolicy(min_dwell_s=0, probe_interval_s=0)
+    s = {**s, "remote_rtt_s": 0.200}
+    assert not q.decide(Signals(now=1.0, local_backlog=1, local_oldest_age_s=30.0, **s)).offload  # 120 < 200 ms
     t = ThresholdPolicy(min_dwell_s=0, max_rtt_s=0.1)
     assert t.decide(Signals(now=1, device_load=0.95, remote_rtt_s=0.02)).offload
     assert not t.decide(Signals(now=2, device_load=0.95, remote_rtt_s=0.02, remote_oldest_age_s=0.3)).offload

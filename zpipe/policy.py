@@ -78,6 +78,7 @@ _WARM_PROBES = 3
 _WARM_INTERVAL_S = 0.2
 _BACKOFF_RATIO = 1.2  # local probes back off while local measures more than this times the remote time
 _MAX_BACKOFF = 4
+_LOCAL_AGE_CAP = 4  # the local age raises the local estimate at most this many times
 
 
 class LatencyPolicy:
@@ -123,15 +124,21 @@ class LatencyPolicy:
                 return self._probe("remote")
         # A request out for longer than a side's estimate shows that side got slower (a busier device, a slower
         # link or server) before its smoothed figures can: no side is faster than its oldest unfinished request.
-        local = max(s.local_service_s * (s.local_backlog + 1), s.local_oldest_age_s)
-        remote = max(s.remote_rtt_s + self.risk * s.remote_rtt_std_s, s.remote_oldest_age_s)
+        # (The local age is capped: the gate infers it from counts, and a request lost from them must not make the
+        # device look slower and slower.)
+        local_by_count = s.local_service_s * (s.local_backlog + 1)
+        local = max(local_by_count, min(s.local_oldest_age_s, _LOCAL_AGE_CAP * local_by_count))
+        remote_by_rtt = s.remote_rtt_s + self.risk * s.remote_rtt_std_s
+        remote = max(remote_by_rtt, s.remote_oldest_age_s)
         if self.state.offload and s.local_measured_at != self._local_seen:  # a new local sample (a probe)
             self._local_seen = s.local_measured_at
             worse = local > _BACKOFF_RATIO * remote
             self._local_backoff = min(self._local_backoff * 2, _MAX_BACKOFF) if worse else 1
         why = f"local {local * 1000:.1f} ms vs remote {remote * 1000:.1f} ms"
-        if remote == s.remote_oldest_age_s or local == s.local_oldest_age_s:
-            why += f" (oldest in flight: {'remote' if remote == s.remote_oldest_age_s else 'local'})"
+        aged = [side for side, by_age in (("remote", remote > remote_by_rtt), ("local", local > local_by_count))
+                 if by_age]
+        if aged:
+            why += f" (oldest in flight: {', '.join(aged)})"
         # A side twice as fast wins at once: the dwell time damps flapping, it must not hold a clearly bad choice.
         clear = max(local, remote) > 2 * min(local, remote)
         if self.state.offload:
