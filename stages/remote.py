@@ -173,7 +173,8 @@ class RemoteStage(Stage):
         if isinstance(meta.get("deadline"), (int, float)):  # the request's own deadline, if it is sooner
             deadline = min(deadline, meta["deadline"])
         # A request a gate already sent down both branches (a hedged probe) is being computed on the device: a
-        # straggler hedge would compute it there a second time.
+        # straggler hedge would compute it there a second time. (Any gate's note counts: with two gates in a row,
+        # a probe of the first also goes without this hedge in the second's branch.)
         hedge = not any(key.startswith("hedge:") for key in meta)
         self._attempt(inputs, deadline, outer, tried=set(), why="", hedge=hedge)
         return outer
