@@ -156,8 +156,8 @@ def demo(out_dir: Path | None, n_requests: int, seed: int) -> None:
               help="process: each model in worker processes (a crash costs a worker); thread: in the server "
               "process (no ipc hop: lower latency; TVM releases the GIL while computing).")
 @click.option("--inline-ms", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="With --isolation thread: an idle server runs a model whose requests take at most this long on "
-              "its own loop, saving two thread hand-offs (0: always on the model threads).")
+              help="With --isolation thread: while no model thread is busy, the server runs a model whose requests "
+              "take at most this long on its own loop, saving two thread hand-offs (0: always on the model threads).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Requests waiting per model before new ones are refused as busy.")
 @click.option("--server-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),

@@ -8,7 +8,9 @@
 One I/O thread owns the socket: callers queue messages and wake it through a pipe, replies are matched to futures
 by request id. ``infer`` (blocking) skips both thread hand-offs when it can: one caller at a time sends on a second
 connection of its own and waits for the reply on its own thread (others take the queue). The server counts that
-connection as a client of its own, ``<identity>.direct``. Every request ends: with its outputs, with the server's error (``reason`` is its code), with
+connection as a client of its own, ``<identity>.direct``.
+
+Every request ends: with its outputs, with the server's error (``reason`` is its code), with
 ``PeerTimeout`` at its deadline, or at once when the connection is lost or the server refuses our key (the socket
 monitor sees the failed handshake; plain ZeroMQ would hang silently).
 """

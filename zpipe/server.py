@@ -48,6 +48,7 @@ __all__ = ["ServerConfig", "Server"]
 log = logging.getLogger(__name__)
 
 _MAX_FRAME_BYTES = 64 << 20  # the largest request frame (tensor) a server takes
+_LOOP_ROUNDS = 4  # the loop runs fast models itself for at most this many x inline_ms per round
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,7 +60,7 @@ class ServerConfig:
     bind: str = "tcp://127.0.0.1:5555"
     workers: int = 1
     isolation: str = "process"  # "thread": run models in the server process (faster, no crash isolation)
-    inline_ms: float = 1.0  # thread isolation: an idle server runs a model this fast on its loop (0: never)
+    inline_ms: float = 1.0  # thread isolation: a model this fast runs on the loop while no thread is busy (0: never)
     max_queue: int = 1024
     max_in_flight: int = 64
     default_timeout_s: float = 30.0
@@ -262,6 +263,7 @@ class Server:
     # -- dispatching ---------------------------------------------------------------------------------------------
     def _dispatch(self) -> None:
         now = time.monotonic()
+        self._loop_budget_end = now + _LOOP_ROUNDS * self.config.inline_ms / 1000
         for model, q in self._queues.items():
             while q:
                 item = q[0]
@@ -298,11 +300,12 @@ class Server:
             self.metrics.queue_depth.labels(model).set(len(q))
 
     def _may_run_here(self, mv) -> bool:
-        """Run on this loop instead of a model thread: a fast in-process model, and nothing else to do meanwhile
-        (no request queued or running), so the loop is held for at most about ``inline_ms``."""
+        """Run on this loop instead of a model thread: a fast in-process model (``inline_ms``) while no model
+        thread is busy, for at most ``_LOOP_ROUNDS`` x ``inline_ms`` per round of the loop (the rest of the queue
+        goes to the threads, so receiving and health answers never wait longer)."""
         run_s = mv.threads.run_s if mv.threads is not None else None
         return (self.config.inline_ms > 0 and run_s is not None and run_s * 1000 <= self.config.inline_ms
-                and self._in_flight == 0 and self._queued() == 1)
+                and self._in_flight == 0 and time.monotonic() < self._loop_budget_end)
 
     def _completed(self, item: _Queued, version: int, future) -> None:
         """Runs on a pipeline's I/O thread: hand the result to the loop thread."""
