@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .board import Ewma
 from .errors import ArtifactError, Busy, PeerTimeout, PipelineClosed, ZpipeError
 from .manifest import Manifest
 from .pipeline import Pipeline, Result
@@ -73,8 +74,6 @@ class _InProcess:
     and a thread pool of that size. The server's loop may also run a request itself on an idle instance
     (:meth:`run_here`): for a fast model, the two thread hand-offs cost more than the model."""
 
-    _SMOOTHING = 0.2  # weight of the newest run time in ``run_s``
-
     def __init__(self, stage_factory, *, threads: int, max_in_flight: int) -> None:
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -93,9 +92,14 @@ class _InProcess:
         for stage in self._stages:
             self._idle.put(stage)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zpipe-model")
-        self.run_s: float | None = None  # smoothed time of one request, once one has run
+        self._run_time = Ewma(0.2)
 
-    def warm_up(self, tensors: dict, timeout_s: float) -> list[Future]:
+    @property
+    def run_s(self) -> float | None:
+        """Smoothed time of one request, once one has run."""
+        return self._run_time.mean
+
+    def warm_up(self, tensors: dict) -> list[Future]:
         """Run ``tensors`` once on every stage instance, on the pool's threads."""
         return [self._pool.submit(stage.process, tensors) for stage in self._stages]
 
@@ -138,7 +142,7 @@ class _InProcess:
             raise PeerTimeout("the request's deadline passed before a thread was free; not run", reason="timeout")
         outputs = stage.process(tensors)
         elapsed = time.monotonic() - started
-        self.run_s = elapsed if self.run_s is None else self.run_s + self._SMOOTHING * (elapsed - self.run_s)
+        self._run_time.add(elapsed)
         return Result(request_id=0, outputs=outputs, latency_s=elapsed)
 
     def _release(self, stage) -> None:
@@ -312,7 +316,7 @@ class Repository:
             started = time.monotonic()
             threads = _InProcess(make_stage, threads=self.workers, max_in_flight=self.max_in_flight)
             mv = ModelVersion(model=model, version=version, manifest=manifest, threads=threads)
-            _warm_up(mv, lambda zeros: threads.warm_up(zeros, _WARM_UP_S))
+            _warm_up(mv, lambda zeros: threads.warm_up(zeros))
             log.info("model %r version %d loaded in-process in %.2fs (%d threads)", model, version,
                      time.monotonic() - started, self.workers)
             return mv
