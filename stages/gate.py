@@ -26,7 +26,6 @@ probed branch still measures itself. Hedging needs a ``select`` merge joining th
 from __future__ import annotations
 
 import collections
-
 import time
 from typing import Any, Mapping, Sequence
 

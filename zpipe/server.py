@@ -277,7 +277,7 @@ class Server:
                 try:
                     mv = self.repository.get(model, item.version)
                     result = mv.threads.run_here(item.message.tensors, item.deadline) \
-                        if self._may_run_here(mv) else None  # None: not run here (no idle instance)
+                        if self._may_run_here(mv) else None  # None: hand it to a model thread
                     if result is None:
                         future = mv.submit(item.message.tensors, timeout_s=item.deadline - now)
                 except (Busy, PipelineClosed):
