@@ -294,6 +294,70 @@ def test_blocking_infer_never_takes_a_late_reply_and_works_from_many_threads(bui
         assert c.requests_sent == 83
 
 
+def test_map_streams_in_order_with_a_bounded_window(built, tmp_path, serve):
+    """map() keeps exactly in_flight requests out while none is answered, yields results in input order, and works
+    next to another thread streaming at the same time (which then goes through the I/O thread)."""
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, built["v1"])
+    server = serve(repo, "--isolation", "thread")
+    with RemoteClient(server.endpoint) as c:
+        c.infer("affine", {"x": x_of(0)})  # connects the direct connection
+        server.proc.send_signal(signal.SIGSTOP)
+        got: dict[str, list] = {}
+
+        def stream(name: str, start: int) -> None:
+            inputs = ({"x": x_of(start + i)} for i in range(60))
+            got[name] = [r.outputs["y"] for r in c.map("affine", inputs, in_flight=4)]
+
+        first = threading.Thread(target=stream, args=("first", 0))
+        second = threading.Thread(target=stream, args=("second", 1000))
+        try:
+            first.start()
+            time.sleep(0.5)
+            assert c.requests_sent == 1 + 4  # the window is full and nothing came back
+            second.start()
+            time.sleep(0.3)
+            assert c.requests_sent == 1 + 4 + 4
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+            first.join(timeout=60)
+            second.join(timeout=60)
+    for name, start in (("first", 0), ("second", 1000)):
+        assert len(got[name]) == 60
+        for i, y in enumerate(got[name]):
+            np.testing.assert_allclose(y, x_of(2 * (start + i) + 1))
+
+
+def test_map_reports_each_failure_in_its_place(built, tmp_path, serve):
+    """A stream's timed-out requests come back as errors in their places; later ones still succeed; with
+    return_exceptions=False the first error is raised, and the late replies never answer a later request."""
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, built["v1"])
+    server = serve(repo, "--isolation", "thread")
+    with RemoteClient(server.endpoint) as c:
+        c.infer("affine", {"x": x_of(0)})
+        server.proc.send_signal(signal.SIGSTOP)
+        threading.Timer(1.5, server.proc.send_signal, args=(signal.SIGCONT,)).start()  # also if this test fails
+        outcomes = list(c.map("affine", [{"x": x_of(i)} for i in range(6)], in_flight=3, timeout_s=1.0,
+                              return_exceptions=True))
+        assert [type(o).__name__ for o in outcomes] == ["PeerTimeout"] * 3 + ["Result"] * 3
+        assert all(o.reason == "timeout" and "did not answer" in str(o) for o in outcomes[:3])
+        for i, o in enumerate(outcomes[3:], start=3):
+            np.testing.assert_allclose(o.outputs["y"], x_of(2 * i + 1))
+
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(PeerTimeout, match="did not answer"):
+                list(c.map("affine", [{"x": x_of(10 + i)} for i in range(4)], in_flight=2, timeout_s=0.5))
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        results = list(c.map("affine", [{"x": x_of(20 + i)} for i in range(4)], in_flight=2))
+        for i, r in enumerate(results):
+            np.testing.assert_allclose(r.outputs["y"], x_of(2 * (20 + i) + 1))  # not a late one from 10..11
+        with pytest.raises(ValueError, match="in_flight"):
+            list(c.map("affine", [], in_flight=0))
+
+
 def test_blocking_infer_fails_at_once_when_the_server_dies_mid_request(built, tmp_path, serve):
     """The blocking path's own connection is watched like the main one: a dead server ends the wait with
     'disconnected' at once, not at the request's deadline."""

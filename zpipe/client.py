@@ -3,12 +3,14 @@
     with RemoteClient("tcp://edge:5555", server_key="edge.key", client_key="me.key_secret") as server:
         outputs = server.infer("resnet", {"x": x})              # blocking
         future = server.submit("resnet", {"x": x})              # Future[Result]; many may be in flight
+        for result in server.map("resnet", frames, in_flight=8): # a stream, in order, 8 in flight
+            ...
         server.upload("branch_a", "build/branch_a.so")          # needs an authorised key and --allow-upload
 
 One I/O thread owns the socket: callers queue messages and wake it through a pipe, replies are matched to futures
-by request id. ``infer`` (blocking) skips both thread hand-offs when it can: one caller at a time sends on a second
-connection of its own and waits for the reply on its own thread (others take the queue). The server counts that
-connection as a client of its own, ``<identity>.direct``.
+by request id. ``infer`` and ``map`` skip both thread hand-offs when they can: one caller at a time sends on a second
+connection and reads the replies on its own thread (others take the queue). The server counts that connection as a
+client of its own, ``<identity>.direct``.
 
 Every request ends: with its outputs, with the server's error (``reason`` is its code), with
 ``PeerTimeout`` at its deadline, or at once when the connection is lost or the server refuses our key (the socket
@@ -18,6 +20,7 @@ monitor sees the failed handshake; plain ZeroMQ would hang silently).
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
 import itertools
 import json
@@ -29,7 +32,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import zmq
@@ -167,16 +170,55 @@ class RemoteClient:
     def infer(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None,
               timeout_s: float | None = None, meta: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
         """Run one request and wait for its outputs; raises like ``submit(...).result()``."""
-        if not self._direct_lock.acquire(blocking=False):  # another caller is on the direct connection
-            return self.submit(model, inputs, version=version, timeout_s=timeout_s, meta=meta).result().outputs
+        with contextlib.closing(self.map(model, [inputs], in_flight=1, version=version, timeout_s=timeout_s,
+                                         meta=meta)) as results:
+            return next(results).outputs
+
+    def map(self, model: str, inputs: Iterable[Mapping[str, Any]], *, in_flight: int = 8,
+            version: int | None = None, timeout_s: float | None = None, meta: Mapping[str, Any] | None = None,
+            return_exceptions: bool = False) -> Iterator[Result]:
+        """Run one request per item of ``inputs``, up to ``in_flight`` at a time; yields their Results in order.
+
+        The way to stream many tensors: requests are sent and replies read on the caller's own thread (on the
+        direct connection), with no hand-off to the I/O thread. Inputs are read lazily, only when a slot is free;
+        each request's timeout runs from then. A failed request raises its error in its place in the order (the
+        requests still in flight are abandoned; their replies are dropped), or is yielded as the exception object
+        with ``return_exceptions=True``. While another thread streams, this goes through the I/O thread instead.
+        """
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be at least 1, not {in_flight}")
+        what = f"model {model!r}"
+        requests = (self._request(model, item, version, timeout_s, meta) + (what,) for item in inputs)
+        direct = self._direct_lock.acquire(blocking=False)  # else another caller is on the direct connection
         try:
-            message, timeout = self._request(model, inputs, version, timeout_s, meta)
-            return self._call_direct(message, timeout, f"model {model!r}").outputs
+            outcomes = self._direct_stream(requests, in_flight) if direct else self._future_stream(requests,
+                                                                                                    in_flight)
+            for outcome in outcomes:
+                if isinstance(outcome, Exception) and not return_exceptions:
+                    raise outcome
+                yield outcome
         finally:
-            self._direct_lock.release()
+            if direct:
+                self._direct_lock.release()
+
+    def _future_stream(self, requests: Iterator[tuple[Message, float, str]], window: int
+                       ) -> Iterator[Result | RequestFailed]:
+        """:meth:`_direct_stream` through the I/O thread."""
+        futures: collections.deque[Future] = collections.deque()
+        for message, timeout_s, what in requests:
+            if len(futures) >= window:
+                future = futures.popleft()
+                yield future.exception() or future.result()
+            futures.append(self._send(message, timeout_s, what))
+            self._count(message)
+        for future in futures:
+            yield future.exception() or future.result()
 
     def _request(self, model: str, inputs: Mapping[str, Any], version: int | None, timeout_s: float | None,
                  meta: Mapping[str, Any] | None) -> tuple[Message, float]:
+        if not isinstance(inputs, Mapping):
+            raise TypeError(f"the inputs of a request map tensor names to arrays, not a {type(inputs).__name__} "
+                            f"(model {model!r})")
         tensors = {name: check_tensor(name, array) for name, array in inputs.items()}
         timeout = self.timeout_s if timeout_s is None else timeout_s
         request_meta = {**(meta or {}), "model": model, "timeout_ms": timeout * 1000}
@@ -189,63 +231,104 @@ class RemoteClient:
             self.requests_sent += 1
             self.bytes_sent += sum(a.nbytes for a in message.tensors.values())
 
-    def _call_direct(self, message: Message, timeout_s: float, what: str) -> Result:
-        """Send and wait on the caller's thread, on the client's second connection (held by ``_direct_lock``),
-        watched by its own monitor: a refusal or a lost connection ends the wait at once, as on the main one."""
+    def _direct_stream(self, requests: Iterator[tuple[Message, float, str]], window: int
+                       ) -> Iterator[Result | RequestFailed]:
+        """Send ``requests`` ((message, timeout_s, what) each) on the direct connection with up to ``window`` in
+        flight, and yield each one's outcome (its Result, or the error) in order.
+
+        Runs on the caller's thread, which holds ``_direct_lock``. The connection has its own monitor: a refusal or
+        a lost connection ends the waits at once, as on the main one. A reply whose id is not waited for is late
+        (its request timed out, or an abandoned stream sent it) and is dropped.
+        """
         self._check_open()
         if self._direct is None:
-            self._direct, self._direct_monitor = self._connect(f"{self.identity[:200]}.direct", hwm=16)
+            self._direct, self._direct_monitor = self._connect(f"{self.identity[:200]}.direct", hwm=self.hwm)
             self._direct_up = False
             self._direct_poller = zmq.Poller()
             self._direct_poller.register(self._direct_monitor, zmq.POLLIN)
-            self._direct_poller.register(self._direct, zmq.POLLOUT)
+            self._direct_poller.register(self._direct, zmq.POLLIN)
         sock, poller = self._direct, self._direct_poller
-        self._direct_events()  # what happened between calls changes only the state, not this request
-        rid = message.request_id = next(self._ids)
-        sent = time.monotonic()
-        deadline = sent + timeout_s
-        sending = True
+        self._direct_events()  # what happened between calls changes only the state, not these requests
+        order: collections.deque[int] = collections.deque()  # ids not yielded yet, in order
+        waiting: dict[int, tuple[float, float, str]] = {}  # id -> (start, deadline, what) until its outcome
+        outcomes: dict[int, Result | RequestFailed] = {}
+        unsent: Message | None = None  # the next request, while ZeroMQ has no room or no connection for it
+        more = True
         while True:
+            while order and order[0] in outcomes:
+                yield outcomes.pop(order.popleft())
+            if unsent is None and more and len(order) < window:
+                item = next(requests, None)
+                if item is None:
+                    more = False
+                else:
+                    unsent, timeout_s, what = item
+                    rid = unsent.request_id = next(self._ids)
+                    start = time.monotonic()
+                    waiting[rid] = (start, start + timeout_s, what)
+                    order.append(rid)
+            if not order:
+                return
             self._check_open()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                state = "connected" if self._direct_up else "no connection established"
-                raise PeerTimeout(f"server {self.endpoint} did not answer request {rid} ({what}) within "
-                                  f"{timeout_s:g}s ({state})", request_id=rid, stage=what, reason="timeout")
-            poller.modify(sock, zmq.POLLOUT if sending else zmq.POLLIN)
-            events = dict(poller.poll(min(left, 0.05) * 1000))
+            progress = False
+            if unsent is not None:  # IMMEDIATE: refused (Again) while there is no connection, never queued
+                rid = unsent.request_id
+                try:
+                    send_message(sock, unsent, flags=zmq.NOBLOCK)
+                    self._count(unsent)
+                    unsent, progress = None, True
+                except zmq.Again:
+                    pass
+                except (zmq.ZMQError, FramingError) as exc:
+                    waiting.pop(rid)
+                    outcomes[rid] = RequestFailed(f"request {rid} to {self.endpoint}: could not be sent: {exc}",
+                                                  request_id=rid, reason="send_error")
+                    unsent, progress = None, True
+            progress |= self._direct_replies(waiting, outcomes)
+            now = time.monotonic()
+            for rid, (start, deadline, what) in list(waiting.items()):
+                if deadline <= now:
+                    del waiting[rid]
+                    unsent = None if unsent is not None and unsent.request_id == rid else unsent
+                    state = "connected" if self._direct_up else "no connection established"
+                    outcomes[rid] = PeerTimeout(f"server {self.endpoint} did not answer request {rid} ({what}) "
+                                                f"within {deadline - start:g}s ({state})", request_id=rid,
+                                                stage=what, reason="timeout")
+                    progress = True
+            if progress:
+                continue
+            poller.modify(sock, zmq.POLLIN | (zmq.POLLOUT if unsent is not None else 0))
+            left = min(deadline for _, deadline, _ in waiting.values()) - now
+            events = dict(poller.poll(max(0.0, min(left, 0.05)) * 1000))
             if self._direct_monitor in events:
                 broke = self._direct_events()
-                if broke and (sending or not sock.poll(0, zmq.POLLIN)):  # unless the reply is already here
+                if broke:
                     if self.refused:
                         raise ServerRefused(self.refused, reason="refused")
-                    raise RequestFailed(f"request {rid}: {broke}", request_id=rid, reason="disconnected")
-            if sock not in events:
-                continue
-            if sending:  # the connection is up and has room (IMMEDIATE: never queued on a missing one)
-                try:
-                    send_message(sock, message, flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    continue
-                except (zmq.ZMQError, FramingError) as exc:
-                    raise RequestFailed(f"request {rid} to {self.endpoint}: could not be sent: {exc}",
-                                        request_id=rid, reason="send_error") from None
-                self._count(message)
-                sending = False
-                continue
+                    self._direct_replies(waiting, outcomes)  # those that made it before the break
+                    for rid in list(waiting):  # ZeroMQ lost them with the connection
+                        outcomes[rid] = RequestFailed(f"request {rid}: {broke}", request_id=rid,
+                                                      reason="disconnected")
+                    waiting.clear()
+                    unsent = None
+
+    def _direct_replies(self, waiting: dict[int, tuple[float, float, str]],
+                        outcomes: dict[int, Result | RequestFailed]) -> bool:
+        """Read the replies that arrived on the direct connection; returns whether one was waited for."""
+        found = False
+        for _ in range(256):
             try:
-                _, reply = recv_message(sock, flags=zmq.NOBLOCK)
+                _, reply = recv_message(self._direct, flags=zmq.NOBLOCK)
             except zmq.Again:
-                continue
+                break
             except FramingError as exc:
                 log.warning("malformed reply from %s: %s", self.endpoint, exc)
                 continue
-            if reply.request_id != rid:
-                continue  # a late reply to an earlier direct request that timed out
-            outcome = self._outcome(reply, what, sent)
-            if isinstance(outcome, Exception):
-                raise outcome
-            return outcome
+            entry = waiting.pop(reply.request_id, None)
+            if entry is not None:
+                outcomes[reply.request_id] = self._outcome(reply, entry[2], entry[0])
+                found = True
+        return found
 
     def _direct_events(self) -> str:
         """Read the direct connection's monitor; returns why it broke ("" if it did not)."""
