@@ -159,22 +159,20 @@ def encode(message: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes | me
     return [_PREFIX.pack(MAGIC, PROTOCOL_VERSION, kind, rid), header, *frames]
 
 
-_encoded_headers: dict[tuple, bytes] = {}  # specs -> header bytes, for messages without meta
+_encoded_specs: dict[tuple, bytes] = {}  # specs -> their JSON text: most messages repeat the same shapes
 
 
 def _encode_header(specs: tuple, meta: Mapping[str, Any], limits: Limits) -> bytes:
-    key = specs if not meta and limits is DEFAULT_LIMITS else None  # only the default limits are cached
-    header = _encoded_headers.get(key) if key else None
-    if header is None:
-        header = json.dumps({"t": [[n, d, list(s)] for n, d, s in specs], "m": meta},
-                            separators=(",", ":")).encode()
-        if len(header) > limits.max_header_bytes:
-            raise FramingError(f"header is {len(header)} bytes, limit is {limits.max_header_bytes}; "
-                               "too many tensors or too much metadata")
-        if key:
-            if len(_encoded_headers) >= _CACHE_SIZE:
-                _encoded_headers.clear()
-            _encoded_headers[key] = header
+    encoded = _encoded_specs.get(specs)
+    if encoded is None:
+        encoded = json.dumps([[n, d, list(s)] for n, d, s in specs], separators=(",", ":")).encode()
+        if len(_encoded_specs) >= _CACHE_SIZE:
+            _encoded_specs.clear()
+        _encoded_specs[specs] = encoded
+    header = b'{"t":%s,"m":%s}' % (encoded, json.dumps(meta, separators=(",", ":")).encode())
+    if len(header) > limits.max_header_bytes:
+        raise FramingError(f"header is {len(header)} bytes, limit is {limits.max_header_bytes}; "
+                           "too many tensors or too much metadata")
     return header
 
 

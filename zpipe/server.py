@@ -258,7 +258,7 @@ class Server:
                                      "queued; retry later")
         now = time.monotonic()
         q.append(_Queued(envelope, msg, model, version, now, now + timeout_ms / 1000))
-        self.metrics.queue_depth.labels(model).set(len(q))
+        self.metrics.child(self.metrics.queue_depth, model).set(len(q))
 
     # -- dispatching ---------------------------------------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -297,7 +297,7 @@ class Server:
                 self._in_flight += 1
                 self._running[id(item)] = item
                 future.add_done_callback(lambda f, item=item, v=mv.version: self._completed(item, v, f))
-            self.metrics.queue_depth.labels(model).set(len(q))
+            self.metrics.child(self.metrics.queue_depth, model).set(len(q))
 
     def _may_run_here(self, mv) -> bool:
         """Run on this loop instead of a model thread: a fast in-process model (``inline_ms``) while no model
