@@ -270,36 +270,37 @@ class RemoteClient:
             if not order:
                 return
             self._check_open()
-            progress = False
             if unsent is not None:  # IMMEDIATE: refused (Again) while there is no connection, never queued
                 rid = unsent.request_id
                 try:
                     send_message(sock, unsent, flags=zmq.NOBLOCK)
                     self._count(unsent)
-                    unsent, progress = None, True
+                    unsent = None
+                    continue
                 except zmq.Again:
                     pass
                 except (zmq.ZMQError, FramingError) as exc:
                     waiting.pop(rid)
                     outcomes[rid] = RequestFailed(f"request {rid} to {self.endpoint}: could not be sent: {exc}",
                                                   request_id=rid, reason="send_error")
-                    unsent, progress = None, True
-            progress |= self._direct_replies(waiting, outcomes)
+                    unsent = None
+                    continue
             now = time.monotonic()
-            for rid, (start, deadline, what) in list(waiting.items()):
-                if deadline <= now:
-                    del waiting[rid]
-                    unsent = None if unsent is not None and unsent.request_id == rid else unsent
-                    state = "connected" if self._direct_up else "no connection established"
-                    outcomes[rid] = PeerTimeout(f"server {self.endpoint} did not answer request {rid} ({what}) "
-                                                f"within {deadline - start:g}s ({state})", request_id=rid,
-                                                stage=what, reason="timeout")
-                    progress = True
-            if progress:
+            earliest = min(deadline for _, deadline, _ in waiting.values())
+            if earliest <= now:
+                for rid, (start, deadline, what) in list(waiting.items()):
+                    if deadline <= now:
+                        del waiting[rid]
+                        unsent = None if unsent is not None and unsent.request_id == rid else unsent
+                        state = "connected" if self._direct_up else "no connection established"
+                        outcomes[rid] = PeerTimeout(f"server {self.endpoint} did not answer request {rid} ({what}) "
+                                                    f"within {deadline - start:g}s ({state})", request_id=rid,
+                                                    stage=what, reason="timeout")
                 continue
             poller.modify(sock, zmq.POLLIN | (zmq.POLLOUT if unsent is not None else 0))
-            left = min(deadline for _, deadline, _ in waiting.values()) - now
-            events = dict(poller.poll(max(0.0, min(left, 0.05)) * 1000))
+            events = dict(poller.poll(min(earliest - now, 0.05) * 1000))
+            if events.get(sock, 0) & zmq.POLLIN:
+                self._direct_replies(waiting, outcomes)
             if self._direct_monitor in events:
                 broke = self._direct_events()
                 if broke:
@@ -313,9 +314,8 @@ class RemoteClient:
                     unsent = None
 
     def _direct_replies(self, waiting: dict[int, tuple[float, float, str]],
-                        outcomes: dict[int, Result | RequestFailed]) -> bool:
-        """Read the replies that arrived on the direct connection; returns whether one was waited for."""
-        found = False
+                        outcomes: dict[int, Result | RequestFailed]) -> None:
+        """Read the replies that arrived on the direct connection into ``outcomes``."""
         for _ in range(256):
             try:
                 _, reply = recv_message(self._direct, flags=zmq.NOBLOCK)
@@ -327,8 +327,6 @@ class RemoteClient:
             entry = waiting.pop(reply.request_id, None)
             if entry is not None:
                 outcomes[reply.request_id] = self._outcome(reply, entry[2], entry[0])
-                found = True
-        return found
 
     def _direct_events(self) -> str:
         """Read the direct connection's monitor; returns why it broke ("" if it did not)."""
