@@ -99,7 +99,7 @@ def build_heavy(out: Path, channels: int = 32, depth: int = 10) -> Path:
     return out / "heavy.so"
 
 
-def topology_text(endpoint: str, library: Path, host_timeout_s: float, policy_options: str) -> str:
+def topology_text(endpoint: str, library: Path, host_timeout_s: float, policy_options: str, local_nice: int) -> str:
     return f"""\
 [pipeline]
 name = "policy-bench"
@@ -133,6 +133,7 @@ outputs = {{ y = "y@edge" }}
 [stages.heavy_local]
 kind = "tvm"
 library = "{library}"
+nice = {local_nice}
 inputs = {{ x = "x@local" }}
 outputs = {{ y = "y@local" }}
 
@@ -282,7 +283,7 @@ def orchestrate(args: argparse.Namespace) -> dict:
         np.savez(work / "inputs.npz", xs=np.stack(xs), ys=np.stack(ys))
         endpoint = f"tcp://{EDGE_ADDR}:{args.port}"
         (work / "topology.toml").write_text(topology_text(endpoint, library, args.host_timeout_s,
-                                                          args.policy_options))
+                                                          args.policy_options, args.local_nice))
 
         netpair("up", *GOOD_LINK)
         server = Proc([str(TESTBED / "netpair.sh"), "exec", "edge", sys.executable, "-m", "zpipe", "serve",
@@ -437,7 +438,7 @@ def report(args: argparse.Namespace, result: dict, analysis: dict) -> None:
           f"{'met' if not any(lost.values()) else 'MISSED'}")
     plot(args, result)
     print(json.dumps({"bench": "policy", "rate": args.rate, "phase_s": args.phase_s, "cpu_pct": args.cpu,
-                      "policy_options": args.policy_options, "table": table, "switches": switches, "lost": lost,
+                      "policy_options": args.policy_options, "local_nice": args.local_nice, "table": table, "switches": switches, "lost": lost,
                       "auto_p99_over_best": {k: round(v, 3) for k, v in verdicts.items()},
                       "switch_met": switch_ok, "p99_met": p99_ok, "zero_lost_met": not any(lost.values()),
                       "plot": args.plot}))
@@ -498,6 +499,8 @@ def main() -> None:
                         help="calibrate the heavy branch to this many ms per call on a host core")
     parser.add_argument("--policy-options", default="", help='TOML inline-table body, e.g. "probe_interval_s = 5"')
     parser.add_argument("--host-timeout-s", type=float, default=5.0)
+    parser.add_argument("--local-nice", type=int, default=10,
+                        help="nice of the device's heavy branch (0: same priority as the stages handling replies)")
     parser.add_argument("--port", type=int, default=5555)
     parser.add_argument("--plot", default="/tmp/zpipe-bench-policy.png")
     parser.add_argument("--raw", help="also write every request's record (time, latency, X, reason) here (JSON)")

@@ -8,6 +8,7 @@ different groups overlap; stages in one group share arrays without copying.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import numpy as np
@@ -20,7 +21,7 @@ from zpipe import Pipeline, PythonStage, RequestFailed, StageSpec, Topology, Top
 from zpipe.cli import cli
 from zpipe.compile import CompileOptions, compile_model
 from zpipe.compile.models import inception_net
-from zpipe.testing import Exit, FailOn, Pid, Scale, Sleep
+from zpipe.testing import Exit, FailOn, Nice, Pid, Scale, Sleep
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -101,6 +102,8 @@ def test_bad_grouping_keys_are_refused_by_name():
         fork3(max_groups=0)
     with pytest.raises(TopologyError, match="stage 's1': group 'no spaces' must be a name"):
         StageSpec(name="s1", stage=Scale(), inputs={"x": "x"}, outputs={"out": "y"}, group="no spaces")
+    with pytest.raises(TopologyError, match="stage 's1': nice must be an integer from 0 .* got -5"):
+        StageSpec(name="s1", stage=Scale(), inputs={"x": "x"}, outputs={"out": "y"}, nice=-5)
     with pytest.raises(TopologyError, match="unknown key 'grop'.*did you mean 'group'"):
         Topology.from_toml('[pipeline]\ninputs = ["x"]\noutputs = ["y"]\n[stages.s]\nkind = "zpipe.testing:Scale"\n'
                            'inputs = { x = "x" }\noutputs = { out = "y" }\ngrop = "g"\n')
@@ -131,6 +134,20 @@ def test_explicit_groups_are_honoured_at_run_time():
         out = pipe.infer({"x": np.zeros(1)})
         assert pipe.signals("s1")["group"] == pipe.signals("s3")["group"] == "front"
     assert int(out["p1"]) == int(out["p3"]) != int(out["p2"])
+
+
+def test_nice_lowers_the_priority_of_the_process_hosting_the_stage():
+    """A group runs at the highest nice of its stages; other groups keep the pipeline's own priority."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    topo = Topology(inputs=["x"], outputs=["n1", "n2", "n3"], stages=stages(
+        ("s1", Nice(), ["x"], {"out": "h", "nice": "n1"}, {"group": "heavy", "nice": 7}),
+        ("s2", Nice(), {"x": "h"}, {"out": "i", "nice": "n2"}, {"group": "heavy", "nice": 3}),
+        ("s3", Nice(), {"x": "i"}, {"nice": "n3"}, {"group": "light"})))
+    with Pipeline(topo) as pipe:
+        out = pipe.infer({"x": np.zeros(1)})
+    assert (int(out["n1"]), int(out["n2"]), int(out["n3"])) == (min(base + 7, 19), min(base + 7, 19), base)
+    assert Topology.from_toml('[pipeline]\ninputs = ["x"]\noutputs = ["y"]\n[stages.s]\nkind = "zpipe.testing:Scale"\n'
+                              'inputs = { x = "x" }\noutputs = { out = "y" }\nnice = 5\n').stage("s").nice == 5
 
 
 def test_stages_in_one_group_share_arrays_and_cannot_write_them():

@@ -82,7 +82,8 @@ class Supervisor:
                                        routes=routes, consumers=_consumers(topology, spec)))
             plan = WorkerPlan(group=group, stages=tuple(slots), control=control, hwm=topology.hwm,
                               join_timeout_s=topology.effective_join_timeout_s, sys_path=tuple(sys.path),
-                              parent_pid=os.getpid(), board_dir=self.board_dir)
+                              parent_pid=os.getpid(), board_dir=self.board_dir,
+                              nice=max(topology.stage(name).nice for name in stages))
             self.children[group] = _Child(plan=plan)
 
     # -- start ---------------------------------------------------------------------------------------------------

@@ -71,6 +71,16 @@ class Pid(Stage):
         return {"out": inputs["x"], "pid": np.array(os.getpid(), dtype=np.int64)}
 
 
+class Nice(Stage):
+    """Returns the nice value of the thread running it as ``nice``, next to the passed-through ``out``."""
+
+    input_names = ("x",)
+    output_names = ("out", "nice")
+
+    def process(self, inputs: Mapping[str, np.ndarray]):
+        return {"out": inputs["x"], "nice": np.array(os.getpriority(os.PRIO_PROCESS, 0), dtype=np.int64)}
+
+
 class Exit(Stage):
     """Kills its own process (``os._exit``) when ``x.flat[0] == value``: a worker crash on cue."""
 

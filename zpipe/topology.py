@@ -43,7 +43,7 @@ LOCAL_HOST = "device"  # the host `zpipe run` runs on
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 _PIPELINE_KEYS = ("name", "inputs", "outputs", "hwm", "max_in_flight", "timeout_s", "join_timeout_s", "groups",
                   "max_groups")
-_STAGE_KEYS = ("kind", "inputs", "outputs", "host", "model", "version", "upload", "fallback", "group")
+_STAGE_KEYS = ("kind", "inputs", "outputs", "host", "model", "version", "upload", "fallback", "group", "nice")
 _HOST_KEYS = ("endpoint", "server_key", "client_key", "timeout_s", "heartbeat_s")
 _TOP_KEYS = ("pipeline", "stages", "hosts")
 
@@ -80,6 +80,7 @@ class StageSpec:
     upload: bool = False  # on an edge server: send the compiled library there first
     fallback: bool = False  # on an edge server: run the stage here when no server can (down, deadline, refused)
     group: str | None = None  # the worker process (group) hosting it on this device; None: grouped automatically
+    nice: int = 0  # CPU priority of the process hosting it, 0..19 as in nice(1): its group takes the highest
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
@@ -88,6 +89,9 @@ class StageSpec:
         if self.group is not None and not (isinstance(self.group, str) and _NAME_RE.match(self.group)):
             raise TopologyError(f"stage {self.name!r}: group {self.group!r} must be a name (letters, digits, '_', "
                                 "'.', '-'; starting with a letter or '_')")
+        if not isinstance(self.nice, int) or isinstance(self.nice, bool) or not 0 <= self.nice <= 19:
+            raise TopologyError(f"stage {self.name!r}: nice must be an integer from 0 (normal priority) to 19 "
+                                f"(lowest), got {self.nice!r}")
         if not isinstance(self.stage, Stage):
             raise TopologyError(f"stage {self.name!r}: expected a zpipe.Stage instance, got "
                                 f"{type(self.stage).__name__}; wrap plain functions in zpipe.PythonStage")
@@ -363,7 +367,7 @@ def _stage_from_table(name: str, table: Any, base_dir: Path) -> StageSpec:
     return StageSpec(name=name, stage=stage, inputs=table["inputs"], outputs=table["outputs"],
                      host=table.get("host", LOCAL_HOST), model=table.get("model"), version=table.get("version"),
                      upload=table.get("upload", False), fallback=table.get("fallback", False),
-                     group=table.get("group"))
+                     group=table.get("group"), nice=table.get("nice", 0))
 
 
 def _accepted_params(cls: type) -> dict[str, inspect.Parameter]:

@@ -83,6 +83,7 @@ class WorkerPlan:
     board_dir: str = ""  # this host's signal board (zpipe.board), shared by the pipeline's workers
     parent_pid: int = 0  # the worker exits when this process is gone
     limits: Limits = DEFAULT_LIMITS
+    nice: int = 0  # added to the process's nice value before any stage is set up (lower CPU priority)
 
 
 def main() -> None:
@@ -101,6 +102,8 @@ def run_worker(plan: WorkerPlan) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     logging.basicConfig(level=os.environ.get("ZPIPE_WORKER_LOG", "WARNING"),
                         format=f"%(asctime)s worker[{plan.group}] %(levelname)s %(message)s")
+    if plan.nice:
+        os.nice(plan.nice)  # also every thread started from here on (TVM's pool): Linux nice is per thread
     _Worker(plan, stopping).run()
 
 
@@ -623,7 +626,8 @@ class _Runner:
         self.published_at, self.published_progress = now, progress
         self.worker.board.publish(self.name, {
             "pid": os.getpid(), "group": self.worker.plan.group, "processed": self.counts["processed"],
-            "failed": self.counts["failed"], "service_s": self.service.mean, "measured_at": self.measured_at,
+            "failed": self.counts["failed"], "service_s": self.service.mean,
+            "service_std_s": math.sqrt(self.service.var), "measured_at": self.measured_at,
             "running": len(self.running), **self.stage.signals()})
 
 
