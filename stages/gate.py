@@ -131,7 +131,8 @@ class GateStage(Stage):
         local = [board.read(n) or {} for n in self._local] if board else []
         remote = [board.read(n) or {} for n in self._remote] if board else []
         local_done = self._local_done(local)
-        local_service = max((v["service_s"] for v in local if v.get("service_s") is not None), default=None)
+        timed = [v for v in local if v.get("service_s") is not None]
+        slowest = max(timed, key=lambda v: v["service_s"], default={})  # the local branch's bottleneck
         local_at = min((v["measured_at"] for v in local if v.get("measured_at") is not None), default=None)
         rtts = [v for v in remote if v.get("rtt_s") is not None]
         backlog = max(0, self._sent[False] - local_done)
@@ -139,7 +140,8 @@ class GateStage(Stage):
         oldest = self._local_sent_at[-min(backlog, len(self._local_sent_at))] if backlog and self._local_sent_at \
             else now
         return Signals(
-            now=now, local_service_s=local_service, local_measured_at=local_at, local_backlog=backlog,
+            now=now, local_service_s=slowest.get("service_s"), local_service_std_s=slowest.get("service_std_s", 0.0),
+            local_measured_at=local_at, local_backlog=backlog,
             local_oldest_age_s=now - oldest, device_load=self._device_load(now),
             remote_rtt_s=max((v["rtt_s"] for v in rtts), default=None),
             remote_rtt_std_s=max((v.get("rtt_std_s", 0.0) for v in rtts), default=0.0),

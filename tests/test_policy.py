@@ -14,7 +14,7 @@ pytest.importorskip("tvm")
 from server_models import SHAPE, add_version, build_affine  # noqa: E402
 from test_server import serve  # noqa: E402,F401  (fixture)
 
-from zpipe import Pipeline, Topology  # noqa: E402
+from zpipe import Pipeline, PythonStage, StageSpec, Topology  # noqa: E402
 from zpipe.linkemu import LinkEmulator, parse_address  # noqa: E402
 from zpipe.policy import LatencyPolicy, Signals, ThresholdPolicy  # noqa: E402
 
@@ -67,6 +67,40 @@ def test_a_request_out_too_long_shows_a_slower_side_before_it_finishes():
     t = ThresholdPolicy(min_dwell_s=0, max_rtt_s=0.1)
     assert t.decide(Signals(now=1, device_load=0.95, remote_rtt_s=0.02)).offload
     assert not t.decide(Signals(now=2, device_load=0.95, remote_rtt_s=0.02, remote_oldest_age_s=0.3)).offload
+
+
+def test_both_estimates_carry_the_risk_of_their_spread():
+    """risk x standard deviation is added on both sides: a local branch whose last sample jumped (the device just
+    got busier) looks slower at once, before its mean has moved much."""
+    p = LatencyPolicy(hysteresis=0.1, min_dwell_s=0, probe_interval_s=0)
+    s = dict(local_service_s=0.100, local_measured_at=0.0, remote_rtt_s=0.125, remote_measured_at=0.0)
+    assert not p.decide(Signals(now=1.0, **s)).offload  # 100 ms here, 125 ms there
+    jumped = p.decide(Signals(now=2.0, local_service_std_s=0.040, **s))  # 140 ms here: 125 is 11 % better
+    assert jumped.offload and jumped.reason.startswith("local 140.0 ms vs remote 125.0 ms")
+    q = LatencyPolicy(hysteresis=0.1, min_dwell_s=0, probe_interval_s=0, risk=0)
+    assert not q.decide(Signals(now=2.0, local_service_std_s=0.040, **s)).offload  # risk 0: means only
+
+
+def _sleep_by_x(inputs):
+    time.sleep(float(inputs["x"][0]))
+    return {"y": inputs["x"]}
+
+
+def test_stages_publish_the_spread_of_their_service_time():
+    topo = Topology(inputs=["x"], outputs=["y"], stages=[
+        StageSpec(name="work", stage=PythonStage(function=_sleep_by_x), inputs=["x"], outputs=["y"])])
+    with Pipeline(topo) as pipe:
+        for seconds in (0.02, 0.02, 0.02, 0.02):
+            pipe.infer({"x": np.array([seconds])})
+        steady = pipe.signals("work")
+        pipe.infer({"x": np.array([0.1])})
+        deadline = time.monotonic() + 2
+        while pipe.signals("work")["processed"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        jumped = pipe.signals("work")
+    assert steady["service_std_s"] < 0.005 and 0.015 < steady["service_s"] < 0.04
+    # EWMA (alpha 0.2) of a 80 ms jump: the mean moves ~16 ms, the spread ~36 ms
+    assert jumped["service_std_s"] > 0.025 and jumped["service_s"] < 0.06
 
 
 def test_the_first_probes_of_a_side_come_faster():

@@ -4,9 +4,10 @@ The gate gathers :class:`Signals` (its own counts, what the branches publish on 
 and asks a policy for a :class:`Decision`. Two policies:
 
 * :class:`LatencyPolicy` (default): estimate the local time (service time × (backlog + 1)) and the remote time
-  (smoothed round trip + ``risk`` standard deviations, which already include transfer and server queueing; at
-  least the age of the oldest request still in flight, which shows a slower link before any reply does; the same
-  bound holds locally, where it shows a device that just got busy), and
+  (smoothed round trip, which already includes transfer and server queueing), each plus ``risk`` standard
+  deviations of its own samples: a side whose last sample jumped looks slower at once, and a steady side is not
+  favoured over a noisy one by accident. Each estimate is at least the age of that side's oldest request still in
+  flight, which shows a slower link (or a device that just got busy) before any reply does. Then
   pick the smaller, switching only when the other side is better by ``hysteresis`` and the last switch is at least
   ``min_dwell_s`` old (a side more than twice as fast wins at once). A side that has not been measured for
   ``probe_interval_s`` gets one request (a probe), so estimates never go stale; ``probe_interval_s = 0`` turns
@@ -36,6 +37,7 @@ __all__ = ["Signals", "Decision", "LatencyPolicy", "ThresholdPolicy", "make_poli
 class Signals:
     now: float  # time.monotonic() of the decision
     local_service_s: float | None = None  # smoothed compute time of the local branch (None: never measured)
+    local_service_std_s: float = 0.0  # and its standard deviation
     local_measured_at: float | None = None
     local_backlog: int = 0  # requests sent to the local branch and not finished
     local_oldest_age_s: float = 0.0  # how long the oldest of those has been out
@@ -126,7 +128,7 @@ class LatencyPolicy:
         # link or server) before its smoothed figures can: no side is faster than its oldest unfinished request.
         # (The local age is capped: the gate infers it from counts, and a request lost from them must not make the
         # device look slower and slower.)
-        local_by_count = s.local_service_s * (s.local_backlog + 1)
+        local_by_count = s.local_service_s * (s.local_backlog + 1) + self.risk * s.local_service_std_s
         local = max(local_by_count, min(s.local_oldest_age_s, _LOCAL_AGE_CAP * local_by_count))
         remote_by_rtt = s.remote_rtt_s + self.risk * s.remote_rtt_std_s
         remote = max(remote_by_rtt, s.remote_oldest_age_s)
