@@ -59,6 +59,7 @@ _CACHE_SIZE = 256  # validated headers remembered by their bytes (same shapes, n
 _WIRE_DTYPES = frozenset(np.dtype(f"{order}{code}").str for order in "<>" for code in
                          ("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"))
 _META_SCALARS = (str, int, float, bool, type(None))
+_META_EXACT = frozenset(_META_SCALARS)
 
 
 class Kind(enum.IntEnum):
@@ -330,10 +331,13 @@ def _decode_spec(spec: Any, rid: int, limits: Limits) -> tuple[str, np.dtype, tu
 
 
 def _check_meta(meta: Mapping[str, Any], rid: int | None = None) -> None:
-    where = f"request {rid}: " if rid is not None else ""
     if not isinstance(meta, Mapping):
+        where = f"request {rid}: " if rid is not None else ""
         raise FramingError(f"{where}meta must be a mapping, got {type(meta).__name__}")
     for key, value in meta.items():
+        if type(value) in _META_EXACT and type(key) is str:  # the common case, without the generic checks below
+            continue
+        where = f"request {rid}: " if rid is not None else ""
         if not isinstance(key, str):
             raise FramingError(f"{where}meta key {key!r} is not a str")
         items = value if isinstance(value, list) else [value]
