@@ -558,25 +558,29 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                 latency[label]["tvm_rpc"]["MB_per_s"] = 2 * SIZES[label] / med(tv) / 1e6
             figures["latency"] = latency
 
-            # (b): throughput with 8 in flight
+            # (b): throughput with 8 in flight; the rounds alternate the systems, figures are medians
             throughput: dict = {}
             for label in SIZES:
                 print(f"throughput {label} ...", file=sys.stderr, flush=True)
                 model, x = f"affine_{label}", payload(label)
                 zpipe_throughput(zc, model, x, WINDOW * 2, check)  # warm-up
-                zp = zpipe_throughput(zc, model, x, n(ZP_THROUGHPUT, label, 2 * WINDOW), check)
-                zpk = zpipe_throughput(zk, model, x, n(ZP_THROUGHPUT, label, 2 * WINDOW), check)
                 for s in sessions:
                     s.model = model
                     s.infer(x)  # warm-up
-                t1 = tvm_throughput_1(sessions[0], x, n(TVM_THROUGHPUT, label, 2), check)
-                t8 = tvm_throughput_8(sessions, x, n(TVM_THROUGHPUT_8, label, 1), check)
+                runs: dict[str, list[float]] = {"zp": [], "zpk": [], "t1": [], "t8": []}
+                for _ in range(args.rounds):
+                    runs["zp"].append(zpipe_throughput(zc, model, x, n(ZP_THROUGHPUT, label, 2 * WINDOW), check))
+                    runs["zpk"].append(zpipe_throughput(zk, model, x, n(ZP_THROUGHPUT, label, 2 * WINDOW), check))
+                    runs["t1"].append(tvm_throughput_1(sessions[0], x, n(TVM_THROUGHPUT, label, 2), check))
+                    runs["t8"].append(tvm_throughput_8(sessions, x, n(TVM_THROUGHPUT_8, label, 1), check))
+                zp, zpk, t1, t8 = (med(runs[k]) for k in ("zp", "zpk", "t1", "t8"))
                 best = max(t1, t8)
                 throughput[label] = {"zpipe_plain_rps": zp, "zpipe_curve_rps": zpk, "tvm_1_session_rps": t1,
                                      "tvm_8_sessions_rps": t8, "ratio_vs_tvm_1": zp / t1, "ratio_vs_tvm_8": zp / t8,
                                      "ratio_vs_tvm_best": zp / best,
                                      "zpipe_plain_MB_per_s": zp * 2 * SIZES[label] / 1e6,
-                                     "tvm_best_MB_per_s": best * 2 * SIZES[label] / 1e6}
+                                     "tvm_best_MB_per_s": best * 2 * SIZES[label] / 1e6,
+                                     "rounds": {k: [round(v, 1) for v in vs] for k, vs in runs.items()}}
             figures["throughput"] = throughput
 
             # (c): upload + load of the library with embedded weights
@@ -630,7 +634,8 @@ def report(figures: dict, args: argparse.Namespace) -> None:
               f" | {f['speedup_tvm_over_zpipe']:8.1f}x | {f['speedup_tvm_over_zpipe_curve']:8.1f}x | "
               f"{f['curve_over_plain']:10.2f}x | {_fmt(f['raw_pyzmq_echo']['median_s']):>14} | "
               f"{f['speedup_tvm_over_raw_echo']:6.0f}x")
-    print(f"\n(b) throughput with {WINDOW} requests in flight (requests/s)")
+    print(f"\n(b) throughput with {WINDOW} requests in flight (requests/s; medians of {args.rounds} rounds alternating the "
+          "systems)")
     print(f"{'payload':>7} | {'zpipe':>9} | {'zpipe+Curve':>11} | {'TVM 1 sess':>10} | {'TVM 8 sess':>10} | "
           f"{'zp/TVM1':>8} | {'zp/TVM8':>8} | {'zpipe MB/s':>10}")
     for label, f in thr.items():
@@ -686,7 +691,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="zpipe serve --workers (per model)")
     parser.add_argument("--isolation", choices=["process", "thread"], default="process",
                         help="zpipe serve --isolation: models in worker processes or in the server process")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds alternating the systems in (a)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds alternating the systems in (a) and (b)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (models, keys, logs)")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="kill everything and fail after this long")
     args = parser.parse_args()
