@@ -27,8 +27,9 @@ import enum
 import json
 import math
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,7 @@ __all__ = [
 MAGIC = b"ZP"
 PROTOCOL_VERSION = 1
 _PREFIX = struct.Struct("!2sBBQ")
+_JSON = json.JSONEncoder(separators=(",", ":"))  # json.dumps with options builds a new encoder on every call
 _CACHE_SIZE = 256  # validated headers remembered by their bytes (same shapes, no meta: the common case)
 
 # Byte order, kind, item size. Object, string, void, datetime and structured dtypes are never allowed on the wire.
@@ -166,11 +168,11 @@ _encoded_specs: dict[tuple, bytes] = {}  # specs -> their JSON text: most messag
 def _encode_header(specs: tuple, meta: Mapping[str, Any], limits: Limits) -> bytes:
     encoded = _encoded_specs.get(specs)
     if encoded is None:
-        encoded = json.dumps([[n, d, list(s)] for n, d, s in specs], separators=(",", ":")).encode()
+        encoded = _JSON.encode([[n, d, list(s)] for n, d, s in specs]).encode()
         if len(_encoded_specs) >= _CACHE_SIZE:
             _encoded_specs.clear()
         _encoded_specs[specs] = encoded
-    header = b'{"t":%s,"m":%s}' % (encoded, json.dumps(meta, separators=(",", ":")).encode())
+    header = b'{"t":%s,"m":%s}' % (encoded, _JSON.encode(meta).encode())
     if len(header) > limits.max_header_bytes:
         raise FramingError(f"header is {len(header)} bytes, limit is {limits.max_header_bytes}; "
                            "too many tensors or too much metadata")
