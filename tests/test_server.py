@@ -21,7 +21,7 @@ pytest.importorskip("tvm")
 from server_models import SHAPE, add_version, build_affine  # noqa: E402
 
 from zpipe.client import RemoteClient, ServerRefused  # noqa: E402
-from zpipe.errors import PeerTimeout, RequestFailed, ZpipeError  # noqa: E402
+from zpipe.errors import PeerTimeout, PipelineClosed, RequestFailed, ZpipeError  # noqa: E402
 from zpipe.framing import Kind, Message  # noqa: E402
 from zpipe.transport import recv_message, send_message  # noqa: E402
 
@@ -356,6 +356,49 @@ def test_map_reports_each_failure_in_its_place(built, tmp_path, serve):
             np.testing.assert_allclose(r.outputs["y"], x_of(2 * (20 + i) + 1))  # not a late one from 10..11
         with pytest.raises(ValueError, match="in_flight"):
             list(c.map("affine", [], in_flight=0))
+
+
+def test_map_edge_cases_slow_consumer_bad_input_abandoned_stream_and_a_dead_server(built, tmp_path, serve):
+    repo = tmp_path / "repo"
+    add_version(repo, "affine", 1, built["v1"])
+    server = serve(repo, "--isolation", "thread")
+    with RemoteClient(server.endpoint, timeout_s=20) as c:
+        # A consumer slower than the deadlines: replies that arrived in time are results, not timeouts.
+        got = []
+        for r in c.map("affine", [{"x": x_of(i)} for i in range(6)], in_flight=4, timeout_s=0.3):
+            got.append(r.outputs["y"])
+            time.sleep(0.4)
+        for i, y in enumerate(got):
+            np.testing.assert_allclose(y, x_of(2 * i + 1))
+        # A bad input fails in its place (here or at the server); the others are answered.
+        inputs = [{"x": x_of(1)}, x_of(2), {"x": np.array([None])}, {"x": np.zeros(3, np.float32)}, {"x": x_of(4)}]
+        outcomes = list(c.map("affine", inputs, return_exceptions=True))
+        assert [type(o).__name__ for o in outcomes] == ["Result", "TypeError", "FramingError", "RequestFailed",
+                                                        "Result"]
+        assert "map tensor names to arrays, not a ndarray" in str(outcomes[1])
+        assert outcomes[3].reason == "bad_request"
+        np.testing.assert_allclose(outcomes[4].outputs["y"], x_of(9))
+        # A stream left unfinished keeps the direct connection; other calls go through the I/O thread meanwhile,
+        # and close() does not wait for it: resumed, it fails.
+        stream = c.map("affine", ({"x": x_of(i)} for i in range(100)), in_flight=2)
+        np.testing.assert_allclose(next(stream).outputs["y"], x_of(1))
+        np.testing.assert_allclose(c.infer("affine", {"x": x_of(5)})["y"], x_of(11))
+        other = RemoteClient(server.endpoint).start()
+        suspended = other.map("affine", ({"x": x_of(i)} for i in range(100)), in_flight=2)
+        np.testing.assert_allclose(next(suspended).outputs["y"], x_of(1))
+        started = time.monotonic()
+        other.close()
+        assert time.monotonic() - started < 2
+        with pytest.raises(PipelineClosed):
+            next(suspended)
+        stream.close()
+        # The server dies with several requests in flight: each ends 'disconnected' at once, none waits out 20 s.
+        server.proc.send_signal(signal.SIGSTOP)
+        threading.Timer(0.5, server.proc.kill).start()
+        started = time.monotonic()
+        outcomes = list(c.map("affine", [{"x": x_of(i)} for i in range(3)], in_flight=3, return_exceptions=True))
+    assert [getattr(o, "reason", None) for o in outcomes] == ["disconnected"] * 3
+    assert time.monotonic() - started < 5
 
 
 def test_blocking_infer_fails_at_once_when_the_server_dies_mid_request(built, tmp_path, serve):

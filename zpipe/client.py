@@ -142,12 +142,14 @@ class RemoteClient:
         self._stop = True
         self._waker.wake()
         self._thread.join(timeout=5.0)
-        if self._direct_lock.acquire(timeout=5.0):  # a direct caller sees _stop within one poll slice
+        if self._direct_lock.acquire(timeout=0.5):  # a running stream sees _stop within one poll slice
             if self._direct is not None:
                 self._direct.close(linger=0)
                 self._direct_monitor.close(linger=0)
                 self._direct = None
             self._direct_lock.release()
+        else:  # a map() left unfinished holds it; resumed, it raises PipelineClosed before touching the socket
+            self._direct = None  # (destroying the context below closes the socket)
         self._fail_all(PipelineClosed, "the client was closed")
         self._ctx.destroy(linger=0)
         self._waker.close()
@@ -182,14 +184,25 @@ class RemoteClient:
 
         The way to stream many tensors: requests are sent and replies read on the caller's own thread (on the
         direct connection), with no hand-off to the I/O thread. Inputs are read lazily, only when a slot is free;
-        each request's timeout runs from then. A failed request raises its error in its place in the order (the
-        requests still in flight are abandoned; their replies are dropped), or is yielded as the exception object
-        with ``return_exceptions=True``. While another thread streams, this goes through the I/O thread instead.
+        each request's timeout runs from then. A failed request (a bad input included) raises its error in its
+        place in the order (the requests still in flight are abandoned; their replies are dropped), or is yielded
+        as the exception object with ``return_exceptions=True``. Do not change an input's arrays until its result
+        is yielded: tensors from 256 KiB on are sent without copying. A stream holds the direct connection until it
+        ends; while it does, other calls (other threads, or a stream left unfinished: ``close()`` it) go through
+        the I/O thread.
         """
         if in_flight < 1:
             raise ValueError(f"in_flight must be at least 1, not {in_flight}")
         what = f"model {model!r}"
-        requests = (self._request(model, item, version, timeout_s, meta) + (what,) for item in inputs)
+
+        def prepared() -> Iterator[tuple[Message, float, str] | Exception]:
+            for item in inputs:
+                try:
+                    yield self._request(model, item, version, timeout_s, meta) + (what,)
+                except (TypeError, FramingError) as exc:  # a bad input: its error takes its place
+                    yield exc
+
+        requests = prepared()
         direct = self._direct_lock.acquire(blocking=False)  # else another caller is on the direct connection
         try:
             outcomes = self._direct_stream(requests, in_flight) if direct else self._future_stream(requests,
@@ -206,10 +219,15 @@ class RemoteClient:
                        ) -> Iterator[Result | RequestFailed]:
         """:meth:`_direct_stream` through the I/O thread."""
         futures: collections.deque[Future] = collections.deque()
-        for message, timeout_s, what in requests:
+        for item in requests:
             if len(futures) >= window:
                 future = futures.popleft()
                 yield future.exception() or future.result()
+            if isinstance(item, Exception):
+                futures.append(Future())
+                futures[-1].set_exception(item)
+                continue
+            message, timeout_s, what = item
             futures.append(self._send(message, timeout_s, what))
             self._count(message)
         for future in futures:
@@ -232,16 +250,17 @@ class RemoteClient:
             self.requests_sent += 1
             self.bytes_sent += sum(a.nbytes for a in message.tensors.values())
 
-    def _direct_stream(self, requests: Iterator[tuple[Message, float, str]], window: int
-                       ) -> Iterator[Result | RequestFailed]:
-        """Send ``requests`` ((message, timeout_s, what) each) on the direct connection with up to ``window`` in
-        flight, and yield each one's outcome (its Result, or the error) in order.
+    def _direct_stream(self, requests: Iterator[tuple[Message, float, str] | Exception], window: int
+                       ) -> Iterator[Result | Exception]:
+        """Send ``requests`` ((message, timeout_s, what) each, or the error of a bad input) on the direct connection
+        with up to ``window`` in flight, and yield each one's outcome (its Result, or the error) in order.
 
         Runs on the caller's thread, which holds ``_direct_lock``. The connection has its own monitor: a refusal or
         a lost connection ends the waits at once, as on the main one. A reply whose id is not waited for is late
         (its request timed out, or an abandoned stream sent it) and is dropped.
         """
-        self._check_open()
+        if self._thread is None or self._stop:
+            self._check_open()  # raises (a refusal is answered per request, below)
         if self._direct is None:
             self._direct, self._direct_monitor = self._connect(f"{self.identity[:200]}.direct", hwm=self.hwm)
             self._direct_up = False
@@ -252,7 +271,7 @@ class RemoteClient:
         self._direct_events()  # what happened between calls changes only the state, not these requests
         order: collections.deque[int] = collections.deque()  # ids not yielded yet, in order
         waiting: dict[int, tuple[float, float, str]] = {}  # id -> (start, deadline, what) until its outcome
-        outcomes: dict[int, Result | RequestFailed] = {}
+        outcomes: dict[int, Result | Exception] = {}
         unsent: Message | None = None  # the next request, while ZeroMQ has no room or no connection for it
         more = True
         while True:
@@ -263,14 +282,25 @@ class RemoteClient:
                 if item is None:
                     more = False
                 else:
+                    rid = next(self._ids)
+                    order.append(rid)
+                    if isinstance(item, Exception):
+                        outcomes[rid] = item
+                        continue
                     unsent, timeout_s, what = item
-                    rid = unsent.request_id = next(self._ids)
+                    unsent.request_id = rid
                     start = time.monotonic()
                     waiting[rid] = (start, start + timeout_s, what)
-                    order.append(rid)
             if not order:
                 return
-            self._check_open()
+            if self._thread is None or self._stop:
+                self._check_open()  # raises: the client was closed
+            if self.refused:  # the server refused our key: every request left ends so, in its place
+                for rid in waiting:
+                    outcomes[rid] = ServerRefused(self.refused, request_id=rid, reason="refused")
+                waiting.clear()
+                unsent = None
+                continue
             if unsent is not None:  # IMMEDIATE: refused (Again) while there is no connection, never queued
                 rid = unsent.request_id
                 try:
@@ -289,6 +319,7 @@ class RemoteClient:
             now = time.monotonic()
             earliest = min(deadline for _, deadline, _ in waiting.values())
             if earliest <= now:
+                self._direct_replies(waiting, outcomes)  # a reply already here is not late (a slow consumer)
                 for rid, (start, deadline, what) in list(waiting.items()):
                     if deadline <= now:
                         del waiting[rid]
@@ -305,9 +336,9 @@ class RemoteClient:
             if self._direct_monitor in events:
                 broke = self._direct_events()
                 if broke:
+                    self._direct_replies(waiting, outcomes, limit=len(waiting))  # those that made it first
                     if self.refused:
-                        raise ServerRefused(self.refused, reason="refused")
-                    self._direct_replies(waiting, outcomes)  # those that made it before the break
+                        continue  # ended at the top of the loop
                     for rid in list(waiting):  # ZeroMQ lost them with the connection
                         outcomes[rid] = RequestFailed(f"request {rid}: {broke}", request_id=rid,
                                                       reason="disconnected")
@@ -315,9 +346,10 @@ class RemoteClient:
                     unsent = None
 
     def _direct_replies(self, waiting: dict[int, tuple[float, float, str]],
-                        outcomes: dict[int, Result | RequestFailed]) -> None:
-        """Read the replies that arrived on the direct connection into ``outcomes``."""
-        for _ in range(256):
+                        outcomes: dict[int, Result | Exception], limit: int = 0) -> None:
+        """Read the replies that arrived on the direct connection into ``outcomes`` (at most 256 more than
+        ``limit``: late replies to earlier streams come on this connection too)."""
+        for _ in range(limit + 256):
             try:
                 _, reply = recv_message(self._direct, flags=zmq.NOBLOCK)
             except zmq.Again:
