@@ -104,6 +104,8 @@ def test_bad_grouping_keys_are_refused_by_name():
         StageSpec(name="s1", stage=Scale(), inputs={"x": "x"}, outputs={"out": "y"}, group="no spaces")
     with pytest.raises(TopologyError, match="stage 's1': nice must be an integer from 0 .* got -5"):
         StageSpec(name="s1", stage=Scale(), inputs={"x": "x"}, outputs={"out": "y"}, nice=-5)
+    with pytest.raises(TopologyError, match="stage 's1': nice applies to stages that compute on this device"):
+        StageSpec(name="s1", stage=Scale(), inputs={"x": "x"}, outputs={"out": "y"}, host="edge", nice=5)
     with pytest.raises(TopologyError, match="unknown key 'grop'.*did you mean 'group'"):
         Topology.from_toml('[pipeline]\ninputs = ["x"]\noutputs = ["y"]\n[stages.s]\nkind = "zpipe.testing:Scale"\n'
                            'inputs = { x = "x" }\noutputs = { out = "y" }\ngrop = "g"\n')
@@ -136,8 +138,9 @@ def test_explicit_groups_are_honoured_at_run_time():
     assert int(out["p1"]) == int(out["p3"]) != int(out["p2"])
 
 
-def test_nice_lowers_the_priority_of_the_process_hosting_the_stage():
-    """A group runs at the highest nice of its stages; other groups keep the pipeline's own priority."""
+def test_nice_lowers_the_priority_of_the_process_hosting_the_stage(caplog):
+    """A group runs at the highest nice of its stages (and says so when they differ); other groups keep the
+    pipeline's own priority."""
     base = os.getpriority(os.PRIO_PROCESS, 0)
     topo = Topology(inputs=["x"], outputs=["n1", "n2", "n3"], stages=stages(
         ("s1", Nice(), ["x"], {"out": "h", "nice": "n1"}, {"group": "heavy", "nice": 7}),
@@ -146,6 +149,7 @@ def test_nice_lowers_the_priority_of_the_process_hosting_the_stage():
     with Pipeline(topo) as pipe:
         out = pipe.infer({"x": np.zeros(1)})
     assert (int(out["n1"]), int(out["n2"]), int(out["n3"])) == (min(base + 7, 19), min(base + 7, 19), base)
+    assert "group 'heavy' hosts stages asking for different nice values {'s1': 7, 's2': 3}: it runs at 7" in caplog.text
     assert Topology.from_toml('[pipeline]\ninputs = ["x"]\noutputs = ["y"]\n[stages.s]\nkind = "zpipe.testing:Scale"\n'
                               'inputs = { x = "x" }\noutputs = { out = "y" }\nnice = 5\n').stage("s").nice == 5
 

@@ -83,7 +83,7 @@ class Supervisor:
             plan = WorkerPlan(group=group, stages=tuple(slots), control=control, hwm=topology.hwm,
                               join_timeout_s=topology.effective_join_timeout_s, sys_path=tuple(sys.path),
                               parent_pid=os.getpid(), board_dir=self.board_dir,
-                              nice=max(topology.stage(name).nice for name in stages))
+                              nice=_group_nice(topology, group, stages))
             self.children[group] = _Child(plan=plan)
 
     # -- start ---------------------------------------------------------------------------------------------------
@@ -241,6 +241,15 @@ class Supervisor:
                          envelope=[name.encode()], flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # not connected (yet) or already gone
             log.debug("could not send %r to group %r: %s", op, name, exc)
+
+
+def _group_nice(topology: Topology, group: str, stages: tuple[str, ...]) -> int:
+    """A process has one priority: the highest nice its stages ask for (with a warning when they differ)."""
+    asked = {name: topology.stage(name).nice for name in stages}
+    if len(set(asked.values())) > 1:
+        log.warning("group %r hosts stages asking for different nice values %s: it runs at %d; give the stage you "
+                    "want at low priority a group of its own (group = \"...\")", group, asked, max(asked.values()))
+    return max(asked.values())
 
 
 def _stage_to_run(topology: Topology, spec: StageSpec) -> Stage:

@@ -92,6 +92,9 @@ class StageSpec:
         if not isinstance(self.nice, int) or isinstance(self.nice, bool) or not 0 <= self.nice <= 19:
             raise TopologyError(f"stage {self.name!r}: nice must be an integer from 0 (normal priority) to 19 "
                                 f"(lowest), got {self.nice!r}")
+        if self.nice and self.host != LOCAL_HOST:
+            raise TopologyError(f"stage {self.name!r}: nice applies to stages that compute on this device; this one "
+                                f"runs on {self.host!r}, and its stand-in here handles the replies")
         if not isinstance(self.stage, Stage):
             raise TopologyError(f"stage {self.name!r}: expected a zpipe.Stage instance, got "
                                 f"{type(self.stage).__name__}; wrap plain functions in zpipe.PythonStage")
