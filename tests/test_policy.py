@@ -39,7 +39,10 @@ def test_latency_policy_counts_the_local_backlog_and_probes_stale_sides():
     s = dict(local_service_s=0.030, local_measured_at=9.0, remote_rtt_s=0.050, remote_measured_at=9.0)
     assert not p.decide(Signals(now=10.0, **s)).offload  # idle device: 30 ms here beats 50 ms there
     assert p.decide(Signals(now=10.1, local_backlog=3, **s)).offload  # busy device: 120 ms queue here
-    probe = p.decide(Signals(now=12.0, **s))  # local not measured for 3 s: probe it, on both sides
+    probe = p.decide(Signals(now=12.0, **s))  # local not measured for 3 s, and it looks competitive: probe it alone
+    assert probe.reason == "probe local" and not probe.hedge and not probe.offload
+    slow = {**s, "local_service_s": 0.100}
+    probe = p.decide(Signals(now=14.1, **slow))  # local looks 2x worse: probe it on both sides
     assert probe.reason == "probe local (hedged)" and probe.hedge and probe.offload  # remote stays the primary
     unhedged = LatencyPolicy(hysteresis=0.1, min_dwell_s=0, probe_interval_s=2.0, hedge=False)
     probe = unhedged.decide(Signals(now=12.0, **s))  # remote not measured for 3 s: probed on its own

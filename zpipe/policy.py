@@ -11,8 +11,10 @@ and asks a policy for a :class:`Decision`. Two policies:
   pick the smaller, switching only when the other side is better by ``hysteresis`` and the last switch is at least
   ``min_dwell_s`` old (a side more than twice as fast wins at once). A side that has not been measured for
   ``probe_interval_s`` gets one request (a probe), so estimates never go stale; ``probe_interval_s = 0`` turns
-  probing off. With ``hedge = true`` (the default) a probe runs on *both* sides and the first answer wins, so
-  exploring never costs the probed request its latency (the probe's branch still reports its timing). Probes of
+  probing off. With ``hedge = true`` (the default) a probe of a side that looks clearly worse (its estimate above
+  1.2× the current side's) runs on *both* sides and the first answer wins, so exploring never costs the probed
+  request much latency (the probe's branch still reports its timing); a side that looks competitive is probed on
+  its own, so the same request computing on the device neither slows nor mis-measures it. Probes of
   the local side cost the device's CPU, the scarce thing when offloading: while local keeps measuring more than
   1.2× the remote time, its probe interval doubles (up to 4×). Remote probes never back off, so a link that
   recovers is noticed within ``probe_interval_s``.
@@ -79,6 +81,7 @@ class _Hysteresis:
 _WARM_PROBES = 3
 _WARM_INTERVAL_S = 0.2
 _BACKOFF_RATIO = 1.2  # local probes back off while local measures more than this times the remote time
+_HEDGE_ABOVE = 1.2  # a probe is hedged when the probed side's estimate is above this times the current side's
 _MAX_BACKOFF = 4
 _LOCAL_AGE_CAP = 4  # the local age raises the local estimate at most this many times
 
@@ -117,13 +120,6 @@ class LatencyPolicy:
             if self._probe_due(side, s.now):
                 return self._probe(side, "never measured")
             return Decision(side != "remote", f"waiting for the first {side} measurement")
-        if self.probe_interval_s:
-            stale_remote = s.remote_measured_at is None or s.now - s.remote_measured_at > self._interval("remote")
-            stale_local = s.local_measured_at is None or s.now - s.local_measured_at > self._interval("local")
-            if self.state.offload and stale_local and self._probe_due("local", s.now):
-                return self._probe("local")
-            if not self.state.offload and stale_remote and self._probe_due("remote", s.now):
-                return self._probe("remote")
         # A request out for longer than a side's estimate shows that side got slower (a busier device, a slower
         # link or server) before its smoothed figures can: no side is faster than its oldest unfinished request.
         # (The local age is capped: the gate infers it from counts, and a request lost from them must not make the
@@ -136,6 +132,16 @@ class LatencyPolicy:
             self._local_seen = s.local_measured_at
             worse = local > _BACKOFF_RATIO * remote
             self._local_backoff = min(self._local_backoff * 2, _MAX_BACKOFF) if worse else 1
+        if self.probe_interval_s:
+            stale_remote = s.remote_measured_at is None or s.now - s.remote_measured_at > self._interval("remote")
+            stale_local = s.local_measured_at is None or s.now - s.local_measured_at > self._interval("local")
+            # Hedge a probe only when the probed side looks clearly worse: that is when the hedge saves the
+            # request's latency. A side that looks competitive is probed alone, so the same request computing on
+            # the device does not slow (and mis-measure) it, and the probe costs at most ~_HEDGE_ABOVE x.
+            if self.state.offload and stale_local and self._probe_due("local", s.now):
+                return self._probe("local", hedge=local > _HEDGE_ABOVE * remote)
+            if not self.state.offload and stale_remote and self._probe_due("remote", s.now):
+                return self._probe("remote", hedge=remote > _HEDGE_ABOVE * local)
         why = f"local {local * 1000:.1f} ms vs remote {remote * 1000:.1f} ms"
         aged = [side for side, by_age in (("remote", remote > remote_by_rtt), ("local", local > local_by_count))
                  if by_age]
@@ -147,11 +153,13 @@ class LatencyPolicy:
             return self.state.choose(not local < remote * (1 - self.hysteresis), s.now, why, forced=clear)
         return self.state.choose(remote < local * (1 - self.hysteresis), s.now, why, forced=clear)
 
-    def _probe(self, side: str, why: str = "") -> Decision:
-        """A probe of ``side``: hedged (both sides run, the first answer wins) unless hedging is off."""
-        notes = ", ".join(n for n in (why, "hedged" if self.hedge else "") if n)
+    def _probe(self, side: str, why: str = "", *, hedge: bool = True) -> Decision:
+        """A probe of ``side``: hedged (both sides run, the first answer wins) unless told not to or hedging is
+        off."""
+        hedge = hedge and self.hedge
+        notes = ", ".join(n for n in (why, "hedged" if hedge else "") if n)
         reason = f"probe {side}" + (f" ({notes})" if notes else "")
-        if self.hedge:
+        if hedge:
             return Decision(self.state.offload, reason, hedge=True)
         return Decision(side == "remote", reason)
 
