@@ -11,10 +11,10 @@ and asks a policy for a :class:`Decision`. Two policies:
   pick the smaller, switching only when the other side is better by ``hysteresis`` and the last switch is at least
   ``min_dwell_s`` old (a side more than twice as fast wins at once). A side that has not been measured for
   ``probe_interval_s`` gets one request (a probe), so estimates never go stale; ``probe_interval_s = 0`` turns
-  probing off. With ``hedge = true`` (the default) a probe of a side that looks clearly worse (its estimate above
-  1.2× the current side's) runs on *both* sides and the first answer wins, so exploring never costs the probed
-  request much latency (the probe's branch still reports its timing); a side that looks competitive is probed on
-  its own, so the same request computing on the device neither slows nor mis-measures it. Probes of
+  probing off. With ``hedge = true`` (the default) a probe of a side that looks worse runs on *both* sides and the
+  first answer wins, so exploring never costs the probed request its latency (the probe's branch still reports
+  its timing); a side that looks at least as fast (inside the hysteresis) is probed on its own, so the same
+  request computing on the device neither slows nor mis-measures it. Probes of
   the local side cost the device's CPU, the scarce thing when offloading: while local keeps measuring more than
   1.2× the remote time, its probe interval doubles (up to 4×). Remote probes never back off, so a link that
   recovers is noticed within ``probe_interval_s``.
@@ -81,7 +81,7 @@ class _Hysteresis:
 _WARM_PROBES = 3
 _WARM_INTERVAL_S = 0.2
 _BACKOFF_RATIO = 1.2  # local probes back off while local measures more than this times the remote time
-_HEDGE_ABOVE = 1.2  # a probe is hedged when the probed side's estimate is above this times the current side's
+_HEDGE_ABOVE = 1.0  # a probe is hedged when the probed side's estimate is above this times the current side's
 _MAX_BACKOFF = 4
 _LOCAL_AGE_CAP = 4  # the local age raises the local estimate at most this many times
 
@@ -135,9 +135,9 @@ class LatencyPolicy:
         if self.probe_interval_s:
             stale_remote = s.remote_measured_at is None or s.now - s.remote_measured_at > self._interval("remote")
             stale_local = s.local_measured_at is None or s.now - s.local_measured_at > self._interval("local")
-            # Hedge a probe only when the probed side looks clearly worse: that is when the hedge saves the
-            # request's latency. A side that looks competitive is probed alone, so the same request computing on
-            # the device does not slow (and mis-measure) it, and the probe costs at most ~_HEDGE_ABOVE x.
+            # Hedge a probe when the probed side looks worse: then the hedge saves the request's latency. A side
+            # that looks at least as fast (better, but inside the hysteresis) is probed alone, so the same request
+            # computing on the device does not slow it down and make it look worse than it is.
             if self.state.offload and stale_local and self._probe_due("local", s.now):
                 return self._probe("local", hedge=local > _HEDGE_ABOVE * remote)
             if not self.state.offload and stale_remote and self._probe_due("remote", s.now):
