@@ -217,7 +217,7 @@ class Server:
         return True
 
     def _handle(self, envelope: list[bytes], msg: Message) -> None:
-        client = _client_name(envelope)
+        client = _client_name(envelope).removesuffix(".direct")  # a RemoteClient's two connections: one client
         nbytes = sum(a.nbytes for a in msg.tensors.values())
         self.metrics.received(client, msg.kind.name.lower(), nbytes)
         if msg.kind == Kind.HEARTBEAT:
