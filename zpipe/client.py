@@ -9,8 +9,8 @@
 
 One I/O thread owns the socket: callers queue messages and wake it through a pipe, replies are matched to futures
 by request id. ``infer`` and ``map`` skip both thread hand-offs when they can: one caller at a time sends on a second
-connection and reads the replies on its own thread (others take the queue). The server counts that connection as a
-client of its own, ``<identity>.direct``.
+connection and reads the replies on its own thread (others take the queue). That connection's identity is
+``<identity>.direct``; the server counts both connections as one client.
 
 Every request ends: with its outputs, with the server's error (``reason`` is its code), with
 ``PeerTimeout`` at its deadline, or at once when the connection is lost or the server refuses our key (the socket
