@@ -367,6 +367,10 @@ def analyse(args: argparse.Namespace, result: dict) -> dict:
             old, new = better.get(PHASES[k - 1]), better.get(PHASES[k])
             entry = {"change": f"{PHASES[k - 1]} -> {PHASES[k]}", "what": event["what"], "better_before": old,
                      "better_after": new}
+            row = table[PHASES[k]]
+            if new is not None and "local" in row and "remote" in row:  # by how much the better side is better
+                won, lost_ = (row["remote"], row["local"]) if new == 1 else (row["local"], row["remote"])
+                entry["margin"] = {q: round(lost_[f"{q}_ms"] / won[f"{q}_ms"] - 1, 3) for q in ("p50", "p99")}
             if old is not None and new is not None and old != new:
                 last = [r for r in per[k - 1] if not _is_probe(r) and r["x"] in (0, 1)][-1:]
                 if last and last[0]["x"] == new:
@@ -421,8 +425,10 @@ def report(args: argparse.Namespace, result: dict, analysis: dict) -> None:
         else:
             verdict = f"auto switched after {d:.2f} s{' (' + s['note'] + ')' if s.get('note') else ''} -> " + \
                 ("ok" if d <= SWITCH_TARGET_S else "MISS")
+        margin = s.get("margin")
+        by = f" (by {margin['p50']:.0%} at p50, {margin['p99']:.0%} at p99)" if margin else ""
         print(f"  {s['change']:<26} ({s['what']}): better {side[s['better_before']]} -> "
-              f"{side[s['better_after']]}: {verdict}")
+              f"{side[s['better_after']]}{by}: {verdict}")
     lost = {m: sum(1 for r in result[m]["records"] if r["err"]) for m in modes}
     errs = [r["err"] for m in modes for r in result[m]["records"] if r["err"]]
     print(f"\nlost requests: {lost}" + (f"; e.g. {errs[:3]}" if errs else ""))
