@@ -164,7 +164,10 @@ class RemoteClient:
     # -- requests ------------------------------------------------------------------------------------------------
     def submit(self, model: str, inputs: Mapping[str, Any], *, version: int | None = None,
                timeout_s: float | None = None, meta: Mapping[str, Any] | None = None) -> Future:
-        """Send one inference request; the future resolves to a :class:`~zpipe.Result` or raises."""
+        """Send one inference request; the future resolves to a :class:`~zpipe.Result` or raises.
+
+        Do not change the input arrays until the future is done: tensors from 256 KiB on are sent without copying.
+        """
         message, timeout = self._request(model, inputs, version, timeout_s, meta)
         future = self._send(message, timeout, f"model {model!r}")
         self._count(message)
