@@ -444,7 +444,8 @@ def report(args: argparse.Namespace, result: dict, analysis: dict) -> None:
           f"{'met' if not any(lost.values()) else 'MISSED'}")
     plot(args, result)
     print(json.dumps({"bench": "policy", "rate": args.rate, "phase_s": args.phase_s, "cpu_pct": args.cpu,
-                      "policy_options": args.policy_options, "local_nice": args.local_nice, "table": table, "switches": switches, "lost": lost,
+                      "policy_options": args.policy_options, "local_nice": args.local_nice, "table": table,
+                      "switches": switches, "lost": lost,
                       "auto_p99_over_best": {k: round(v, 3) for k, v in verdicts.items()},
                       "switch_met": switch_ok, "p99_met": p99_ok, "zero_lost_met": not any(lost.values()),
                       "plot": args.plot}))

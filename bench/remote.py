@@ -634,8 +634,8 @@ def report(figures: dict, args: argparse.Namespace) -> None:
               f" | {f['speedup_tvm_over_zpipe']:8.1f}x | {f['speedup_tvm_over_zpipe_curve']:8.1f}x | "
               f"{f['curve_over_plain']:10.2f}x | {_fmt(f['raw_pyzmq_echo']['median_s']):>14} | "
               f"{f['speedup_tvm_over_raw_echo']:6.0f}x")
-    print(f"\n(b) throughput with {WINDOW} requests in flight (requests/s; medians of {args.rounds} rounds alternating the "
-          "systems)")
+    print(f"\n(b) throughput with {WINDOW} requests in flight (requests/s; medians of {args.rounds} rounds "
+          "alternating the systems)")
     print(f"{'payload':>7} | {'zpipe':>9} | {'zpipe+Curve':>11} | {'TVM 1 sess':>10} | {'TVM 8 sess':>10} | "
           f"{'zp/TVM1':>8} | {'zp/TVM8':>8} | {'zpipe MB/s':>10}")
     for label, f in thr.items():

@@ -218,8 +218,8 @@ class RemoteClient:
             if direct:
                 self._direct_lock.release()
 
-    def _future_stream(self, requests: Iterator[tuple[Message, float, str]], window: int
-                       ) -> Iterator[Result | RequestFailed]:
+    def _future_stream(self, requests: Iterator[tuple[Message, float, str] | Exception], window: int
+                       ) -> Iterator[Result | Exception]:
         """:meth:`_direct_stream` through the I/O thread."""
         futures: collections.deque[Future] = collections.deque()
         for item in requests:
@@ -262,8 +262,7 @@ class RemoteClient:
         a lost connection ends the waits at once, as on the main one. A reply whose id is not waited for is late
         (its request timed out, or an abandoned stream sent it) and is dropped.
         """
-        if self._thread is None or self._stop:
-            self._check_open()  # raises (a refusal is answered per request, below)
+        self._check_started()  # (a refusal is answered per request, below)
         if self._direct is None:
             self._direct, self._direct_monitor = self._connect(f"{self.identity[:200]}.direct", hwm=self.hwm)
             self._direct_up = False
@@ -296,8 +295,7 @@ class RemoteClient:
                     waiting[rid] = (start, start + timeout_s, what)
             if not order:
                 return
-            if self._thread is None or self._stop:
-                self._check_open()  # raises: the client was closed
+            self._check_started()
             if self.refused:  # the server refused our key: every request left ends so, in its place
                 for rid in waiting:
                     outcomes[rid] = ServerRefused(self.refused, request_id=rid, reason="refused")
@@ -380,9 +378,12 @@ class RemoteClient:
                     self.refused = broke
         return broke
 
-    def _check_open(self) -> None:
+    def _check_started(self) -> None:
         if self._thread is None or self._stop:
             raise PipelineClosed("the client is not started (use start() or a with-block)")
+
+    def _check_open(self) -> None:
+        self._check_started()
         if self.refused:
             raise ServerRefused(self.refused, reason="refused")
 

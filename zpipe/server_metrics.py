@@ -36,7 +36,8 @@ class ServerMetrics:
         self.undeliverable = Counter("zpipe_server_undeliverable_replies", "Replies to clients that were gone",
                                      registry=self.registry)
         self.on_loop = Counter("zpipe_server_run_on_loop", "Requests the server's loop ran itself (a fast "
-                               "in-process model while no model thread was busy), by model", ["model"], registry=self.registry)
+                               "in-process model while no model thread was busy), by model", ["model"],
+                               registry=self.registry)
         self._lock = threading.Lock()
         self._per_client: collections.Counter[str] = collections.Counter()
         self._clients: set[str] = set()
