@@ -70,6 +70,17 @@ def test_header_cache_keeps_meta_and_validation_apart():
         decode(frames, strict)  # ...but not under stricter ones
 
 
+def test_cached_header_hands_each_message_its_own_meta():
+    frames = encode(Message(kind=Kind.REQUEST, request_id=9, meta={"model": "m", "timeout_ms": 5, "ok": True}))
+    first = decode(frames)
+    first.meta["model"] = "changed"  # a receiver may change its meta...
+    second = decode(frames)  # ...the same header bytes decoded again (a cache hit) are not affected
+    assert second.meta == {"model": "m", "timeout_ms": 5, "ok": True} and type(second.meta["ok"]) is bool
+    with_list = encode(Message(kind=Kind.REQUEST, request_id=9, meta={"ids": [1, 2]}))
+    decode(with_list).meta["ids"].append(3)
+    assert decode(with_list).meta == {"ids": [1, 2]}  # lists are never shared between messages
+
+
 def test_meta_and_kinds_survive():
     for kind in Kind:
         msg = decode(encode(Message(kind=kind, request_id=2**63 - 1, meta={"op": "x", "t": [1.5, 2.0], "n": None})))

@@ -55,7 +55,8 @@ MAGIC = b"ZP"
 PROTOCOL_VERSION = 1
 _PREFIX = struct.Struct("!2sBBQ")
 _JSON = json.JSONEncoder(separators=(",", ":"))  # json.dumps with options builds a new encoder on every call
-_CACHE_SIZE = 256  # validated headers remembered by their bytes (same shapes, no meta: the common case)
+_CACHE_SIZE = 256  # validated headers remembered by their bytes: a stream repeats the same shapes and meta
+_CACHED_HEADER_MAX = 1024  # bigger headers (long meta) are parsed every time
 
 # Byte order, kind, item size. Object, string, void, datetime and structured dtypes are never allowed on the wire.
 _WIRE_DTYPES = frozenset(np.dtype(f"{order}{code}").str for order in "<>" for code in
@@ -139,7 +140,8 @@ def check_message(message: Message, limits: Limits = DEFAULT_LIMITS) -> dict[str
 
     Returns its tensors as :func:`check_tensor` leaves them.
     """
-    Kind(message.kind)
+    if type(message.kind) is not Kind:
+        Kind(message.kind)  # ValueError for a kind that does not exist
     rid = message.request_id
     if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < 2**63:
         raise FramingError(f"request id must be an int in [0, 2**63), got {rid!r}")
@@ -151,7 +153,7 @@ def check_message(message: Message, limits: Limits = DEFAULT_LIMITS) -> dict[str
 
 def encode(message: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes | memoryview]:
     """Turn ``message`` into frames for ``send_multipart(frames, copy=False)``. Tensor frames are views, not copies."""
-    kind = Kind(message.kind)
+    kind = message.kind if type(message.kind) is Kind else Kind(message.kind)
     rid = message.request_id
     specs = []
     frames: list[bytes | memoryview] = []
@@ -275,7 +277,7 @@ def _decode_prefix(buf: bytes | memoryview) -> tuple[Kind, int]:
     return found, rid
 
 
-_decoded_headers: dict[bytes, tuple] = {}  # header bytes -> validated specs, for messages without meta
+_decoded_headers: dict[bytes, tuple] = {}  # header bytes -> validated (specs, meta)
 
 
 def _decode_header(raw: bytes, rid: int, limits: Limits) -> tuple[tuple, dict]:
@@ -283,7 +285,8 @@ def _decode_header(raw: bytes, rid: int, limits: Limits) -> tuple[tuple, dict]:
         raise FramingError(f"request {rid}: header is {len(raw)} bytes, limit is {limits.max_header_bytes}")
     cached = _decoded_headers.get(raw) if limits is DEFAULT_LIMITS else None
     if cached is not None:
-        return cached, {}
+        specs, meta = cached
+        return specs, dict(meta)  # the receiver owns its meta and may change it
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -306,10 +309,11 @@ def _decode_header(raw: bytes, rid: int, limits: Limits) -> tuple[tuple, dict]:
             raise FramingError(f"request {rid}: tensor {specs[-1][0]!r} appears twice")
         seen.add(specs[-1][0])
     specs = tuple(specs)
-    if not meta and limits is DEFAULT_LIMITS:
+    # Only meta of scalars is remembered: a hit hands out a shallow copy, which must not share a list.
+    if limits is DEFAULT_LIMITS and len(raw) <= _CACHED_HEADER_MAX and list not in map(type, meta.values()):
         if len(_decoded_headers) >= _CACHE_SIZE:
             _decoded_headers.clear()
-        _decoded_headers[raw] = specs
+        _decoded_headers[raw] = specs, dict(meta)
     return specs, meta
 
 
