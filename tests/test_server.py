@@ -523,6 +523,32 @@ def test_insecure_configurations_are_refused(tmp_path):
         RemoteClient("tcp://127.0.0.1:1", server_key="x")
 
 
+def test_metrics_histogram_and_counters_render_for_prometheus():
+    from prometheus_client import generate_latest
+
+    from zpipe.server_metrics import ServerMetrics
+
+    m = ServerMetrics()
+    for seconds in (0.0005, 0.0007, 0.003, 20.0):  # on a bound, inside one, past the last
+        m.finished("a", "ok", seconds)
+    m.finished("a", "timeout", 1.0)  # not an ok: counted, not timed
+    m.received("cam-1", "request", 100)
+    m.received("cam-1", "heartbeat", 0)
+    m.malformed += 2
+    text = generate_latest(m.registry).decode()
+    assert 'zpipe_server_request_seconds_bucket{le="0.0005",model="a"} 1.0' in text  # le: a bound counts in
+    assert 'zpipe_server_request_seconds_bucket{le="0.001",model="a"} 2.0' in text
+    assert 'zpipe_server_request_seconds_bucket{le="0.005",model="a"} 3.0' in text
+    assert 'zpipe_server_request_seconds_bucket{le="10.0",model="a"} 3.0' in text
+    assert 'zpipe_server_request_seconds_bucket{le="+Inf",model="a"} 4.0' in text
+    assert 'zpipe_server_request_seconds_count{model="a"} 4.0' in text
+    assert 'zpipe_server_requests_total{model="a",outcome="timeout"} 1.0' in text
+    assert 'zpipe_server_received_messages_total{client="cam-1",kind="heartbeat"} 1.0' in text
+    assert 'zpipe_server_received_tensor_bytes_total{client="cam-1"} 100.0' in text
+    assert "zpipe_server_malformed_messages_total 2.0" in text
+    assert m.per_client()["requests:cam-1"] == 1 and m.per_client()["request_bytes"] == 100
+
+
 def test_prometheus_metrics(built, tmp_path, serve):
     import socket
     import urllib.request

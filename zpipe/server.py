@@ -120,6 +120,8 @@ class Server:
         self._running: dict[int, _Queued] = {}  # dispatched, not yet answered
         self._stopping = False
         self._stop_requested = False
+        self._client_names: dict[bytes, str] = {}  # ROUTER identity -> the client's name in stats and metrics
+        self._loop_budget_end = 0.0  # until when this round of the loop may run models itself
         self.endpoint: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
@@ -180,6 +182,7 @@ class Server:
                         pass
                     return
                 events = dict(poller.poll(50))
+                self._loop_budget_end = time.monotonic() + _LOOP_ROUNDS * self.config.inline_ms / 1000
                 if self._waker.fd in events:
                     self._waker.clear()
                 self._collect_done()
@@ -204,7 +207,7 @@ class Server:
             return False
         except FramingError as exc:
             envelope = getattr(exc, "envelope", [])
-            self.metrics.malformed.inc()
+            self.metrics.malformed += 1
             log.warning("malformed message from %s: %s", _client_name(envelope), exc)
             if envelope:
                 self._reply_error(envelope, 0, "malformed", str(exc))
@@ -217,7 +220,12 @@ class Server:
         return True
 
     def _handle(self, envelope: list[bytes], msg: Message) -> None:
-        client = _client_name(envelope).removesuffix(".direct")  # a RemoteClient's two connections: one client
+        client = self._client_names.get(envelope[0])
+        if client is None:
+            if len(self._client_names) >= 4096:  # identities come from the network: bound what is remembered
+                self._client_names.clear()
+            # A RemoteClient's two connections count as one client.
+            client = self._client_names[envelope[0]] = _client_name(envelope).removesuffix(".direct")
         nbytes = sum(a.nbytes for a in msg.tensors.values())
         self.metrics.received(client, msg.kind.name.lower(), nbytes)
         if msg.kind == Kind.HEARTBEAT:
@@ -251,20 +259,24 @@ class Server:
         problem = _check_inputs(mv.manifest, msg.tensors)
         if problem:
             return self._reply_error(envelope, msg.request_id, "bad_request", f"model {model!r}: {problem}")
+        now = time.monotonic()
+        item = _Queued(envelope, msg, model, version, now, now + timeout_ms / 1000)
         q = self._queues[model]
+        if not q and self._start(item, mv):  # nothing waits before it: no need to queue it
+            return
         if len(q) >= self.config.max_queue:
             self.metrics.finished(model, "busy", 0.0)
             return self._reply_error(envelope, msg.request_id, "busy", f"model {model!r} has {len(q)} requests "
                                      "queued; retry later")
-        now = time.monotonic()
-        q.append(_Queued(envelope, msg, model, version, now, now + timeout_ms / 1000))
-        self.metrics.child(self.metrics.queue_depth, model).set(len(q))
+        q.append(item)
+        self.metrics.set_queue_depth(model, len(q))
 
     # -- dispatching ---------------------------------------------------------------------------------------------
     def _dispatch(self) -> None:
         now = time.monotonic()
-        self._loop_budget_end = now + _LOOP_ROUNDS * self.config.inline_ms / 1000
         for model, q in self._queues.items():
+            if not q:
+                continue
             while q:
                 item = q[0]
                 if item.deadline <= now:
@@ -276,28 +288,38 @@ class Server:
                     continue
                 try:
                     mv = self.repository.get(model, item.version)
-                    result = mv.threads.run_here(item.message.tensors, item.deadline) \
-                        if self._may_run_here(mv) else None  # None: hand it to a model thread
-                    if result is None:
-                        future = mv.submit(item.message.tensors, timeout_s=item.deadline - now)
-                except (Busy, PipelineClosed):
-                    break  # saturated, or a swap closed this version in between: keep the queue, retry soon
-                except Exception as exc:  # no version, a failed run, or anything else: answer, never crash
+                except Busy:
+                    break
+                except ArtifactError as exc:  # no such version (any more)
                     q.popleft()
-                    if isinstance(exc, ArtifactError):
-                        self._reply_error(item.envelope, item.message.request_id, "not_found", str(exc))
-                    else:
-                        self._answer(item, None, exc=exc)
+                    self._reply_error(item.envelope, item.message.request_id, "not_found", str(exc))
                     continue
+                if not self._start(item, mv):
+                    break  # saturated, or a swap closed this version in between: keep the queue, retry soon
                 q.popleft()
-                if result is not None:
-                    self.metrics.ran_on_loop(model)
-                    self._answer(item, mv.version, result=result)
-                    continue
-                self._in_flight += 1
-                self._running[id(item)] = item
-                future.add_done_callback(lambda f, item=item, v=mv.version: self._completed(item, v, f))
-            self.metrics.child(self.metrics.queue_depth, model).set(len(q))
+            self.metrics.set_queue_depth(model, len(q))
+
+    def _start(self, item: _Queued, mv) -> bool:
+        """Run ``item`` on this loop (and answer it) if :meth:`_may_run_here`, else hand it to a model thread.
+        False when the model is saturated or its version is closing: the caller keeps the request for later."""
+        try:
+            result = mv.threads.run_here(item.message.tensors, item.deadline) \
+                if self._may_run_here(mv) else None  # None: hand it to a model thread
+            if result is None:
+                future = mv.submit(item.message.tensors, timeout_s=item.deadline - time.monotonic())
+        except (Busy, PipelineClosed):
+            return False
+        except Exception as exc:  # a failed run, or anything else: answer, never crash
+            self._answer(item, None, exc=exc)
+            return True
+        if result is not None:
+            self.metrics.ran_on_loop(item.model)
+            self._answer(item, mv.version, result=result)
+            return True
+        self._in_flight += 1
+        self._running[id(item)] = item
+        future.add_done_callback(lambda f, item=item, v=mv.version: self._completed(item, v, f))
+        return True
 
     def _may_run_here(self, mv) -> bool:
         """Run on this loop instead of a model thread: a fast in-process model (``inline_ms``) while no model
@@ -434,7 +456,7 @@ class Server:
         try:
             send_message(self.socket, message, envelope=envelope, flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # the client is gone (ROUTER_MANDATORY) or its queue is full
-            self.metrics.undeliverable.inc()
+            self.metrics.undeliverable += 1
             log.warning("reply %d to %s dropped: %s", message.request_id, _client_name(envelope), exc)
         except FramingError as exc:  # an output that cannot travel: tell the client instead
             self._reply_error(envelope, message.request_id, "stage_error", f"reply could not be encoded: {exc}")
