@@ -15,6 +15,12 @@ keeps taking work while replies are pending, up to ``max_in_flight``); each carr
 * Upload: with ``upload_library`` the library is sent to each server during setup (``--allow-upload`` there).
 * It publishes its round trip, errors and breaker state on the signal board, for the gate's offload policy, and
   records where each request ran (``at:<stage>`` in ``Result.meta``).
+* Pings (``ping_s`` > 0; zpipe turns them on when a gate in the topology has a policy): every ``ping_s`` a
+  heartbeat goes to each server, which its loop answers at once. The published round trip is then the link's
+  delay *now* (the smoothed ping, or the age of a ping still out if that is longer) plus the rest of a request's
+  time as last measured (transfer and server time: the smoothed round trip minus the ping at the time). A link
+  that gets slower shows within one ping, before a request is sent into it; with requests going local, so does a
+  link that recovers. A ping is ~60 bytes each way and no tensor.
 
 A request the gate routes elsewhere never reaches this stage, so nothing is sent to any server for it.
 """
@@ -59,6 +65,8 @@ class _Link:
         self.failures = 0
         self.up = True
         self.down_reason = ""
+        self.ping = Ewma(0.5)  # heartbeat round trips
+        self.ping_out: float | None = None  # when the ping still unanswered was sent
 
 
 class RemoteStage(Stage):
@@ -70,7 +78,7 @@ class RemoteStage(Stage):
                  upload_library: str | None = None, timeout_s: float = 30.0, heartbeat_s: float = 1.0,
                  max_in_flight: int = 64, input_names: list[str] | None = None,
                  output_names: list[str] | None = None, host: str | None = None, fallback: Stage | None = None,
-                 breaker_failures: int = 3, probe_s: float = 0.5) -> None:
+                 breaker_failures: int = 3, probe_s: float = 0.5, ping_s: float = 0.0) -> None:
         self.endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint or [])
         self.endpoint = self.endpoints[0] if self.endpoints else None
         self.model = model
@@ -86,6 +94,9 @@ class RemoteStage(Stage):
         self.fallback = fallback
         self.breaker_failures = breaker_failures
         self.probe_s = probe_s
+        if not (isinstance(ping_s, (int, float)) and ping_s >= 0):
+            raise StageError(f"ping_s must be a number of seconds >= 0 (0: no pings), got {ping_s!r}")
+        self.ping_s = ping_s
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -96,6 +107,7 @@ class RemoteStage(Stage):
                              "(host = \"edge\") or give endpoint and model")
         self._lock = threading.Lock()
         self._rtt = Ewma(0.2)
+        self._beyond_ping = Ewma(0.2)  # a request's round trip minus the ping of its link at the time
         self._errors = Ewma(0.1)
         self._measured_at: float | None = None
         self._fallbacks = 0
@@ -126,6 +138,8 @@ class RemoteStage(Stage):
             raise StageError(f"no server for model {self.model!r} is usable: {'; '.join(problems)}")
         self._prober = threading.Thread(target=self._probe_loop, name="zpipe-probe", daemon=True)
         self._prober.start()
+        if self.ping_s:
+            threading.Thread(target=self._ping_loop, name="zpipe-ping", daemon=True).start()
 
     def _prepare(self, link: _Link) -> None:
         if self.upload_library:
@@ -162,7 +176,7 @@ class RemoteStage(Stage):
             self.fallback.teardown()
 
     def __getstate__(self) -> dict:
-        private = ("_links", "_lock", "_rtt", "_errors", "_local", "_prober", "_stop", "_hedges", "_hedge_cv",
+        private = ("_links", "_lock", "_rtt", "_beyond_ping", "_errors", "_local", "_prober", "_stop", "_hedges", "_hedge_cv",
                    "_hedge_seq", "_sent_at", "_send_seq")
         return {k: v for k, v in self.__dict__.items() if k not in private}
 
@@ -305,8 +319,11 @@ class RemoteStage(Stage):
         with self._lock:
             link.failures = 0
             if self._measured_at is not None and time.monotonic() - self._measured_at > 1.0:
-                self._rtt = Ewma(0.2)  # stale (requests went elsewhere, e.g. a probe): the new sample rules
+                # stale (requests went elsewhere, e.g. a probe): the new sample rules
+                self._rtt, self._beyond_ping = Ewma(0.2), Ewma(0.2)
             self._rtt.add(rtt)
+            if link.ping.mean is not None:
+                self._beyond_ping.add(max(0.0, rtt - link.ping.mean))
             self._errors.add(0.0)
             self._measured_at = time.monotonic()
 
@@ -339,10 +356,44 @@ class RemoteStage(Stage):
                     with self._lock:
                         link.up, link.failures, link.down_reason = True, 0, ""
 
+    def _ping_loop(self) -> None:
+        """Every ping_s, a heartbeat to each server that is up and has none out."""
+        while not self._stop.wait(self.ping_s):
+            for link in self._links:
+                with self._lock:
+                    if not link.up or link.ping_out is not None:
+                        continue
+                    link.ping_out = sent = time.monotonic()
+                try:
+                    future = link.client.ping(timeout_s=max(2.0, 10 * self.ping_s))
+                except Exception:  # closed or refused: the breaker deals with the link
+                    with self._lock:
+                        link.ping_out = None
+                    continue
+                future.add_done_callback(lambda f, link=link, sent=sent: self._pinged(link, sent, f))
+
+    def _pinged(self, link: _Link, sent: float, future: Future) -> None:
+        with self._lock:
+            link.ping_out = None
+            # An unanswered ping counts as long as it waited: the link was at least that slow.
+            link.ping.add(future.result() if future.exception() is None else time.monotonic() - sent)
+
+    def _expected_rtt(self, now: float) -> float | None:
+        """The round trip a request would see now (call with the lock held): with pings, the slowest up link's
+        delay now plus the rest of a request's time; else the smoothed round trip."""
+        pings = [max(link.ping.mean, now - link.ping_out if link.ping_out is not None else 0.0)
+                 for link in self._links if link.up and link.ping.mean is not None]
+        if not pings or self._beyond_ping.mean is None:
+            return self._rtt.mean
+        return max(pings) + self._beyond_ping.mean
+
     def signals(self) -> dict[str, Any]:
         """What this stage publishes on the signal board (read by the gate's offload policy)."""
         with self._lock:
-            return {"rtt_s": self._rtt.mean, "rtt_std_s": self._rtt.var ** 0.5, "measured_at": self._measured_at,
+            pings = [link.ping.mean for link in self._links if link.ping.mean is not None]
+            return {"rtt_s": self._expected_rtt(time.monotonic()), "rtt_std_s": self._rtt.var ** 0.5,
+                    "rtt_measured_s": self._rtt.mean, "ping_s": max(pings, default=None),
+                    "measured_at": self._measured_at,
                     "inflight": sum(link.inflight for link in self._links),
                     # Requests sent before one that already finished are stragglers (a lost reply, a retransmit),
                     # not news about the link: newer ones came back.

@@ -141,6 +141,35 @@ def test_x0_sends_not_one_byte_to_the_server(edge, heartbeat_s):
         assert emu.stats()["up_bytes"] - before_link >= 20 * x.nbytes
 
 
+def test_pings_track_the_link_both_ways_without_a_request(edge):
+    """The stand-in's published round trip follows the link's delay from its pings alone: up when the link
+    slows, back down when it recovers, while no request is sent."""
+    from zpipe.stages.remote import RemoteStage
+
+    server, emu = edge
+    stage = RemoteStage(endpoint=f"tcp://127.0.0.1:{emu.port}", model="affine", ping_s=0.05)
+    stage.setup()
+    try:
+        x = np.ones(SHAPE, np.float32)
+        for _ in range(5):
+            np.testing.assert_allclose(stage.process({"x": x})["y"], x * 2 + 1)
+        time.sleep(0.4)
+        before = stage.signals()
+        assert 0.015 < before["ping_s"] < 0.1 and before["rtt_s"] >= before["ping_s"], before
+        emu.set(delay_ms=60)  # +100 ms round trip
+        time.sleep(0.6)
+        slow = stage.signals()
+        emu.set(delay_ms=10)
+        time.sleep(0.8)
+        after = stage.signals()
+    finally:
+        stage.teardown()
+    assert slow["requests_sent"] == after["requests_sent"] == before["requests_sent"] == 5
+    assert slow["rtt_measured_s"] == before["rtt_measured_s"]  # no request measured anything new...
+    assert slow["rtt_s"] - before["rtt_s"] > 0.07, (before, slow)  # ...but the pings saw the slower link
+    assert abs(after["rtt_s"] - before["rtt_s"]) < 0.03, (before, after)  # and its recovery
+
+
 def test_link_outage_fails_requests_clearly_and_recovers(edge):
     server, emu = edge
     text = partial(f"tcp://127.0.0.1:{emu.port}")

@@ -139,7 +139,7 @@ def affine_server(affine, tmp_path, serve):
 
 
 def gated_auto(endpoints: list[str], *, local_s: float, options: str = "", fallback: bool = True,
-               timeout_s: float = 2.0) -> Topology:
+               timeout_s: float = 2.0, host_options: str = "") -> Topology:
     return Topology.from_toml(textwrap.dedent(f"""
     [pipeline]
     inputs = ["x"]
@@ -149,6 +149,7 @@ def gated_auto(endpoints: list[str], *, local_s: float, options: str = "", fallb
     endpoint = {endpoints!r}
     timeout_s = {timeout_s}
     heartbeat_s = 0.2
+    {host_options}
     [stages.gate]
     kind = "gate"
     control = "X"
@@ -246,6 +247,34 @@ def test_with_requests_in_flight_a_slower_link_is_seen_before_its_first_reply(af
     local = [(at, r.meta["why:gate"]) for at, r in results if int(r.meta["x:gate"]) == 0]
     assert local and local[0][0] < 0.25, [(at, r.meta["why:gate"]) for at, r in results]
     assert "oldest in flight: remote" in local[0][1], local[0]
+
+
+@pytest.mark.parametrize("ping_s", [None, 0])
+def test_at_a_sparse_rate_pings_show_a_slower_link_before_a_request_goes_into_it(affine_server, ping_s):
+    """Nothing is in flight when the link slows down: only the stand-in's pings (on by default with a policy) can
+    show it before the next request is sent. Without them (ping_s = 0) that request goes into the slow link."""
+    with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(affine_server.endpoint), delay_ms=3) as link:
+        topo = gated_auto([f"tcp://127.0.0.1:{link.port}"], local_s=0.03, fallback=False,
+                          options="min_dwell_s = 0.3, probe_interval_s = 1.0",
+                          host_options="" if ping_s is None else f"ping_s = {ping_s}")
+        with Pipeline(topo) as pipe:
+            warm = [run_one(pipe, i)[0] for i in range(40)]
+            time.sleep(0.3)
+            before = pipe.signals("remote")
+            link.set(delay_ms=60)  # a round trip now takes ~125 ms, against 30 ms on the device
+            time.sleep(0.35)  # ~3 requests a second: none in flight
+            x = np.full(SHAPE, 3.0, np.float32)
+            result = pipe.submit({"x": x}).result(timeout=30)
+            np.testing.assert_allclose(result.outputs["y"], x * 2 + 1)
+    assert sum(warm[10:]) >= 25, warm  # offloading on the fast link
+    why = result.meta["why:gate"]
+    if ping_s is None:
+        assert before["ping_s"] is not None and before["ping_s"] < 0.03, before
+        assert int(result.meta["x:gate"]) == 0, why  # local: the pings saw the slower link
+        assert "oldest in flight" not in why, why
+    else:
+        assert before["ping_s"] is None, before
+        assert int(result.meta["x:gate"]) == 1, why  # no pings: nothing showed it yet
 
 
 def test_hedged_probes_cost_no_latency_and_the_later_answer_is_dropped(affine_server):

@@ -391,6 +391,24 @@ class RemoteClient:
         """The server's health answer: live, ready, models and their state/version/error."""
         return self._control({"op": "health"}, timeout_s)
 
+    def ping(self, timeout_s: float = 5.0) -> Future:
+        """Send a heartbeat, which the server's loop answers at once: a Future of the round trip in seconds (or a
+        PeerTimeout after ``timeout_s``). It measures the link's delay now, without running a model or moving
+        tensors; the remote stand-in pings while a gate's policy needs that (``ping_s``)."""
+        sent = time.monotonic()
+        reply = self._send(Message(kind=Kind.HEARTBEAT, request_id=0), timeout_s, "ping", raw=True)
+        rtt: Future = Future()
+        rtt.set_running_or_notify_cancel()
+
+        def done(f: Future) -> None:  # on the I/O thread, as the reply is read
+            if f.exception() is not None:
+                rtt.set_exception(f.exception())
+            else:
+                rtt.set_result(time.monotonic() - sent)
+
+        reply.add_done_callback(done)
+        return rtt
+
     def stats(self, timeout_s: float = 5.0) -> dict[str, Any]:
         """The server's per-client request and byte counters."""
         return self._control({"op": "stats"}, timeout_s)

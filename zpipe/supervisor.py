@@ -36,6 +36,7 @@ __all__ = ["Supervisor"]
 log = logging.getLogger(__name__)
 
 _STABLE_S = 60.0  # a worker that ran this long before dying gets its restart budget back
+AUTO_PING_S = 0.2  # a remote stand-in pings its servers this often when a gate has an offload policy
 
 
 @dataclass
@@ -258,12 +259,16 @@ def _stage_to_run(topology: Topology, spec: StageSpec) -> Stage:
     if spec.host == LOCAL_HOST:
         return spec.stage
     host = topology.host(spec.host)
+    ping_s = host.ping_s
+    if ping_s is None:  # automatic: only an offload policy needs the link's delay
+        ping_s = AUTO_PING_S if any(getattr(s.stage, "policy_name", None) for s in topology.stages) else 0.0
     return resolve_kind("remote")(
         endpoint=list(host.endpoint) if isinstance(host.endpoint, tuple) else host.endpoint,
         model=spec.model or spec.name, version=spec.version, server_key=host.server_key,
         client_key=host.client_key, upload_library=getattr(spec.stage, "library", None) if spec.upload else None,
         timeout_s=host.timeout_s, heartbeat_s=host.heartbeat_s, input_names=[p for p, _ in spec.inputs],
-        output_names=[p for p, _ in spec.outputs], host=host.name, fallback=spec.stage if spec.fallback else None)
+        output_names=[p for p, _ in spec.outputs], host=host.name, fallback=spec.stage if spec.fallback else None,
+        ping_s=ping_s)
 
 
 def _consumers(topology: Topology, spec: StageSpec) -> tuple[tuple[str, tuple[str, ...]], ...]:

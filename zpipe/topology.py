@@ -44,7 +44,7 @@ _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 _PIPELINE_KEYS = ("name", "inputs", "outputs", "hwm", "max_in_flight", "timeout_s", "join_timeout_s", "groups",
                   "max_groups")
 _STAGE_KEYS = ("kind", "inputs", "outputs", "host", "model", "version", "upload", "fallback", "group", "nice")
-_HOST_KEYS = ("endpoint", "server_key", "client_key", "timeout_s", "heartbeat_s")
+_HOST_KEYS = ("endpoint", "server_key", "client_key", "timeout_s", "heartbeat_s", "ping_s")
 _TOP_KEYS = ("pipeline", "stages", "hosts")
 
 Ports = tuple[tuple[str, str], ...]  # (port name, tensor name) pairs
@@ -60,6 +60,19 @@ class HostSpec:
     client_key: str | None = None  # our key pair (.key_secret file)
     timeout_s: float = 30.0  # default per-request deadline towards this host
     heartbeat_s: float = 1.0  # ZeroMQ heartbeat interval on the connection (0 turns heartbeats off)
+    # How often the device pings this host to measure the link's delay for an offload policy (0: never). None: every
+    # 0.2 s when a gate of the topology has a policy, else never (a gate told X sends nothing it need not send).
+    ping_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for key, low in (("timeout_s", 0.0), ("heartbeat_s", 0.0), ("ping_s", 0.0)):
+            value = getattr(self, key)
+            if value is None and key == "ping_s":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or \
+                    (key == "timeout_s" and value == 0):
+                raise TopologyError(f"[hosts.{self.name}] {key} must be a number of seconds "
+                                    f"{'> 0' if key == 'timeout_s' else '>= 0'}, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
