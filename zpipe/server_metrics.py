@@ -96,40 +96,33 @@ class _Collector:
 
     def collect(self):
         m = self.m
-        fam = CounterMetricFamily("zpipe_server_requests", "Requests finished, by model and outcome",
-                                  labels=["model", "outcome"])
-        for (model, outcome), n in sorted(dict(m.requests).items()):
-            fam.add_metric([model, outcome], n)
-        yield fam
+        yield _family(CounterMetricFamily, "zpipe_server_requests", "Requests finished, by model and outcome",
+                      ["model", "outcome"], m.requests)
         fam = HistogramMetricFamily("zpipe_server_request_seconds", "Time from arrival to reply, by model",
                                     labels=["model"])
+        bounds = [str(b) for b in _LATENCY_BUCKETS] + ["+Inf"]
         for model, hist in sorted(dict(m.latency).items()):
             hist = list(hist)
-            bounds = [str(b) for b in _LATENCY_BUCKETS] + ["+Inf"]
             cumulative = [sum(hist[:i + 1]) for i in range(len(bounds))]
             fam.add_metric([model], list(zip(bounds, cumulative)), sum_value=hist[-1])
         yield fam
-        fam = GaugeMetricFamily("zpipe_server_queue_depth", "Requests waiting for a worker, by model",
-                                labels=["model"])
-        for model, depth in sorted(dict(m.queue_depth).items()):
-            fam.add_metric([model], depth)
-        yield fam
-        fam = CounterMetricFamily("zpipe_server_received_messages", "Messages received, by client and kind",
-                                  labels=["client", "kind"])
-        for (client, kind), n in sorted(dict(m.messages).items()):
-            fam.add_metric([client, kind], n)
-        yield fam
-        fam = CounterMetricFamily("zpipe_server_received_tensor_bytes", "Tensor bytes received, by client",
-                                  labels=["client"])
-        for client, n in sorted(dict(m.tensor_bytes).items()):
-            fam.add_metric([client], n)
-        yield fam
+        yield _family(GaugeMetricFamily, "zpipe_server_queue_depth", "Requests waiting for a worker, by model",
+                      ["model"], m.queue_depth)
+        yield _family(CounterMetricFamily, "zpipe_server_received_messages", "Messages received, by client and kind",
+                      ["client", "kind"], m.messages)
+        yield _family(CounterMetricFamily, "zpipe_server_received_tensor_bytes", "Tensor bytes received, by client",
+                      ["client"], m.tensor_bytes)
         yield CounterMetricFamily("zpipe_server_malformed_messages", "Messages that broke the wire format",
                                   value=m.malformed)
         yield CounterMetricFamily("zpipe_server_undeliverable_replies", "Replies to clients that were gone",
                                   value=m.undeliverable)
-        fam = CounterMetricFamily("zpipe_server_run_on_loop", "Requests the server's loop ran itself (a fast "
-                                  "in-process model while no model thread was busy), by model", labels=["model"])
-        for model, n in sorted(dict(m.on_loop).items()):
-            fam.add_metric([model], n)
-        yield fam
+        yield _family(CounterMetricFamily, "zpipe_server_run_on_loop", "Requests the server's loop ran itself (a fast "
+                      "in-process model while no model thread was busy), by model", ["model"], m.on_loop)
+
+
+def _family(cls, name: str, doc: str, labels: list[str], values: dict):
+    """A counter or gauge family with one sample per key of ``values`` (a label value, or a tuple of them)."""
+    fam = cls(name, doc, labels=labels)
+    for key, value in sorted(dict(values).items()):
+        fam.add_metric(list(key) if isinstance(key, tuple) else [key], value)
+    return fam

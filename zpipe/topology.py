@@ -61,7 +61,7 @@ class HostSpec:
     timeout_s: float = 30.0  # default per-request deadline towards this host
     heartbeat_s: float = 1.0  # ZeroMQ heartbeat interval on the connection (0 turns heartbeats off)
     # How often the device pings this host to measure the link's delay for an offload policy (0: never). None: every
-    # 0.2 s when a gate of the topology has a policy, else never (a gate told X sends nothing it need not send).
+    # 0.1 s when a gate of the topology has a policy, else never (a gate told X sends nothing it need not send).
     ping_s: float | None = None
 
     def __post_init__(self) -> None:
