@@ -144,6 +144,7 @@ class GateStage(Stage):
             local_measured_at=local_at, local_backlog=backlog,
             local_oldest_age_s=now - oldest, device_load=self._device_load(now),
             remote_rtt_s=max((v["rtt_s"] for v in rtts), default=None),
+            remote_ping_s=max((v["ping_s"] for v in remote if v.get("ping_s") is not None), default=None),
             remote_rtt_std_s=max((v.get("rtt_std_s", 0.0) for v in rtts), default=0.0),
             remote_measured_at=min((v["measured_at"] for v in rtts if v.get("measured_at")), default=None),
             remote_backlog=sum(v.get("inflight", 0) for v in remote),

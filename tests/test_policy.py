@@ -49,6 +49,34 @@ def test_latency_policy_counts_the_local_backlog_and_probes_stale_sides():
     assert probe.reason == "probe remote" and not probe.hedge and probe.offload
 
 
+def test_a_switch_on_an_old_estimate_is_confirmed_by_a_hedged_probe_first():
+    """Offloading, the remote round trip rises (a device that just got busy handles its replies slower too), and
+    the local figure is from a probe seconds ago. The policy looks before it leaps: a hedged local probe, no switch
+    until its sample is in, then a decision on the fresh figure."""
+    def offloading() -> LatencyPolicy:
+        p = LatencyPolicy(hysteresis=0.15, min_dwell_s=1.0, probe_interval_s=5.0)
+        p._probes.update(local=3, remote=3)  # past the quick first probes of each side
+        assert p.decide(Signals(now=10.0, **base)).offload
+        return p
+
+    base = dict(local_service_s=0.100, local_measured_at=8.0, remote_rtt_s=0.070, remote_measured_at=9.9,
+                remote_ping_s=0.010)
+    risen = {**base, "remote_rtt_s": 0.130}  # local's 100 ms now looks 23 % better, but it is 3.5 s old
+    p = offloading()
+    probe = p.decide(Signals(now=11.5, **risen))
+    assert probe.hedge and probe.offload and probe.reason.startswith("probe local (confirm before switching"), probe
+    wait = p.decide(Signals(now=11.6, **risen))  # its sample is not in yet: no switch, no second probe
+    assert wait.offload and not wait.hedge and wait.reason.startswith("waiting for a fresh local sample"), wait
+    busy = p.decide(Signals(now=11.8, **{**risen, "local_service_s": 0.400, "local_measured_at": 11.7}))
+    assert busy.offload and p.switches == 1, busy  # the device is the slow side now: stay
+    p = offloading()
+    assert p.decide(Signals(now=11.5, **risen)).hedge
+    idle = p.decide(Signals(now=11.8, **{**risen, "local_service_s": 0.090, "local_measured_at": 11.7}))
+    assert not idle.offload and p.switches == 2, idle  # confirmed: the link got slower, go local
+    clear = offloading().decide(Signals(now=11.5, **{**base, "remote_rtt_s": 0.250}))
+    assert not clear.offload and not clear.hedge, clear  # local clearly (2x) better: switch at once
+
+
 def test_a_request_out_too_long_shows_a_slower_side_before_it_finishes():
     """Smoothed figures only move when requests finish; the oldest request in flight shows at once that the link or
     server (or the device) got slower. Both policies read the remote one; the latency policy also the local one."""

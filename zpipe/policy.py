@@ -45,6 +45,7 @@ class Signals:
     local_oldest_age_s: float = 0.0  # how long the oldest of those has been out
     device_load: float = 0.0  # CPU use of this host, 0..1
     remote_rtt_s: float | None = None  # smoothed round trip of the remote branch (None: never measured)
+    remote_ping_s: float | None = None  # the link's delay from pings (None: no pings; see stages/remote.py)
     remote_rtt_std_s: float = 0.0
     remote_measured_at: float | None = None
     remote_backlog: int = 0
@@ -84,6 +85,7 @@ _BACKOFF_RATIO = 1.2  # local probes back off while local measures more than thi
 _HEDGE_ABOVE = 1.0  # a probe is hedged when the probed side's estimate is above this times the current side's
 _MAX_BACKOFF = 4
 _LOCAL_AGE_CAP = 4  # the local age raises the local estimate at most this many times
+_CONFIRM_AGE_S = 0.5  # a switch to a side last measured longer ago than this (and not clearly better) probes it first
 
 
 class LatencyPolicy:
@@ -102,6 +104,7 @@ class LatencyPolicy:
         self._probes: dict[str, int] = {}  # probes sent per side: the first few come faster (see _probe_due)
         self._local_backoff = 1  # multiplies the local probe interval while local is clearly worse
         self._local_seen: float | None = None  # the local sample the back-off last looked at
+        self._confirmed: dict[str, float] = {}  # side -> when a probe last confirmed it before a switch
 
     @property
     def switches(self) -> int:
@@ -150,8 +153,30 @@ class LatencyPolicy:
         # A side twice as fast wins at once: the dwell time damps flapping, it must not hold a clearly bad choice.
         clear = max(local, remote) > 2 * min(local, remote)
         if self.state.offload:
-            return self.state.choose(not local < remote * (1 - self.hysteresis), s.now, why, forced=clear)
-        return self.state.choose(remote < local * (1 - self.hysteresis), s.now, why, forced=clear)
+            offload = not local < remote * (1 - self.hysteresis)
+        else:
+            offload = remote < local * (1 - self.hysteresis)
+        if offload != self.state.offload and not clear and s.now - self.state.since >= self.state.min_dwell_s:
+            confirm = self._confirm("remote" if offload else "local", s, why)
+            if confirm is not None:
+                return confirm
+        return self.state.choose(offload, s.now, why, forced=clear)
+
+    def _confirm(self, side: str, s: Signals, why: str) -> Decision | None:
+        """Before switching to ``side`` by less than a clear margin on an estimate older than _CONFIRM_AGE_S:
+        a hedged probe of it (the request costs no latency if the estimate was wrong), and no switch until its
+        sample is in. Nothing refreshes the local estimate between probes, and a device that just got busy makes
+        the remote round trip look slower too (it handles the reply): switching on the old local figure would send
+        requests to a device that is now the slower side. The remote estimate is fresh while pings come in."""
+        if not self.probe_interval_s or (side == "remote" and s.remote_ping_s is not None):
+            return None
+        measured = s.local_measured_at if side == "local" else s.remote_measured_at
+        if measured is not None and s.now - measured <= _CONFIRM_AGE_S:
+            return None
+        if s.now - self._confirmed.get(side, -math.inf) >= _CONFIRM_AGE_S:
+            self._confirmed[side] = s.now
+            return self._probe(side, f"confirm before switching: {why}", hedge=True)
+        return Decision(self.state.offload, f"waiting for a fresh {side} sample before switching ({why})")
 
     def _probe(self, side: str, why: str = "", *, hedge: bool = True) -> Decision:
         """A probe of ``side``: hedged (both sides run, the first answer wins) unless told not to or hedging is
