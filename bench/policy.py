@@ -29,7 +29,8 @@ scripted conditions:
   local   X = 0 for every request (meta "offload"), same pipeline shape
   remote  X = 1 for every request (with the same fallback = true)
 
-Reports per phase and mode p50/p99, the offload share and fallbacks; for auto, how long after each change its
+Each change comes halfway between two requests (a request sent at the moment of a change would travel under the
+new conditions while counting in the old phase). Reports per phase and mode p50/p99, the offload share and fallbacks; for auto, how long after each change its
 decision switched (first non-probe decision for the new side); lost requests (submitted but not answered with a
 correct output). Targets (issue 6): switch within 1 s of a change; per phase auto's p99 within 10 % of the better
 of local/remote; zero lost requests. Writes a PNG (latency and auto's decision over time) and one JSON line.
@@ -219,7 +220,9 @@ def device_main(args: argparse.Namespace) -> None:
             submitter.start()
             events = []
             for k in range(1, len(PHASES)):
-                time.sleep(max(0.0, t0 + k * args.phase_s - time.monotonic()))
+                # Halfway between two requests: a change at a request's own send time (as before session 5)
+                # catches that request in flight under the new conditions while it counts in the old phase.
+                time.sleep(max(0.0, t0 + k * args.phase_s + 0.5 / args.rate - time.monotonic()))
                 if k in (1, 2):
                     link = BAD_LINK if k == 1 else GOOD_LINK
                     reply = ask("SET " + " ".join(link))  # the host side runs netpair.sh set and answers its time

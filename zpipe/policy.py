@@ -9,7 +9,9 @@ and asks a policy for a :class:`Decision`. Two policies:
   favoured over a noisy one by accident. Each estimate is at least the age of that side's oldest request still in
   flight, which shows a slower link (or a device that just got busy) before any reply does. Then
   pick the smaller, switching only when the other side is better by ``hysteresis`` and the last switch is at least
-  ``min_dwell_s`` old (a side more than twice as fast wins at once). A side that has not been measured for
+  ``min_dwell_s`` old (a side more than twice as fast wins at once). A switch by less than that clear margin to a
+  side last measured over 0.5 s ago is looked at first: one hedged probe of it, and the switch waits for its
+  sample (see ``_confirm``). A side that has not been measured for
   ``probe_interval_s`` gets one request (a probe), so estimates never go stale; ``probe_interval_s = 0`` turns
   probing off. With ``hedge = true`` (the default) a probe of a side that looks worse runs on *both* sides and the
   first answer wins, so exploring never costs the probed request its latency (the probe's branch still reports
