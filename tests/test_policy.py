@@ -142,6 +142,15 @@ def test_the_first_probes_of_a_side_come_faster():
     times = (0.1, 0.3, 0.35, 0.6, 0.9, 1.5, 3.0, 4.9)
     reasons = [p.decide(Signals(now=t, local_measured_at=t, **s)).reason for t in times]
     assert [t for t, r in zip(times, reasons) if r.startswith("probe remote")] == [0.3, 0.6, 0.9], reasons
+    # A side that was in use has been measured by its requests: after a switch away it is probed at the normal pace.
+    p = LatencyPolicy(min_dwell_s=0, probe_interval_s=5.0)
+    local_first = dict(local_service_s=0.055, remote_rtt_s=0.046, remote_measured_at=0.0)  # no back-off
+    assert not p.decide(Signals(now=0.1, local_measured_at=0.1, remote_ping_s=0.01,
+                                **{**local_first, "remote_rtt_s": None})).offload  # remote never measured: local
+    times = (0.3, 0.6, 0.9, 1.2, 3.0, 5.0, 5.6)
+    reasons = [p.decide(Signals(now=t, local_measured_at=0.25, remote_ping_s=0.01, **local_first)).reason
+               for t in times]
+    assert [t for t, r in zip(times, reasons) if r.startswith("probe local")] == [5.6], reasons
 
 
 def test_threshold_policy():

@@ -133,6 +133,10 @@ class LatencyPolicy:
         local = max(local_by_count, min(s.local_oldest_age_s, _LOCAL_AGE_CAP * local_by_count))
         remote_by_rtt = s.remote_rtt_s + self.risk * s.remote_rtt_std_s
         remote = max(remote_by_rtt, s.remote_oldest_age_s)
+        # The side in use is measured by every request: it needs no quick first probes later (see _interval).
+        current = "remote" if self.state.offload else "local"
+        if (s.remote_measured_at if self.state.offload else s.local_measured_at) is not None:
+            self._probes[current] = max(self._probes.get(current, 0), _WARM_PROBES)
         if self.state.offload and s.local_measured_at != self._local_seen:  # a new local sample (a probe)
             self._local_seen = s.local_measured_at
             worse = local > _BACKOFF_RATIO * remote
@@ -192,7 +196,8 @@ class LatencyPolicy:
 
     def _interval(self, side: str) -> float:
         """How often ``side`` is probed. Its first samples are often cold (a connection's first transfers, a model's
-        first call), so its first ``_WARM_PROBES`` probes come every ``_WARM_INTERVAL_S`` at most."""
+        first call), so its first ``_WARM_PROBES`` probes come every ``_WARM_INTERVAL_S`` at most, unless it has
+        been the side in use (then its requests measured it)."""
         if not self.probe_interval_s:
             return math.inf  # probing off: one probe of a side never measured, then none
         if self._probes.get(side, 0) < _WARM_PROBES:
