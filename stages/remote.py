@@ -94,7 +94,7 @@ class RemoteStage(Stage):
         self.fallback = fallback
         self.breaker_failures = breaker_failures
         self.probe_s = probe_s
-        if not (isinstance(ping_s, (int, float)) and ping_s >= 0):
+        if isinstance(ping_s, bool) or not isinstance(ping_s, (int, float)) or not 0 <= ping_s < math.inf:
             raise StageError(f"ping_s must be a number of seconds >= 0 (0: no pings), got {ping_s!r}")
         self.ping_s = ping_s
 
@@ -138,8 +138,9 @@ class RemoteStage(Stage):
             raise StageError(f"no server for model {self.model!r} is usable: {'; '.join(problems)}")
         self._prober = threading.Thread(target=self._probe_loop, name="zpipe-probe", daemon=True)
         self._prober.start()
+        self._pinger = threading.Thread(target=self._ping_loop, name="zpipe-ping", daemon=True)
         if self.ping_s:
-            threading.Thread(target=self._ping_loop, name="zpipe-ping", daemon=True).start()
+            self._pinger.start()
 
     def _prepare(self, link: _Link) -> None:
         if self.upload_library:
@@ -169,6 +170,9 @@ class RemoteStage(Stage):
         self._stop.set()
         with self._hedge_cv:
             self._hedge_cv.notify()
+        for thread in (self._pinger, self._prober):  # neither may use a client once it is closed
+            if thread.is_alive():
+                thread.join(timeout=self.probe_s + 5.0)
         for link in self._links:
             link.client.close()
         if self.fallback is not None:
@@ -176,7 +180,7 @@ class RemoteStage(Stage):
             self.fallback.teardown()
 
     def __getstate__(self) -> dict:
-        private = ("_links", "_lock", "_rtt", "_beyond_ping", "_errors", "_local", "_prober", "_stop", "_hedges", "_hedge_cv",
+        private = ("_links", "_lock", "_rtt", "_beyond_ping", "_errors", "_local", "_prober", "_pinger", "_stop", "_hedges", "_hedge_cv",
                    "_hedge_seq", "_sent_at", "_send_seq")
         return {k: v for k, v in self.__dict__.items() if k not in private}
 
@@ -355,13 +359,19 @@ class RemoteStage(Stage):
                 if ok:
                     with self._lock:
                         link.up, link.failures, link.down_reason = True, 0, ""
+                        link.ping = Ewma(0.5)  # what it measured before it went down says nothing now
+
+    @property
+    def idle_signals_s(self) -> float | None:
+        """Pings change this stage's figures while no request runs (see Stage.idle_signals_s)."""
+        return self.ping_s or None
 
     def _ping_loop(self) -> None:
         """Every ping_s, a heartbeat to each server that is up and has none out."""
         while not self._stop.wait(self.ping_s):
             for link in self._links:
                 with self._lock:
-                    if not link.up or link.ping_out is not None:
+                    if not _usable(link) or link.ping_out is not None:
                         continue
                     link.ping_out = sent = time.monotonic()
                 try:
@@ -373,26 +383,37 @@ class RemoteStage(Stage):
                 future.add_done_callback(lambda f, link=link, sent=sent: self._pinged(link, sent, f))
 
     def _pinged(self, link: _Link, sent: float, future: Future) -> None:
+        exc = future.exception()
         with self._lock:
             link.ping_out = None
-            # An unanswered ping counts as long as it waited: the link was at least that slow.
-            link.ping.add(future.result() if future.exception() is None else time.monotonic() - sent)
+            if exc is None:
+                link.ping.add(future.result())
+            elif getattr(exc, "reason", "") == "timeout":  # unanswered: the link was at least that slow
+                link.ping.add(time.monotonic() - sent)
+            # (a lost connection or a closed client says nothing about delay: the breaker handles those)
+
+    def _pings(self, now: float) -> list[float]:
+        """Each usable link's delay now (call with the lock held): its smoothed ping, or the age of the ping it has
+        out if that is longer."""
+        return [max(link.ping.mean, now - link.ping_out if link.ping_out is not None else 0.0)
+                for link in self._links if _usable(link) and link.ping.mean is not None]
 
     def _expected_rtt(self, now: float) -> float | None:
-        """The round trip a request would see now (call with the lock held): with pings, the slowest up link's
-        delay now plus the rest of a request's time; else the smoothed round trip."""
-        pings = [max(link.ping.mean, now - link.ping_out if link.ping_out is not None else 0.0)
-                 for link in self._links if link.up and link.ping.mean is not None]
+        """The round trip a request would see now (call with the lock held): with pings, the usable links' mean
+        delay now (requests are spread over them) plus the rest of a request's time; else the smoothed round
+        trip."""
+        pings = self._pings(now)
         if not pings or self._beyond_ping.mean is None:
             return self._rtt.mean
-        return max(pings) + self._beyond_ping.mean
+        return sum(pings) / len(pings) + self._beyond_ping.mean
 
     def signals(self) -> dict[str, Any]:
         """What this stage publishes on the signal board (read by the gate's offload policy)."""
         with self._lock:
-            pings = [link.ping.mean for link in self._links if link.ping.mean is not None]
-            return {"rtt_s": self._expected_rtt(time.monotonic()), "rtt_std_s": self._rtt.var ** 0.5,
-                    "rtt_measured_s": self._rtt.mean, "ping_s": max(pings, default=None),
+            now = time.monotonic()
+            pings = self._pings(now)
+            return {"rtt_s": self._expected_rtt(now), "rtt_std_s": self._rtt.var ** 0.5,
+                    "rtt_measured_s": self._rtt.mean, "ping_s": sum(pings) / len(pings) if pings else None,
                     "measured_at": self._measured_at,
                     "inflight": sum(link.inflight for link in self._links),
                     # Requests sent before one that already finished are stragglers (a lost reply, a retransmit),
@@ -403,6 +424,11 @@ class RemoteStage(Stage):
                     "requests_sent": sum(link.client.requests_sent for link in self._links),
                     "bytes_sent": sum(link.client.bytes_sent for link in self._links),
                     "down": [f"{link.endpoint}: {link.down_reason}" for link in self._links if not link.up]}
+
+
+def _usable(link: _Link) -> bool:
+    """Up (breaker closed) and connected: a link requests may go to now."""
+    return link.up and link.client.connected
 
 
 def _settle(outer: Future, result: Any = None, *, exc: BaseException | None = None) -> None:

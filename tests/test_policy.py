@@ -75,6 +75,12 @@ def test_a_switch_on_an_old_estimate_is_confirmed_by_a_hedged_probe_first():
     assert not idle.offload and p.switches == 2, idle  # confirmed: the link got slower, go local
     clear = offloading().decide(Signals(now=11.5, **{**base, "remote_rtt_s": 0.250}))
     assert not clear.offload and not clear.hedge, clear  # local clearly (2x) better: switch at once
+    # At a low request rate the next decision comes long after the probe's sample: it still counts (it is newer
+    # than the probe), so the policy switches instead of probing again and again.
+    p = offloading()
+    assert p.decide(Signals(now=11.5, **risen)).hedge
+    later = p.decide(Signals(now=13.0, **{**risen, "local_service_s": 0.090, "local_measured_at": 11.7}))
+    assert not later.offload and not later.hedge and p.switches == 2, later
 
 
 def test_a_request_out_too_long_shows_a_slower_side_before_it_finishes():
@@ -411,6 +417,35 @@ def test_two_servers_one_killed_traffic_moves_to_the_other(affine, tmp_path, ser
         after = [run_one(pipe, i)[1] for i in range(40)]
     assert {servers[0].endpoint in w for w in before if w} == {True, False}, before  # spread over both
     assert all(servers[1].endpoint in w for w in after[5:] if w), after
+
+
+def test_a_dead_server_does_not_make_the_remote_side_look_slow(affine, tmp_path, serve):
+    """Two servers, requests going elsewhere (local), one dies: its unanswered pings must not count as a slow
+    link. The published round trip stays the live server's."""
+    from zpipe.stages.remote import RemoteStage
+
+    repos = [tmp_path / "a", tmp_path / "b"]
+    for repo in repos:
+        add_version(repo, "affine", 1, affine)
+    servers = [serve(repo) for repo in repos]
+    stage = RemoteStage(endpoint=[s.endpoint for s in servers], model="affine", ping_s=0.05, heartbeat_s=0.2)
+    stage.setup()
+    try:
+        x = np.ones(SHAPE, np.float32)
+        time.sleep(0.3)  # pings first, so the requests' time splits into the link's delay and the rest
+        for _ in range(6):
+            np.testing.assert_allclose(stage.process({"x": x})["y"], x * 2 + 1)
+        time.sleep(0.3)
+        before = stage.signals()
+        servers[0].proc.kill()
+        servers[0].proc.wait()
+        time.sleep(1.5)  # no request: only pings, heartbeats and the connection monitor see it
+        after = stage.signals()
+    finally:
+        stage.teardown()
+    assert before["rtt_s"] < 0.05 and after["ping_s"] is not None, (before, after)
+    assert before["rtt_s"] != before["rtt_measured_s"], before  # the estimate comes from the pings
+    assert after["rtt_s"] < 0.05 and after["ping_s"] < 0.05, (before, after)
 
 
 def test_local_probes_back_off_while_local_is_clearly_worse_but_remote_probes_do_not():

@@ -523,6 +523,41 @@ def test_insecure_configurations_are_refused(tmp_path):
         RemoteClient("tcp://127.0.0.1:1", server_key="x")
 
 
+def test_a_version_that_cannot_run_is_answered_not_found(tmp_path):
+    """A model version whose workers all died raises ArtifactError when a request starts: the client gets
+    not_found (a reason a remote stand-in falls back on), not a stage error."""
+    from zpipe.errors import ArtifactError
+    from zpipe.server import Server, ServerConfig, _Queued
+
+    class Dead:  # a version as the repository hands it out once every worker died repeatedly
+        version, threads = 3, None
+
+        def submit(self, tensors, *, timeout_s):
+            raise ArtifactError("model 'm' version 3: every worker died repeatedly")
+
+    (tmp_path / "repo").mkdir()
+    server = Server(ServerConfig(repo=tmp_path / "repo", bind="tcp://127.0.0.1:0")).start()
+    ctx = zmq.Context()
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.IDENTITY, b"dev-1")
+        dealer.connect(server.endpoint)
+        send_message(dealer, Message(kind=Kind.HEARTBEAT, request_id=1))
+        assert server.socket.poll(5000)
+        assert server._receive_one()  # the heartbeat: the server now knows the peer
+        assert recv_message(dealer)[1].kind == Kind.HEARTBEAT
+        now = time.monotonic()
+        item = _Queued([b"dev-1"], Message(kind=Kind.REQUEST, request_id=7), "m", None, now, now + 5)
+        assert server._start(item, Dead()) is True  # answered, not left queued
+        assert dealer.poll(5000)
+        _, reply = recv_message(dealer)
+        assert reply.kind == Kind.ERROR and reply.request_id == 7 and reply.meta["error"] == "not_found", reply
+        assert "died repeatedly" in reply.meta["message"]
+    finally:
+        ctx.destroy(linger=0)
+        server.close()
+
+
 def test_metrics_histogram_and_counters_render_for_prometheus():
     from prometheus_client import generate_latest
 

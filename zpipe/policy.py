@@ -163,23 +163,30 @@ class LatencyPolicy:
         else:
             offload = remote < local * (1 - self.hysteresis)
         if offload != self.state.offload and not clear and s.now - self.state.since >= self.state.min_dwell_s:
-            confirm = self._confirm("remote" if offload else "local", s, why)
+            confirm = self._confirm("remote" if offload else "local", s, why, remote if offload else local)
             if confirm is not None:
                 return confirm
+        else:
+            self._confirmed.clear()  # no switch waits for a look: a later one takes its own
         return self.state.choose(offload, s.now, why, forced=clear)
 
-    def _confirm(self, side: str, s: Signals, why: str) -> Decision | None:
+    def _confirm(self, side: str, s: Signals, why: str, estimate: float) -> Decision | None:
         """Before switching to ``side`` by less than a clear margin on an estimate older than _CONFIRM_AGE_S:
-        a hedged probe of it (the request costs no latency if the estimate was wrong), and no switch until its
-        sample is in. Nothing refreshes the local estimate between probes, and a device that just got busy makes
+        a hedged probe of it (the request costs no latency if the estimate was wrong), and no switch until a sample
+        newer than that probe is in, however long the next request takes to come. Without one after 3x the side's
+        estimate (at least _CONFIRM_AGE_S), another probe. Nothing refreshes the local estimate between probes, and a device that just got busy makes
         the remote round trip look slower too (it handles the reply): switching on the old local figure would send
         requests to a device that is now the slower side. The remote estimate is fresh while pings come in."""
         if not self.probe_interval_s or (side == "remote" and s.remote_ping_s is not None):
             return None
         measured = s.local_measured_at if side == "local" else s.remote_measured_at
+        probed = self._confirmed.get(side)
+        if measured is not None and probed is not None and measured >= probed:
+            del self._confirmed[side]  # the probe's sample (or a newer one) is in: decide on it
+            return None
         if measured is not None and s.now - measured <= _CONFIRM_AGE_S:
             return None
-        if s.now - self._confirmed.get(side, -math.inf) >= _CONFIRM_AGE_S:
+        if probed is None or s.now - probed >= max(_CONFIRM_AGE_S, 3 * estimate):
             self._confirmed[side] = s.now
             return self._probe(side, f"confirm before switching: {why}", hedge=True)
         return Decision(self.state.offload, f"waiting for a fresh {side} sample before switching ({why})")

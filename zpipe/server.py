@@ -309,6 +309,9 @@ class Server:
                 future = mv.submit(item.message.tensors, timeout_s=item.deadline - time.monotonic())
         except (Busy, PipelineClosed):
             return False
+        except ArtifactError as exc:  # the version cannot run (every worker died): a client may fall back
+            self._reply_error(item.envelope, item.message.request_id, "not_found", str(exc))
+            return True
         except Exception as exc:  # a failed run, or anything else: answer, never crash
             self._answer(item, None, exc=exc)
             return True

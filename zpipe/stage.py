@@ -97,6 +97,10 @@ class Stage:
         """Extra figures to publish on the signal board next to the worker's own (processed, service time...)."""
         return {}
 
+    #: How often :meth:`signals` changes while no request runs (a remote stand-in's pings), or None: the worker
+    #: then publishes them every 50 ms while idle instead of every 200 ms.
+    idle_signals_s: float | None = None
+
     def runnable(self, arrived: Mapping[str, bool | None]) -> bool:
         """While a request's inputs are joined: True runs the stage before the rest arrive (ports still missing
         come as ``None``; later parts of that request are then dropped). ``arrived`` maps every input port, in

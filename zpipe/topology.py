@@ -69,7 +69,7 @@ class HostSpec:
             value = getattr(self, key)
             if value is None and key == "ping_s":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or \
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < math.inf or \
                     (key == "timeout_s" and value == 0):
                 raise TopologyError(f"[hosts.{self.name}] {key} must be a number of seconds "
                                     f"{'> 0' if key == 'timeout_s' else '>= 0'}, got {value!r}")

@@ -269,7 +269,7 @@ class _Worker:
         if self.board is not None:
             if any(r.unpublished() for r in self.runners.values()):
                 timeout_ms = 3  # a change waits to be published
-            elif any(r.live for r in self.runners.values()):
+            elif any(r.stage.idle_signals_s for r in self.runners.values()):
                 timeout_ms = 50  # figures that change while idle (a stand-in's pings) are published every 50 ms
         now = time.monotonic()
         for runner in self.runners.values():
