@@ -30,10 +30,11 @@ scripted conditions:
   remote  X = 1 for every request (with the same fallback = true)
 
 Each change comes halfway between two requests (a request sent at the moment of a change would travel under the
-new conditions while counting in the old phase). Reports per phase and mode p50/p99, the offload share and fallbacks; for auto, how long after each change its
-decision switched (first non-probe decision for the new side); lost requests (submitted but not answered with a
-correct output). Targets (issue 6): switch within 1 s of a change; per phase auto's p99 within 10 % of the better
-of local/remote; zero lost requests. Writes a PNG (latency and auto's decision over time) and one JSON line.
+new conditions while counting in the old phase). Reports per phase and mode p50/p99, the offload share and
+fallbacks; for auto, how long after each change its decision switched (first non-probe decision for the new side);
+lost requests (submitted but not answered with a correct output). Targets (issue 6): switch within 1 s of a
+change; per phase auto's p99 within 10 % of the better of local/remote; zero lost requests. Writes a PNG (latency
+and auto's decision over time) and one JSON line.
 Cleans up: server and device process groups are killed, `netpair.sh down` runs at the end, also on errors.
 """
 

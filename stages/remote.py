@@ -180,8 +180,8 @@ class RemoteStage(Stage):
             self.fallback.teardown()
 
     def __getstate__(self) -> dict:
-        private = ("_links", "_lock", "_rtt", "_beyond_ping", "_errors", "_local", "_prober", "_pinger", "_stop", "_hedges", "_hedge_cv",
-                   "_hedge_seq", "_sent_at", "_send_seq")
+        private = ("_links", "_lock", "_rtt", "_beyond_ping", "_errors", "_local", "_prober", "_pinger", "_stop",
+                   "_hedges", "_hedge_cv", "_hedge_seq", "_sent_at", "_send_seq")
         return {k: v for k, v in self.__dict__.items() if k not in private}
 
     # -- requests ------------------------------------------------------------------------------------------------

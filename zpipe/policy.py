@@ -174,9 +174,11 @@ class LatencyPolicy:
         """Before switching to ``side`` by less than a clear margin on an estimate older than _CONFIRM_AGE_S:
         a hedged probe of it (the request costs no latency if the estimate was wrong), and no switch until a sample
         newer than that probe is in, however long the next request takes to come. Without one after 3x the side's
-        estimate (at least _CONFIRM_AGE_S), another probe. Nothing refreshes the local estimate between probes, and a device that just got busy makes
-        the remote round trip look slower too (it handles the reply): switching on the old local figure would send
-        requests to a device that is now the slower side. The remote estimate is fresh while pings come in."""
+        estimate (at least _CONFIRM_AGE_S), another probe.
+
+        Nothing refreshes the local estimate between probes, and a device that just got busy makes the remote round
+        trip look slower too (it handles the reply): switching on the old local figure would send requests to a
+        device that is now the slower side. The remote estimate is fresh while pings come in."""
         if not self.probe_interval_s or (side == "remote" and s.remote_ping_s is not None):
             return None
         measured = s.local_measured_at if side == "local" else s.remote_measured_at
