@@ -193,6 +193,7 @@ def test_health_exit_codes(built, tmp_path, serve):
     assert not_ready.returncode == 1
     status = json.loads(not_ready.stdout)
     assert status["live"] and not status["ready"] and status["state:broken"] == "failed"
+    assert 0 < status["rtt_ms"] < 1000, status  # the median of five pings on loopback
     assert health(server.endpoint, "--live").returncode == 0
     dead = health("tcp://127.0.0.1:9", "--timeout-s", "0.3")
     assert dead.returncode == 1 and "no connection established" in dead.stdout

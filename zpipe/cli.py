@@ -201,12 +201,15 @@ def serve(repo: Path, bind: str, workers: int, isolation: str, inline_ms: float,
 @click.option("--timeout-s", type=click.FloatRange(min=0.01), default=5.0, show_default=True)
 @click.option("--live", is_flag=True, help="Only check that the server answers (liveness), not that it is ready.")
 def health(endpoint: str, server_key: str | None, client_key: str | None, timeout_s: float, live: bool) -> None:
-    """Exit 0 when the server at ENDPOINT is ready (all its models available), 1 otherwise. Prints its status."""
+    """Exit 0 when the server at ENDPOINT is ready (all its models available), 1 otherwise. Prints its status and
+    the round trip to it (rtt_ms: the median of 5 pings, which its loop answers at once)."""
     from .client import RemoteClient
 
     try:
         with RemoteClient(endpoint, server_key=server_key, client_key=client_key, timeout_s=timeout_s) as server:
             answer = server.health(timeout_s=timeout_s)
+            rtts = sorted(server.ping(timeout_s=timeout_s).result() for _ in range(5))
+            answer["rtt_ms"] = round(rtts[2] * 1000, 3)
     except ZpipeError as exc:
         click.echo(json.dumps({"endpoint": endpoint, "live": False, "error": str(exc)}))
         sys.exit(1)
