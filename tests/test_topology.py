@@ -92,6 +92,31 @@ def test_topology_errors_name_the_culprit(edit, error, match):
         load(edit(textwrap.dedent(GOOD)))
 
 
+@pytest.mark.parametrize("line, match", [
+    ("ping_s = inf", r"\[hosts.edge\]: ping_s must be a non-negative finite number, got inf"),
+    ("ping_s = -0.1", "ping_s must be a non-negative finite number"),
+    ("heartbeat_s = nan", "heartbeat_s must be a non-negative finite number"),
+    ("timeout_s = 0", r"\[hosts.edge\]: timeout_s must be a positive finite number, got 0"),
+    ("ping_s = true", "ping_s must be a non-negative finite number, got True"),
+])
+def test_host_numbers_are_checked(line, match):
+    text = f"""
+    [pipeline]
+    inputs = ["x"]
+    outputs = ["y"]
+    [hosts.edge]
+    endpoint = "tcp://127.0.0.1:5555"
+    {line}
+    [stages.s]
+    kind = "zpipe.testing:Scale"
+    inputs = ["x"]
+    outputs = {{ out = "y" }}
+    """
+    with pytest.raises(TopologyError, match=match):
+        Topology.from_toml(textwrap.dedent(text))
+    assert Topology.from_toml(textwrap.dedent(text.replace(line, "ping_s = 0"))).host("edge").ping_s == 0
+
+
 def test_missing_artifact(tmp_path):
     text = """
     [pipeline]

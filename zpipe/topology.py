@@ -65,14 +65,11 @@ class HostSpec:
     ping_s: float | None = None
 
     def __post_init__(self) -> None:
-        for key, low in (("timeout_s", 0.0), ("heartbeat_s", 0.0), ("ping_s", 0.0)):
-            value = getattr(self, key)
-            if value is None and key == "ping_s":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < math.inf or \
-                    (key == "timeout_s" and value == 0):
-                raise TopologyError(f"[hosts.{self.name}] {key} must be a number of seconds "
-                                    f"{'> 0' if key == 'timeout_s' else '>= 0'}, got {value!r}")
+        where = f"[hosts.{self.name}]"
+        _positive(where, "timeout_s", self.timeout_s, (int, float))
+        _positive(where, "heartbeat_s", self.heartbeat_s, (int, float), zero=True)
+        if self.ping_s is not None:
+            _positive(where, "ping_s", self.ping_s, (int, float), zero=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,15 +162,16 @@ class Topology:
         object.__setattr__(self, "outputs", tuple(self.outputs))
         object.__setattr__(self, "stages", tuple(self.stages))
         object.__setattr__(self, "hosts", tuple(self.hosts))
-        _positive(self.name, "hwm", self.hwm, int)
-        _positive(self.name, "max_in_flight", self.max_in_flight, int)
-        _positive(self.name, "timeout_s", self.timeout_s, (int, float))
+        where = f"topology {self.name!r}"
+        _positive(where, "hwm", self.hwm, int)
+        _positive(where, "max_in_flight", self.max_in_flight, int)
+        _positive(where, "timeout_s", self.timeout_s, (int, float))
         if self.join_timeout_s is not None:
-            _positive(self.name, "join_timeout_s", self.join_timeout_s, (int, float))
+            _positive(where, "join_timeout_s", self.join_timeout_s, (int, float))
         if self.groups not in ("auto", "per-stage"):
             raise TopologyError(f"topology {self.name!r}: groups must be 'auto' or 'per-stage', got {self.groups!r}")
         if self.max_groups is not None:
-            _positive(self.name, "max_groups", self.max_groups, int)
+            _positive(where, "max_groups", self.max_groups, int)
         self._validate()
 
     # -- queries -------------------------------------------------------------------------------------------------
@@ -457,6 +455,9 @@ def _is_str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
 
 
-def _positive(topology: str, key: str, value: Any, types: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, types) or not math.isfinite(value) or value <= 0:
-        raise TopologyError(f"topology {topology!r}: {key} must be a positive finite number, got {value!r}")
+def _positive(where: str, key: str, value: Any, types: Any, *, zero: bool = False) -> None:
+    """``value`` must be a finite number of ``types`` above 0 (or 0 itself, with ``zero``)."""
+    if isinstance(value, bool) or not isinstance(value, types) or not math.isfinite(value) or value < 0 \
+            or (value == 0 and not zero):
+        raise TopologyError(f"{where}: {key} must be a {'non-negative' if zero else 'positive'} finite number, "
+                            f"got {value!r}")
