@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -208,8 +209,8 @@ def health(endpoint: str, server_key: str | None, client_key: str | None, timeou
     try:
         with RemoteClient(endpoint, server_key=server_key, client_key=client_key, timeout_s=timeout_s) as server:
             answer = server.health(timeout_s=timeout_s)
-            rtts = sorted(server.ping(timeout_s=timeout_s).result() for _ in range(5))
-            answer["rtt_ms"] = round(rtts[2] * 1000, 3)
+            rtt = statistics.median(server.ping(timeout_s=timeout_s).result() for _ in range(5))
+            answer["rtt_ms"] = round(rtt * 1000, 3)
     except ZpipeError as exc:
         click.echo(json.dumps({"endpoint": endpoint, "live": False, "error": str(exc)}))
         sys.exit(1)
