@@ -33,7 +33,7 @@ import numpy as np
 
 from zpipe.board import cpu_load
 from zpipe.errors import StageError, TopologyError
-from zpipe.policy import Signals, make_policy
+from zpipe.policy import Signals, expected_rtt, link_delay, make_policy
 from zpipe.stage import Outcome, Stage
 
 __all__ = ["GateStage"]
@@ -134,6 +134,9 @@ class GateStage(Stage):
         timed = [v for v in local if v.get("service_s") is not None]
         slowest = max(timed, key=lambda v: v["service_s"], default={})  # the local branch's bottleneck
         local_at = min((v["measured_at"] for v in local if v.get("measured_at") is not None), default=None)
+        # A ping still out has aged since its stage published: its delay counts as of now.
+        remote = [{**v, "rtt_s": expected_rtt(v["pings"], v.get("beyond_ping_s"), v.get("rtt_s"), now),
+                   "ping_s": link_delay(v["pings"], now)} if v.get("pings") else v for v in remote]
         rtts = [v for v in remote if v.get("rtt_s") is not None]
         backlog = max(0, self._sent[False] - local_done)
         # The local branch takes its requests in order: the oldest unfinished one is the backlog-th newest sent.

@@ -39,6 +39,7 @@ import numpy as np
 
 from zpipe.board import Ewma
 from zpipe.errors import ArtifactError, PeerTimeout, StageError
+from zpipe.policy import expected_rtt, link_delay
 from zpipe.stage import Outcome, Stage
 
 __all__ = ["RemoteStage"]
@@ -392,28 +393,26 @@ class RemoteStage(Stage):
                 link.ping.add(time.monotonic() - sent)
             # (a lost connection or a closed client says nothing about delay: the breaker handles those)
 
-    def _pings(self, now: float) -> list[float]:
-        """Each usable link's delay now (call with the lock held): its smoothed ping, or the age of the ping it has
-        out if that is longer."""
-        return [max(link.ping.mean, now - link.ping_out if link.ping_out is not None else 0.0)
-                for link in self._links if _usable(link) and link.ping.mean is not None]
+    def _pings(self) -> list[tuple[float, float | None]]:
+        """Each usable link's (smoothed ping, when its ping still out was sent or None); call with the lock held."""
+        return [(link.ping.mean, link.ping_out) for link in self._links
+                if _usable(link) and link.ping.mean is not None]
 
     def _expected_rtt(self, now: float) -> float | None:
-        """The round trip a request would see now (call with the lock held): with pings, the usable links' mean
-        delay now (requests are spread over them) plus the rest of a request's time; else the smoothed round
-        trip."""
-        pings = self._pings(now)
-        if not pings or self._beyond_ping.mean is None:
-            return self._rtt.mean
-        return sum(pings) / len(pings) + self._beyond_ping.mean
+        """The round trip a request would see now (call with the lock held): with pings, the usable links' delay
+        now plus the rest of a request's time as last measured; else the smoothed round trip."""
+        return expected_rtt(self._pings(), self._beyond_ping.mean, self._rtt.mean, now)
 
     def signals(self) -> dict[str, Any]:
         """What this stage publishes on the signal board (read by the gate's offload policy)."""
         with self._lock:
             now = time.monotonic()
-            pings = self._pings(now)
+            pings = self._pings()
+            # The pieces of rtt_s go along, so that the gate works it out at its decision: a ping still out keeps
+            # ageing after this was published.
             return {"rtt_s": self._expected_rtt(now), "rtt_std_s": self._rtt.var ** 0.5,
-                    "rtt_measured_s": self._rtt.mean, "ping_s": sum(pings) / len(pings) if pings else None,
+                    "rtt_measured_s": self._rtt.mean, "ping_s": link_delay(pings, now),
+                    "pings": pings, "beyond_ping_s": self._beyond_ping.mean,
                     "measured_at": self._measured_at,
                     "inflight": sum(link.inflight for link in self._links),
                     # Requests sent before one that already finished are stragglers (a lost reply, a retransmit),

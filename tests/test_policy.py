@@ -159,6 +159,45 @@ def test_the_first_probes_of_a_side_come_faster():
     assert [t for t, r in zip(times, reasons) if r.startswith("probe local")] == [5.6], reasons
 
 
+def test_a_probe_is_hedged_only_for_a_side_that_looks_worse_by_more_than_the_hysteresis():
+    """A hedged copy computing on a small device slows the other branch's reply: a remote side about as fast as
+    local would be measured worse than it is, every time, and never win. Such a side is probed on its own."""
+    for remote_rtt, hedged in ((0.105, False), (0.114, False), (0.125, True), (0.3, True)):
+        p = LatencyPolicy(min_dwell_s=0, probe_interval_s=1.0, hysteresis=0.15)
+        p._probes = {"local": 3, "remote": 3}
+        d = p.decide(Signals(now=5.0, local_service_s=0.1, local_measured_at=5.0, remote_rtt_s=remote_rtt,
+                             remote_measured_at=2.0))
+        assert d.reason.startswith("probe remote") and d.hedge is hedged, (remote_rtt, d)
+        assert d.hedge or d.offload, d  # alone: the request goes to the probed side
+
+
+def test_the_gate_ages_a_ping_still_out_to_the_moment_it_decides(tmp_path):
+    """The stand-in publishes its pings' pieces, and the gate works out the link's delay when it decides: a ping
+    sent just after the link slowed shows it as it ages, not only at the stand-in's next publication (every 50 ms
+    while idle)."""
+    from stages.gate import GateStage
+    from zpipe.board import Board
+    from zpipe.stage import StageContext
+
+    board = Board(tmp_path)
+    gate = GateStage(policy="latency", policy_options={"min_dwell_s": 0, "probe_interval_s": 0})
+    gate.context = StageContext(name="gate", consumers={"then.x": ("edge",), "else.x": ("local",)}, board=board)
+    gate.setup()
+    now = time.monotonic()
+    board.publish("local", {"service_s": 0.1, "measured_at": now})
+    # Two links: one answered its pings in 10 ms; the other's ping went out 50 ms ago (a 60 ms round trip so far).
+    board.publish("edge", {"rtt_s": 0.06, "measured_at": now, "pings": [[0.01, None], [0.01, now - 0.05]],
+                           "beyond_ping_s": 0.03})
+    first = gate._signals()
+    assert first.remote_ping_s == pytest.approx((0.01 + 0.05) / 2, abs=0.01)
+    assert first.remote_rtt_s == pytest.approx(0.03 + 0.03, abs=0.01)
+    time.sleep(0.15)  # nothing published since: the ping out is now ~200 ms old
+    later = gate._signals()
+    assert later.remote_rtt_s == pytest.approx((0.01 + 0.2) / 2 + 0.03, abs=0.02), later
+    offload, why, _ = gate.decide({"h": np.zeros(1, np.float32)}, {})
+    assert not offload and "remote 1" in why, why  # ~135 ms against local's 100: local
+
+
 def test_threshold_policy():
     p = ThresholdPolicy(load_high=0.8, load_low=0.5, min_dwell_s=0, max_rtt_s=0.1)
     assert not p.decide(Signals(now=1, device_load=0.3, remote_rtt_s=0.02)).offload

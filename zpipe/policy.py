@@ -13,10 +13,11 @@ and asks a policy for a :class:`Decision`. Two policies:
   side last measured over 0.5 s ago is looked at first: one hedged probe of it, and the switch waits for its
   sample (see ``_confirm``). A side that has not been measured for
   ``probe_interval_s`` gets one request (a probe), so estimates never go stale; ``probe_interval_s = 0`` turns
-  probing off. With ``hedge = true`` (the default) a probe of a side that looks worse runs on *both* sides and the
-  first answer wins, so exploring never costs the probed request its latency (the probe's branch still reports
-  its timing); a side that looks at least as fast (inside the hysteresis) is probed on its own, so the same
-  request computing on the device neither slows nor mis-measures it. Probes of
+  probing off. With ``hedge = true`` (the default) a probe of a side that looks worse by more than the
+  hysteresis runs on *both* sides and the first answer wins, so exploring never costs the probed request its
+  latency (the probe's branch still reports its timing); a side that looks better or about as fast (at most
+  ``hysteresis`` worse) is probed on its own, so the same request computing on the device neither slows nor
+  mis-measures it. Probes of
   the local side cost the device's CPU, the scarce thing when offloading: while local keeps measuring more than
   1.2× the remote time, its probe interval doubles (up to 4×). Remote probes never back off, so a link that
   recovers is noticed within ``probe_interval_s``.
@@ -30,11 +31,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .errors import TopologyError, did_you_mean
 
-__all__ = ["Signals", "Decision", "LatencyPolicy", "ThresholdPolicy", "make_policy"]
+__all__ = ["Signals", "Decision", "LatencyPolicy", "ThresholdPolicy", "make_policy", "expected_rtt", "link_delay"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +55,25 @@ class Signals:
     remote_oldest_age_s: float = 0.0  # how long the oldest request still in flight to the server has been out
     remote_error_rate: float = 0.0  # smoothed share of remote requests that failed
     remote_up: bool = True  # connected, and the circuit breaker is closed
+
+
+def link_delay(pings: Sequence[Sequence[float | None]], now: float) -> float | None:
+    """The links' mean delay at ``now`` from their pings, (smoothed ping, when the ping still out was sent or None)
+    each: a link's smoothed ping, or the age of its ping still out if that is longer. None without pings."""
+    if not pings:
+        return None
+    return sum(max(mean, now - out if out is not None else 0.0) for mean, out in pings) / len(pings)
+
+
+def expected_rtt(pings: Sequence[Sequence[float | None]], beyond_ping_s: float | None, rtt_s: float | None,
+                 now: float) -> float | None:
+    """The round trip a request to the remote side would see at ``now``: the links' delay now plus the rest of a
+    request's time as last measured (its round trip minus the ping at the time), or without pings the smoothed
+    round trip ``rtt_s``."""
+    delay = link_delay(pings, now)
+    if delay is None or beyond_ping_s is None:
+        return rtt_s
+    return delay + beyond_ping_s
 
 
 @dataclass(frozen=True)
@@ -84,7 +104,6 @@ class _Hysteresis:
 _WARM_PROBES = 3
 _WARM_INTERVAL_S = 0.2
 _BACKOFF_RATIO = 1.2  # local probes back off while local measures more than this times the remote time
-_HEDGE_ABOVE = 1.0  # a probe is hedged when the probed side's estimate is above this times the current side's
 _MAX_BACKOFF = 4
 _LOCAL_AGE_CAP = 4  # the local age raises the local estimate at most this many times
 _CONFIRM_AGE_S = 0.5  # a switch to a side last measured longer ago than this (and not clearly better) probes it first
@@ -144,13 +163,15 @@ class LatencyPolicy:
         if self.probe_interval_s:
             stale_remote = s.remote_measured_at is None or s.now - s.remote_measured_at > self._interval("remote")
             stale_local = s.local_measured_at is None or s.now - s.local_measured_at > self._interval("local")
-            # Hedge a probe when the probed side looks worse: then the hedge saves the request's latency. A side
-            # that looks at least as fast (better, but inside the hysteresis) is probed alone, so the same request
-            # computing on the device does not slow it down and make it look worse than it is.
+            # Hedge a probe when the probed side looks worse by more than the hysteresis: then the hedge saves the
+            # request's latency. A side that looks better or about as fast is probed alone: the same request
+            # computing on the device would slow it down and make it look worse than it is, and a remote side
+            # measured so would stay a little worse than local for good.
+            worse = 1 + self.hysteresis
             if self.state.offload and stale_local and self._probe_due("local", s.now):
-                return self._probe("local", hedge=local > _HEDGE_ABOVE * remote)
+                return self._probe("local", hedge=local > worse * remote)
             if not self.state.offload and stale_remote and self._probe_due("remote", s.now):
-                return self._probe("remote", hedge=remote > _HEDGE_ABOVE * local)
+                return self._probe("remote", hedge=remote > worse * local)
         why = f"local {local * 1000:.1f} ms vs remote {remote * 1000:.1f} ms"
         aged = [side for side, by_age in (("remote", remote > remote_by_rtt), ("local", local > local_by_count))
                  if by_age]
