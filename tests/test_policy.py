@@ -498,10 +498,15 @@ def test_local_probes_back_off_while_local_is_clearly_worse_but_remote_probes_do
         if d.reason.startswith("probe local"):
             probes.append(round(t, 1))
             measured = t
-    # The sample taken before offloading already showed local 4× worse: 1 s doubled to 2 s, then 4 s (the cap).
-    assert probes[0] == pytest.approx(2.1) and len(probes) == 5, probes
-    assert [b - a for a, b in zip(probes, probes[1:])] == pytest.approx([4.1] * 4, abs=0.15), probes
+    # The sample taken before offloading already showed local 4× worse: 1 s doubled to 2 s, then 4 s, 8 s (the cap).
+    assert probes[0] == pytest.approx(2.1) and len(probes) == 3, probes
+    assert [b - a for a, b in zip(probes, probes[1:])] == pytest.approx([4.1, 8.1], abs=0.15), probes
     assert p._interval("remote") == 1.0  # remote probes never back off: a recovered link is seen within 1 s
+    assert p._interval("local") == 8.0
+    # The link slows: local (last measured 200 ms) is within 1.2× of remote now, so it is worth a look again soon.
+    d = p.decide(Signals(now=20.5, local_service_s=0.2, local_measured_at=measured, remote_rtt_s=0.18,
+                         remote_measured_at=20.5))
+    assert p._interval("local") == 1.0 and d.reason.startswith("probe local"), d
     p.decide(Signals(now=21.0, local_service_s=0.04, local_measured_at=21.0, remote_rtt_s=0.05,
                      remote_measured_at=21.0))
     assert p._interval("local") == 1.0  # local is competitive again: back to the normal interval

@@ -19,7 +19,8 @@ and asks a policy for a :class:`Decision`. Two policies:
   ``hysteresis`` worse) is probed on its own, so the same request computing on the device neither slows nor
   mis-measures it. Probes of
   the local side cost the device's CPU, the scarce thing when offloading: while local keeps measuring more than
-  1.2× the remote time, its probe interval doubles (up to 4×). Remote probes never back off, so a link that
+  1.2× the remote time, its probe interval doubles (up to 8×), and is back to normal as soon as local is within
+  1.2× of the remote estimate again (the link slowed). Remote probes never back off, so a link that
   recovers is noticed within ``probe_interval_s``.
 * :class:`ThresholdPolicy`: offload while the device is busy (CPU use or backlog above a high mark, until it falls
   below a low mark) unless the link is slow (RTT above ``max_rtt_s``) or failing.
@@ -104,7 +105,7 @@ class _Hysteresis:
 _WARM_PROBES = 3
 _WARM_INTERVAL_S = 0.2
 _BACKOFF_RATIO = 1.2  # local probes back off while local measures more than this times the remote time
-_MAX_BACKOFF = 4
+_MAX_BACKOFF = 8
 _LOCAL_AGE_CAP = 4  # the local age raises the local estimate at most this many times
 _CONFIRM_AGE_S = 0.5  # a switch to a side last measured longer ago than this (and not clearly better) probes it first
 
@@ -160,6 +161,8 @@ class LatencyPolicy:
             self._local_seen = s.local_measured_at
             worse = local > _BACKOFF_RATIO * remote
             self._local_backoff = min(self._local_backoff * 2, _MAX_BACKOFF) if worse else 1
+        if not local > _BACKOFF_RATIO * remote:  # the remote side got slower: local is worth a look again
+            self._local_backoff = 1
         if self.probe_interval_s:
             stale_remote = s.remote_measured_at is None or s.now - s.remote_measured_at > self._interval("remote")
             stale_local = s.local_measured_at is None or s.now - s.local_measured_at > self._interval("local")
