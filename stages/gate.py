@@ -90,9 +90,10 @@ class GateStage(Stage):
                 raise TopologyError(f"gate {name!r} routes nothing to its {branch!r} branch; add a "
                                     f"'{branch}.<input>' output")
 
-    def decide(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> tuple[bool, str, bool]:
-        """(offload, why, hedge): offload is True for the then-branch (X == 1); hedge (policy probes only) sends
-        the request down both branches. X the request brings wins over the policy."""
+    def decide(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> tuple[bool, str, bool, float]:
+        """(offload, why, hedge, defer_s): offload is True for the then-branch (X == 1); hedge (policy probes only)
+        sends the request down both branches, the other one's copy ``defer_s`` later. X the request brings wins
+        over the policy."""
         if self.meta_key is not None and self.meta_key in meta:
             value, where = meta[self.meta_key], f"meta {self.meta_key!r}"
         elif self.control in inputs and inputs[self.control] is not None:
@@ -103,24 +104,26 @@ class GateStage(Stage):
             value = array.reshape(-1)[0].item()
         elif self._policy is not None:
             decision = self._policy.decide(self._signals())
-            return decision.offload, f"policy: {decision.reason}", decision.hedge
+            return decision.offload, f"policy: {decision.reason}", decision.hedge, decision.defer_s
         else:
             raise StageError(f"gate: the request carries no meta {self.meta_key!r} and no control input")
         if isinstance(value, bool) or value in (0, 1):
-            return bool(value), f"given by {where}", False
+            return bool(value), f"given by {where}", False, 0.0
         raise StageError(f"gate {where} is {value!r}; X must be 0 (local branch) or 1 (remote branch)")
 
     def handle(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Outcome:
-        offload, why, hedge = self.decide(inputs, meta)
+        offload, why, hedge, defer_s = self.decide(inputs, meta)
         branches = _BRANCHES if hedge else ("then" if offload else "else",)
+        later = "else" if offload else "then"  # a hedge's deferred copy: the branch probed
         if self._policy is not None:
             for branch in branches:
                 self._sent[branch == "then"] += 1
             if "else" in branches:
-                self._local_sent_at.append(time.monotonic())
+                self._local_sent_at.append(time.monotonic() + (defer_s if later == "else" else 0.0))
         outputs = {f"{branch}.{port}": array for branch in branches
                    for port, array in inputs.items() if port != self.control}
-        return Outcome(outputs, {"x": int(offload), "why": why, **({"hedge": 1} if hedge else {})})
+        defer = {port: defer_s for port in outputs if port.startswith(later + ".")} if hedge and defer_s > 0 else {}
+        return Outcome(outputs, {"x": int(offload), "why": why, **({"hedge": 1} if hedge else {})}, defer)
 
     def process(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.handle(inputs, {}).outputs

@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from zpipe import (Pipeline, PipelineClosed, PythonStage, RequestFailed, StageSpec, Topology, TopologyError)
+from zpipe.stage import Outcome
 from zpipe.testing import Exit, FailOn, Pid, Scale, Sleep
 
 
@@ -47,6 +48,27 @@ def test_a_chain_shares_one_worker_process_unless_per_stage(groups, processes):
         out = pipe.infer({"x": np.zeros(1)})
     pids = {int(out["p1"]), int(out["p2"])}
     assert len(pids) == processes and os.getpid() not in pids
+
+
+@pytest.mark.parametrize("groups", ["auto", "per-stage"])
+def test_an_outcome_may_defer_an_output_while_the_worker_keeps_serving(groups):
+    """A stage's Outcome may hold an output port back (a gate's deferred hedge): the consumer gets it that much
+    later, in memory within a group or over a socket, and the worker handles other requests meanwhile."""
+    topo = Topology(inputs=["x"], outputs=["y"], groups=groups, stages=[
+        StageSpec(name="a", stage=PythonStage(function=lambda d: Outcome({"h": d["x"] + 1}, defer={"h": 0.3})),
+                  inputs=["x"], outputs=["h"]),
+        StageSpec(name="b", stage=Scale(factor=2.0), inputs={"x": "h"}, outputs={"out": "y"}),
+    ])
+    with Pipeline(topo) as pipe:
+        pipe.infer({"x": np.zeros(3, np.float32)})  # started
+        t0 = time.monotonic()
+        futures = [pipe.submit({"x": np.full(3, i, np.float32)}) for i in range(5)]
+        results = [f.result(timeout=30) for f in futures]
+        took = time.monotonic() - t0
+    for i, r in enumerate(results):
+        np.testing.assert_array_equal(r.outputs["y"], np.full(3, (i + 1) * 2, np.float32))
+        assert r.stage_times["b"][0] - r.stage_times["a"][1] >= 0.29, r.stage_times
+    assert took < 1.0, took  # held side by side, not one after the other (5 x 0.3 s)
 
 
 def test_fan_out_and_merge_run_branches_concurrently():

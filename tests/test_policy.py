@@ -39,11 +39,14 @@ def test_latency_policy_counts_the_local_backlog_and_probes_stale_sides():
     s = dict(local_service_s=0.030, local_measured_at=9.0, remote_rtt_s=0.050, remote_measured_at=9.0)
     assert not p.decide(Signals(now=10.0, **s)).offload  # idle device: 30 ms here beats 50 ms there
     assert p.decide(Signals(now=10.1, local_backlog=3, **s)).offload  # busy device: 120 ms queue here
-    probe = p.decide(Signals(now=12.0, **s))  # local not measured for 3 s, and it looks competitive: probe it alone
-    assert probe.reason == "probe local" and not probe.hedge and not probe.offload
+    # Local not measured for 3 s: probed on both sides (its estimate is old: the device may have got busy since),
+    # its copy started when remote's answer is due (50 ms), so that it does not slow the handling of that answer.
+    probe = p.decide(Signals(now=12.0, **s))
+    assert probe.reason == "probe local (hedged, local copy after 50 ms)" and probe.hedge and probe.offload
+    assert probe.defer_s == pytest.approx(0.050)
     slow = {**s, "local_service_s": 0.100}
-    probe = p.decide(Signals(now=14.1, **slow))  # local looks 2x worse: probe it on both sides
-    assert probe.reason == "probe local (hedged)" and probe.hedge and probe.offload  # remote stays the primary
+    probe = p.decide(Signals(now=14.1, **slow))  # local looks 2x worse: the same
+    assert probe.hedge and probe.offload and probe.defer_s == pytest.approx(0.050)  # remote stays the primary
     unhedged = LatencyPolicy(hysteresis=0.1, min_dwell_s=0, probe_interval_s=2.0, hedge=False)
     probe = unhedged.decide(Signals(now=12.0, **s))  # remote not measured for 3 s: probed on its own
     assert probe.reason == "probe remote" and not probe.hedge and probe.offload
@@ -159,7 +162,7 @@ def test_the_first_probes_of_a_side_come_faster():
     assert [t for t, r in zip(times, reasons) if r.startswith("probe local")] == [5.6], reasons
 
 
-def test_a_probe_is_hedged_only_for_a_side_that_looks_worse_by_more_than_the_hysteresis():
+def test_a_remote_probe_is_hedged_only_when_remote_looks_worse_by_more_than_the_hysteresis():
     """A hedged copy computing on a small device slows the other branch's reply: a remote side about as fast as
     local would be measured worse than it is, every time, and never win. Such a side is probed on its own."""
     for remote_rtt, hedged in ((0.105, False), (0.114, False), (0.125, True), (0.3, True)):
@@ -168,7 +171,7 @@ def test_a_probe_is_hedged_only_for_a_side_that_looks_worse_by_more_than_the_hys
         d = p.decide(Signals(now=5.0, local_service_s=0.1, local_measured_at=5.0, remote_rtt_s=remote_rtt,
                              remote_measured_at=2.0))
         assert d.reason.startswith("probe remote") and d.hedge is hedged, (remote_rtt, d)
-        assert d.hedge or d.offload, d  # alone: the request goes to the probed side
+        assert (d.hedge or d.offload) and d.defer_s == 0, d  # alone: the request goes to the probed side
 
 
 def test_the_gate_ages_a_ping_still_out_to_the_moment_it_decides(tmp_path):
@@ -194,8 +197,31 @@ def test_the_gate_ages_a_ping_still_out_to_the_moment_it_decides(tmp_path):
     time.sleep(0.15)  # nothing published since: the ping out is now ~200 ms old
     later = gate._signals()
     assert later.remote_rtt_s == pytest.approx((0.01 + 0.2) / 2 + 0.03, abs=0.02), later
-    offload, why, _ = gate.decide({"h": np.zeros(1, np.float32)}, {})
+    offload, why, _, _ = gate.decide({"h": np.zeros(1, np.float32)}, {})
     assert not offload and "remote 1" in why, why  # ~135 ms against local's 100: local
+
+
+def test_a_local_probe_while_offloading_sends_its_local_copy_when_the_remote_answer_is_due(tmp_path):
+    from stages.gate import GateStage
+    from zpipe.board import Board
+    from zpipe.stage import StageContext
+
+    board = Board(tmp_path)
+    gate = GateStage(policy="latency", policy_options={"min_dwell_s": 0, "probe_interval_s": 1.0})
+    gate.context = StageContext(name="gate", consumers={"then.h": ("edge",), "else.h": ("local",)}, board=board)
+    gate.setup()
+    now = time.monotonic()
+    board.publish("local", {"service_s": 0.1, "measured_at": now - 5})  # not measured for 5 s
+    board.publish("edge", {"rtt_s": 0.04, "measured_at": now})
+    gate._policy.state.offload = True
+    gate._policy._probes = {"local": 3, "remote": 3}
+    h = np.ones(4, np.float32)
+    out = gate.handle({"h": h}, {})
+    assert out.notes["hedge"] == 1 and out.notes["x"] == 1, out.notes  # both branches; remote is the primary
+    assert set(out.outputs) == {"then.h", "else.h"} and out.defer == {"else.h": pytest.approx(0.04)}, out
+    assert gate._local_sent_at[-1] >= now + 0.04  # its age counts from when it leaves
+    out = gate.handle({"h": h}, {})  # the next request: offloaded, nothing held
+    assert set(out.outputs) == {"then.h"} and out.defer == {}, out
 
 
 def test_threshold_policy():

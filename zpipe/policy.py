@@ -13,11 +13,12 @@ and asks a policy for a :class:`Decision`. Two policies:
   side last measured over 0.5 s ago is looked at first: one hedged probe of it, and the switch waits for its
   sample (see ``_confirm``). A side that has not been measured for
   ``probe_interval_s`` gets one request (a probe), so estimates never go stale; ``probe_interval_s = 0`` turns
-  probing off. With ``hedge = true`` (the default) a probe of a side that looks worse by more than the
-  hysteresis runs on *both* sides and the first answer wins, so exploring never costs the probed request its
-  latency (the probe's branch still reports its timing); a side that looks better or about as fast (at most
-  ``hysteresis`` worse) is probed on its own, so the same request computing on the device neither slows nor
-  mis-measures it. Probes of
+  probing off. With ``hedge = true`` (the default) a probe may run on *both* sides, the first answer winning, so
+  exploring does not cost the probed request its latency (the probe's branch still reports its timing):
+  a local probe always is (its estimate is the old one), with its local copy started only when the remote
+  answer is due, so that it does not slow the device's handling of that answer; a remote probe is when remote
+  looks worse by more than the hysteresis (a remote side about as fast is probed on its own: the same request
+  computing on the device would slow its reply and mis-measure it). Probes of
   the local side cost the device's CPU, the scarce thing when offloading: while local keeps measuring more than
   1.2× the remote time, its probe interval doubles (up to 8×), and is back to normal as soon as local is within
   1.2× of the remote estimate again (the link slowed). Remote probes never back off, so a link that
@@ -82,6 +83,7 @@ class Decision:
     offload: bool
     reason: str
     hedge: bool = False  # run on both sides, the first answer wins (a probe that costs no latency)
+    defer_s: float = 0.0  # a hedged probe: the probed side's copy starts this much later
 
 
 class _Hysteresis:
@@ -166,15 +168,18 @@ class LatencyPolicy:
         if self.probe_interval_s:
             stale_remote = s.remote_measured_at is None or s.now - s.remote_measured_at > self._interval("remote")
             stale_local = s.local_measured_at is None or s.now - s.local_measured_at > self._interval("local")
-            # Hedge a probe when the probed side looks worse by more than the hysteresis: then the hedge saves the
-            # request's latency. A side that looks better or about as fast is probed alone: the same request
-            # computing on the device would slow it down and make it look worse than it is, and a remote side
-            # measured so would stay a little worse than local for good.
-            worse = 1 + self.hysteresis
+            # A local probe is hedged: the local estimate is the old one, and a device that got busy since makes
+            # an unhedged probe cost the request several times its latency. Its local copy starts when the remote
+            # answer is due, so that on a device with little CPU it does not slow the handling of that answer
+            # (and a late answer still has the local copy coming).
             if self.state.offload and stale_local and self._probe_due("local", s.now):
-                return self._probe("local", hedge=local > worse * remote)
+                return self._probe("local", defer_s=remote)
+            # A remote probe is hedged when remote looks worse by more than the hysteresis. A remote side that
+            # looks better or about as fast is probed alone: the same request computing on the device would slow
+            # its reply and make it look worse than it is, and a remote side measured so would stay a little worse
+            # than local for good.
             if not self.state.offload and stale_remote and self._probe_due("remote", s.now):
-                return self._probe("remote", hedge=remote > worse * local)
+                return self._probe("remote", hedge=remote > (1 + self.hysteresis) * local)
         why = f"local {local * 1000:.1f} ms vs remote {remote * 1000:.1f} ms"
         aged = [side for side, by_age in (("remote", remote > remote_by_rtt), ("local", local > local_by_count))
                  if by_age]
@@ -217,14 +222,15 @@ class LatencyPolicy:
             return self._probe(side, f"confirm before switching: {why}", hedge=True)
         return Decision(self.state.offload, f"waiting for a fresh {side} sample before switching ({why})")
 
-    def _probe(self, side: str, why: str = "", *, hedge: bool = True) -> Decision:
+    def _probe(self, side: str, why: str = "", *, hedge: bool = True, defer_s: float = 0.0) -> Decision:
         """A probe of ``side``: hedged (both sides run, the first answer wins) unless told not to or hedging is
-        off."""
+        off; with ``defer_s``, the copy on ``side`` starts that much later."""
         hedge = hedge and self.hedge
-        notes = ", ".join(n for n in (why, "hedged" if hedge else "") if n)
+        hedged = f"hedged, {side} copy after {defer_s * 1000:.0f} ms" if defer_s > 0 else "hedged"
+        notes = ", ".join(n for n in (why, hedged if hedge else "") if n)
         reason = f"probe {side}" + (f" ({notes})" if notes else "")
         if hedge:
-            return Decision(self.state.offload, reason, hedge=True)
+            return Decision(self.state.offload, reason, hedge=True, defer_s=defer_s)
         return Decision(side == "remote", reason)
 
     def _interval(self, side: str) -> float:

@@ -45,6 +45,8 @@ class Outcome:
 
     outputs: Any
     notes: Mapping[str, Any] = field(default_factory=dict)
+    #: Output ports whose messages leave only this many seconds later (a gate's deferred hedge, see stages/gate.py).
+    defer: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

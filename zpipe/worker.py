@@ -20,6 +20,8 @@ a small shared file, so that when the process dies the supervisor can tell which
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 import logging
 import math
 import mmap
@@ -165,6 +167,8 @@ class _Worker:
         # through this queue and self-pipe, so only this thread touches the sockets.
         self.done: queue.SimpleQueue = queue.SimpleQueue()
         self.waker = Waker()
+        self.held: list[tuple[float, int, tuple[str, str, Message]]] = []  # heap: (release time, seq, delivery)
+        self._held_seq = itertools.count()
 
     def run(self) -> None:
         plan = self.plan
@@ -254,6 +258,7 @@ class _Worker:
                                 break
                             self._drain_local()
                             self._publish()  # a long burst must not leave the board stale
+                self._release_held()
                 self._drain_local()
                 for runner in self.runners.values():
                     runner.expire_joins()
@@ -272,6 +277,8 @@ class _Worker:
             elif any(r.stage.idle_signals_s for r in self.runners.values()):
                 timeout_ms = 50  # figures that change while idle (a stand-in's pings) are published every 50 ms
         now = time.monotonic()
+        if self.held:
+            timeout_ms = max(0, min(timeout_ms, int((self.held[0][0] - now) * 1000) + 1))
         for runner in self.runners.values():
             if runner.joins:
                 first = next(iter(runner.joins.values()))
@@ -336,6 +343,18 @@ class _Worker:
         """Runs on whatever thread completed the future: hand it to the worker's loop."""
         self.done.put((runner, rid, future))
         self.waker.wake()
+
+    def deliver_later(self, delay_s: float, item: tuple[str, str, Message]) -> None:
+        """:meth:`deliver` ``item`` in ``delay_s`` seconds (from the loop: see _release_held)."""
+        heapq.heappush(self.held, (time.monotonic() + delay_s, next(self._held_seq), item))
+
+    def _release_held(self) -> None:
+        now = time.monotonic()
+        due = []
+        while self.held and self.held[0][0] <= now:
+            due.append(heapq.heappop(self.held)[2])
+        if due:
+            self.deliver(due)
 
     def deliver(self, batch: list[tuple[str, str, Message]]) -> None:
         """Pass (consumer, endpoint, message) on: in memory within the group, else encoded onto a socket.
@@ -570,30 +589,38 @@ class _Runner:
             self._fail(rid, type(exc).__name__, str(exc))
 
     def _finish_run(self, rid: int, result: Any, meta: dict[str, Any], start: float) -> None:
-        notes = {}
+        notes, defer = {}, {}
         if isinstance(result, Outcome):
             notes = {f"{key}:{self.name}": value for key, value in result.notes.items()}
+            defer = {tensor: result.defer[port] for port, tensor in self.slot.outputs if port in result.defer}
             result = result.outputs
         outputs = normalise_outputs(self.name, result, [p for p, _ in self.slot.outputs],
                                     allow_missing=self.stage.may_skip_outputs)
         end = time.monotonic()
         meta = {**meta, **notes, f"t:{self.name}": [start, end]}
-        self._send_all(rid, {tensor: outputs[port] for port, tensor in self.slot.outputs if port in outputs}, meta)
+        self._send_all(rid, {tensor: outputs[port] for port, tensor in self.slot.outputs if port in outputs}, meta,
+                       defer)
         self.counts["processed"] += 1
         if self.measured_at is not None and end - self.measured_at > _STALE_S:
             self.service = Ewma(0.2)  # the old figure is stale (the policy sent work elsewhere): start afresh
         self.service.add(end - start)
         self.measured_at = end
 
-    def _send_all(self, rid: int, by_tensor: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
-        """Send each consumer the tensors it reads; tensors absent from ``by_tensor`` travel as skipped."""
-        batch = []
+    def _send_all(self, rid: int, by_tensor: Mapping[str, np.ndarray], meta: Mapping[str, Any],
+                  defer: Mapping[str, float] | None = None) -> None:
+        """Send each consumer the tensors it reads; tensors absent from ``by_tensor`` travel as skipped. A consumer
+        reading a tensor in ``defer`` gets its message that many seconds later."""
+        batch, later = [], []
         for consumer, endpoint, tensors in self.slot.routes:
             missing = [t for t in tensors if t not in by_tensor]
-            batch.append((consumer, endpoint, Message(
+            item = (consumer, endpoint, Message(
                 kind=Kind.REQUEST, request_id=rid, meta={**meta, SKIPPED: missing} if missing else dict(meta),
-                tensors={t: by_tensor[t] for t in tensors if t in by_tensor})))
-        self.worker.deliver(batch)
+                tensors={t: by_tensor[t] for t in tensors if t in by_tensor}))
+            delay = max((defer.get(t, 0.0) for t in tensors), default=0.0) if defer else 0.0
+            (later if delay > 0 else batch).append((delay, item))
+        self.worker.deliver([item for _, item in batch])
+        for delay, item in later:
+            self.worker.deliver_later(delay, item)
 
     def _fail(self, rid: int, error: str, message: str) -> None:
         # An error carries only what names the failure: bounded, whatever the request's meta held.
