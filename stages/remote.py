@@ -194,8 +194,8 @@ class RemoteStage(Stage):
         # A request a gate already sent down both branches (a hedged probe) is being computed on the device: a
         # straggler hedge would compute it there a second time. (Any gate's note counts: with two gates in a row,
         # a probe of the first also goes without this hedge in the second's branch.)
-        hedge = not any(key.startswith("hedge:") for key in meta)
-        self._attempt(inputs, deadline, outer, tried=set(), why="", hedge=hedge)
+        hedged_by_gate = any(key.startswith("hedge:") for key in meta)
+        self._attempt(inputs, deadline, outer, tried=set(), why="", hedge=not hedged_by_gate)
         return outer
 
     def _attempt(self, inputs: Mapping[str, np.ndarray], deadline: float, outer: Future, tried: set[str],
@@ -233,7 +233,10 @@ class RemoteStage(Stage):
                     self._newest_done = max(self._newest_done, sent)
                 exc = f.exception()
                 if exc is None:
-                    self._succeeded(link, time.monotonic() - sent)
+                    # A gate's hedged probe (no straggler hedge here) measures an upper bound: the device computed
+                    # the same request at the same time, and on a small device that slows the handling of this
+                    # reply.
+                    self._succeeded(link, time.monotonic() - sent, upper_bound=not hedge)
                     _settle(outer, Outcome(f.result().outputs, {"at": f"{self.host} ({link.endpoint})"}))
                     return
                 reason = getattr(exc, "reason", "error")
@@ -320,16 +323,26 @@ class RemoteStage(Stage):
             link.last_used = time.monotonic()
             return link
 
-    def _succeeded(self, link: _Link, rtt: float) -> None:
+    def _succeeded(self, link: _Link, rtt: float, *, upper_bound: bool = False) -> None:
+        """Count a round trip. An ``upper_bound`` (a hedged probe's) only caps the estimate: above it, it may say
+        more about the device than about the link and server (a remote side measured so while the device computes
+        would look worse than it is, every time); below it, the remote side is at least that fast."""
         with self._lock:
             link.failures = 0
+            self._errors.add(0.0)
+            if upper_bound and self._rtt.mean is not None:
+                ping = link.ping.mean
+                self._rtt.cap(rtt)
+                if ping is not None and self._beyond_ping.mean is not None:
+                    self._beyond_ping.cap(max(0.0, rtt - ping))
+                self._measured_at = time.monotonic()
+                return
             if self._measured_at is not None and time.monotonic() - self._measured_at > 1.0:
                 # stale (requests went elsewhere, e.g. a probe): the new sample rules
                 self._rtt, self._beyond_ping = Ewma(0.2), Ewma(0.2)
             self._rtt.add(rtt)
             if link.ping.mean is not None:
                 self._beyond_ping.add(max(0.0, rtt - link.ping.mean))
-            self._errors.add(0.0)
             self._measured_at = time.monotonic()
 
     def _failed(self, link: _Link, reason: str, text: str) -> None:

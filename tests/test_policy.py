@@ -39,14 +39,16 @@ def test_latency_policy_counts_the_local_backlog_and_probes_stale_sides():
     s = dict(local_service_s=0.030, local_measured_at=9.0, remote_rtt_s=0.050, remote_measured_at=9.0)
     assert not p.decide(Signals(now=10.0, **s)).offload  # idle device: 30 ms here beats 50 ms there
     assert p.decide(Signals(now=10.1, local_backlog=3, **s)).offload  # busy device: 120 ms queue here
-    # Local not measured for 3 s: probed on both sides (its estimate is old: the device may have got busy since),
-    # its copy started when remote's answer is due (50 ms), so that it does not slow the handling of that answer.
+    # Local not measured for 3 s: probed on both sides (its estimate is old: the device may have got busy since).
+    # It looks better: the request is local's (X = 0), with a remote copy at once.
     probe = p.decide(Signals(now=12.0, **s))
+    assert probe.reason == "probe local (hedged)" and probe.hedge and not probe.offload and probe.defer_s == 0
+    # Local looks 2x worse: remote stays the primary, and the local copy starts when remote's answer is due (50 ms),
+    # so that it does not slow the handling of that answer.
+    slow = {**s, "local_service_s": 0.100}
+    probe = p.decide(Signals(now=14.1, **slow))
     assert probe.reason == "probe local (hedged, local copy after 50 ms)" and probe.hedge and probe.offload
     assert probe.defer_s == pytest.approx(0.050)
-    slow = {**s, "local_service_s": 0.100}
-    probe = p.decide(Signals(now=14.1, **slow))  # local looks 2x worse: the same
-    assert probe.hedge and probe.offload and probe.defer_s == pytest.approx(0.050)  # remote stays the primary
     unhedged = LatencyPolicy(hysteresis=0.1, min_dwell_s=0, probe_interval_s=2.0, hedge=False)
     probe = unhedged.decide(Signals(now=12.0, **s))  # remote not measured for 3 s: probed on its own
     assert probe.reason == "probe remote" and not probe.hedge and probe.offload
@@ -511,6 +513,37 @@ def test_a_dead_server_does_not_make_the_remote_side_look_slow(affine, tmp_path,
     assert before["rtt_s"] < 0.05 and after["ping_s"] is not None, (before, after)
     assert before["rtt_s"] != before["rtt_measured_s"], before  # the estimate comes from the pings
     assert after["rtt_s"] < 0.05 and after["ping_s"] < 0.05, (before, after)
+
+
+def test_a_hedged_probes_round_trip_only_caps_the_remote_estimate(affine_server):
+    """A gate's hedged probe runs on the device at the same time, which on a small device slows the handling of
+    the remote reply: its round trip is an upper bound. It lowers the estimate when below it, never raises it."""
+    from zpipe.stages.remote import RemoteStage
+
+    with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(affine_server.endpoint), delay_ms=20) as link:
+        stage = RemoteStage(endpoint=f"tcp://127.0.0.1:{link.port}", model="affine")
+        stage.setup()
+        try:
+            x = np.ones(SHAPE, np.float32)
+            for _ in range(5):
+                stage.handle({"x": x}, {}).result(timeout=30)
+            slow = stage.signals()["rtt_s"]  # ~40 ms: two 20 ms legs
+            link.set(delay_ms=60)
+            stage.handle({"x": x}, {"hedge:gate": 1}).result(timeout=30)  # ~120 ms, as a hedged probe
+            after_slow_probe = stage.signals()["rtt_s"]
+            link.set(delay_ms=2)
+            stage.handle({"x": x}, {"hedge:gate": 1}).result(timeout=30)  # ~4 ms, as a hedged probe
+            after_fast_probe = stage.signals()["rtt_s"]
+            stage.handle({"x": x}, {}).result(timeout=30)  # an ordinary request counts as always
+            link.set(delay_ms=60)
+            stage.handle({"x": x}, {}).result(timeout=30)
+            after_slow_request = stage.signals()["rtt_s"]
+        finally:
+            stage.teardown()
+    assert 0.035 < slow < 0.08, slow
+    assert after_slow_probe == slow  # an upper bound above the estimate says nothing new
+    assert after_fast_probe < 0.02, after_fast_probe  # remote is at least this fast
+    assert after_slow_request > after_fast_probe + 0.015, (after_fast_probe, after_slow_request)
 
 
 def test_local_probes_back_off_while_local_is_clearly_worse_but_remote_probes_do_not():

@@ -66,6 +66,11 @@ class Ewma:
         self.mean += self.alpha * delta
         self.var = (1 - self.alpha) * (self.var + self.alpha * delta * delta)
 
+    def cap(self, x: float) -> None:
+        """An upper bound of the quantity: the mean drops to ``x`` if it is above it, else nothing changes."""
+        if self.mean is None or x < self.mean:
+            self.mean = x
+
 
 def cpu_load() -> float:
     """This host's CPU use since the previous call, 0..1 (psutil; the first call returns 0)."""

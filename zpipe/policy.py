@@ -15,8 +15,10 @@ and asks a policy for a :class:`Decision`. Two policies:
   ``probe_interval_s`` gets one request (a probe), so estimates never go stale; ``probe_interval_s = 0`` turns
   probing off. With ``hedge = true`` (the default) a probe may run on *both* sides, the first answer winning, so
   exploring does not cost the probed request its latency (the probe's branch still reports its timing):
-  a local probe always is (its estimate is the old one), with its local copy started only when the remote
-  answer is due, so that it does not slow the device's handling of that answer; a remote probe is when remote
+  a local probe always is (its estimate is the old one): when local looks worse, its local copy starts only when
+  the remote answer is due, so that it does not slow the device's handling of that answer, and when it looks
+  better or about as fast the request is local's, with a remote copy in case the device got busy; a remote
+  probe is when remote
   looks worse by more than the hysteresis (a remote side about as fast is probed on its own: the same request
   computing on the device would slow its reply and mis-measure it). Probes of
   the local side cost the device's CPU, the scarce thing when offloading: while local keeps measuring more than
@@ -168,12 +170,15 @@ class LatencyPolicy:
         if self.probe_interval_s:
             stale_remote = s.remote_measured_at is None or s.now - s.remote_measured_at > self._interval("remote")
             stale_local = s.local_measured_at is None or s.now - s.local_measured_at > self._interval("local")
-            # A local probe is hedged: the local estimate is the old one, and a device that got busy since makes
-            # an unhedged probe cost the request several times its latency. Its local copy starts when the remote
-            # answer is due, so that on a device with little CPU it does not slow the handling of that answer
-            # (and a late answer still has the local copy coming).
+            # A local probe is hedged: the local estimate is the old one, and a device that got busy since would
+            # make an unhedged probe cost the request several times its latency. When local looks worse, its copy
+            # starts only when the remote answer is due, so that on a device with little CPU it does not slow the
+            # handling of that answer (a late answer still has the local copy coming); when it looks better or
+            # about as fast, the request is local's, with a remote copy in case the device got busy.
             if self.state.offload and stale_local and self._probe_due("local", s.now):
-                return self._probe("local", defer_s=remote)
+                if local > (1 + self.hysteresis) * remote:
+                    return self._probe("local", defer_s=remote)
+                return self._probe("local", lead=True)
             # A remote probe is hedged when remote looks worse by more than the hysteresis. A remote side that
             # looks better or about as fast is probed alone: the same request computing on the device would slow
             # its reply and make it look worse than it is, and a remote side measured so would stay a little worse
@@ -222,15 +227,17 @@ class LatencyPolicy:
             return self._probe(side, f"confirm before switching: {why}", hedge=True)
         return Decision(self.state.offload, f"waiting for a fresh {side} sample before switching ({why})")
 
-    def _probe(self, side: str, why: str = "", *, hedge: bool = True, defer_s: float = 0.0) -> Decision:
+    def _probe(self, side: str, why: str = "", *, hedge: bool = True, defer_s: float = 0.0,
+               lead: bool = False) -> Decision:
         """A probe of ``side``: hedged (both sides run, the first answer wins) unless told not to or hedging is
-        off; with ``defer_s``, the copy on ``side`` starts that much later."""
+        off. The request's X stays the current side's, or is ``side``'s if it ``lead``s; with ``defer_s``, the
+        copy on ``side`` starts that much later."""
         hedge = hedge and self.hedge
         hedged = f"hedged, {side} copy after {defer_s * 1000:.0f} ms" if defer_s > 0 else "hedged"
         notes = ", ".join(n for n in (why, hedged if hedge else "") if n)
         reason = f"probe {side}" + (f" ({notes})" if notes else "")
         if hedge:
-            return Decision(self.state.offload, reason, hedge=True, defer_s=defer_s)
+            return Decision(side == "remote" if lead else self.state.offload, reason, hedge=True, defer_s=defer_s)
         return Decision(side == "remote", reason)
 
     def _interval(self, side: str) -> float:
