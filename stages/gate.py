@@ -67,6 +67,7 @@ class GateStage(Stage):
             self._local_sent_at: collections.deque[float] = collections.deque(maxlen=1024)  # newest last
             self._epochs: dict[str, tuple[int, int]] = {}  # local stage -> (its pid, its count when we saw it)
             self._load = (0.0, 0.0)  # (measured at, value)
+            self._local_s: float | None = None  # the local service time at the last policy decision
 
     @property
     def switches(self) -> int:
@@ -103,7 +104,9 @@ class GateStage(Stage):
                                  f"{list(array.shape)}")
             value = array.reshape(-1)[0].item()
         elif self._policy is not None:
-            decision = self._policy.decide(self._signals())
+            signals = self._signals()
+            self._local_s = signals.local_service_s
+            decision = self._policy.decide(signals)
             return decision.offload, f"policy: {decision.reason}", decision.hedge, decision.defer_s
         else:
             raise StageError(f"gate: the request carries no meta {self.meta_key!r} and no control input")
@@ -123,7 +126,15 @@ class GateStage(Stage):
         outputs = {f"{branch}.{port}": array for branch in branches
                    for port, array in inputs.items() if port != self.control}
         defer = {port: defer_s for port in outputs if port.startswith(later + ".")} if hedge and defer_s > 0 else {}
-        return Outcome(outputs, {"x": int(offload), "why": why, **({"hedge": 1} if hedge else {})}, defer)
+        notes = {"x": int(offload), "why": why}
+        if hedge:
+            notes["hedge"] = 1
+            # How long the device computes this request while the remote copy travels: its reply may be handled
+            # that much later, which the remote stand-in allows for when it counts the round trip.
+            overlap = 0.0 if defer else self._local_s
+            if overlap is not None:
+                notes["overlap_s"] = round(overlap, 4)
+        return Outcome(outputs, notes, defer)
 
     def process(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.handle(inputs, {}).outputs

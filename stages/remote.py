@@ -195,11 +195,14 @@ class RemoteStage(Stage):
         # straggler hedge would compute it there a second time. (Any gate's note counts: with two gates in a row,
         # a probe of the first also goes without this hedge in the second's branch.)
         hedged_by_gate = any(key.startswith("hedge:") for key in meta)
-        self._attempt(inputs, deadline, outer, tried=set(), why="", hedge=not hedged_by_gate)
+        # How long the device computes the same request alongside (the gate's note; unknown: no bound)
+        overlaps = [v for key, v in meta.items() if key.startswith("overlap_s:") and isinstance(v, (int, float))]
+        overlap = (max(overlaps) if overlaps else math.inf) if hedged_by_gate else 0.0
+        self._attempt(inputs, deadline, outer, tried=set(), why="", hedge=not hedged_by_gate, overlap_s=overlap)
         return outer
 
     def _attempt(self, inputs: Mapping[str, np.ndarray], deadline: float, outer: Future, tried: set[str],
-                 why: str, hedge: bool = True) -> None:
+                 why: str, hedge: bool = True, overlap_s: float = 0.0) -> None:
         if outer.done():  # a hedge answered already: no retry elsewhere
             return
         remaining = deadline - time.monotonic()
@@ -223,7 +226,7 @@ class RemoteStage(Stage):
                 link.inflight -= 1
                 del self._sent_at[key]
             self._failed(link, getattr(exc, "reason", "send_error"), str(exc))
-            return self._attempt(inputs, deadline, outer, tried, f"{link.endpoint}: {exc}", hedge)
+            return self._attempt(inputs, deadline, outer, tried, f"{link.endpoint}: {exc}", hedge, overlap_s)
 
         def done(f: Future) -> None:
             try:
@@ -233,16 +236,13 @@ class RemoteStage(Stage):
                     self._newest_done = max(self._newest_done, sent)
                 exc = f.exception()
                 if exc is None:
-                    # A gate's hedged probe (no straggler hedge here) measures an upper bound: the device computed
-                    # the same request at the same time, and on a small device that slows the handling of this
-                    # reply.
-                    self._succeeded(link, time.monotonic() - sent, upper_bound=not hedge)
+                    self._succeeded(link, time.monotonic() - sent, overlap_s=overlap_s)
                     _settle(outer, Outcome(f.result().outputs, {"at": f"{self.host} ({link.endpoint})"}))
                     return
                 reason = getattr(exc, "reason", "error")
                 self._failed(link, reason, str(exc))
                 if reason in _FALLBACK_REASONS:
-                    self._attempt(inputs, deadline, outer, tried, f"{reason}: {exc}", hedge)
+                    self._attempt(inputs, deadline, outer, tried, f"{reason}: {exc}", hedge, overlap_s)
                 else:
                     _settle(outer, exc=exc)
             except Exception as exc:  # never leave the request without an outcome
@@ -323,20 +323,24 @@ class RemoteStage(Stage):
             link.last_used = time.monotonic()
             return link
 
-    def _succeeded(self, link: _Link, rtt: float, *, upper_bound: bool = False) -> None:
-        """Count a round trip. An ``upper_bound`` (a hedged probe's) only caps the estimate: above it, it may say
-        more about the device than about the link and server (a remote side measured so while the device computes
-        would look worse than it is, every time); below it, the remote side is at least that fast."""
+    def _succeeded(self, link: _Link, rtt: float, *, overlap_s: float = 0.0) -> None:
+        """Count a round trip. With ``overlap_s`` (a gate's hedged probe: the device computed the same request for
+        about that long meanwhile, which on a small device slows its handling of this reply) the clean round trip
+        lies between ``rtt - overlap_s`` and ``rtt``: it lowers an estimate above that range, raises one below it,
+        and leaves one inside it alone. (Counted as it is, a remote side probed so would look worse than it is,
+        every time.)"""
         with self._lock:
             link.failures = 0
             self._errors.add(0.0)
-            if upper_bound and self._rtt.mean is not None:
-                ping = link.ping.mean
-                self._rtt.cap(rtt)
-                if ping is not None and self._beyond_ping.mean is not None:
-                    self._beyond_ping.cap(max(0.0, rtt - ping))
-                self._measured_at = time.monotonic()
-                return
+            if overlap_s and self._rtt.mean is not None:
+                if rtt < self._rtt.mean:
+                    self._rtt.cap(rtt)
+                    if link.ping.mean is not None and self._beyond_ping.mean is not None:
+                        self._beyond_ping.cap(max(0.0, rtt - link.ping.mean))
+                if rtt - overlap_s <= self._rtt.mean:
+                    self._measured_at = time.monotonic()
+                    return
+                rtt -= overlap_s  # slower than thought by at least this
             if self._measured_at is not None and time.monotonic() - self._measured_at > 1.0:
                 # stale (requests went elsewhere, e.g. a probe): the new sample rules
                 self._rtt, self._beyond_ping = Ewma(0.2), Ewma(0.2)

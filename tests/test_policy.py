@@ -239,6 +239,7 @@ def test_a_local_probe_while_offloading_sends_its_local_copy_when_the_remote_ans
     h = np.ones(4, np.float32)
     out = gate.handle({"h": h}, {})
     assert out.notes["hedge"] == 1 and out.notes["x"] == 1, out.notes  # both branches; remote is the primary
+    assert out.notes["overlap_s"] == 0.0  # the remote copy travels before the device computes: measured clean
     assert set(out.outputs) == {"then.h", "else.h"} and out.defer == {"else.h": pytest.approx(0.04)}, out
     assert gate._local_sent_at[-1] >= now + 0.04  # its age counts from when it leaves
     out = gate.handle({"h": h}, {})  # the next request: offloaded, nothing held
@@ -534,9 +535,11 @@ def test_a_dead_server_does_not_make_the_remote_side_look_slow(affine, tmp_path,
     assert after["rtt_s"] < 0.05 and after["ping_s"] < 0.05, (before, after)
 
 
-def test_a_hedged_probes_round_trip_only_caps_the_remote_estimate(affine_server):
+def test_a_hedged_probes_round_trip_counts_as_a_range(affine_server):
     """A gate's hedged probe runs on the device at the same time, which on a small device slows the handling of
-    the remote reply: its round trip is an upper bound. It lowers the estimate when below it, never raises it."""
+    the remote reply by up to that computation's time (the gate's ``overlap_s`` note; without it, any amount): the
+    clean round trip lies between the sample minus the overlap and the sample. Only an estimate outside that range
+    moves."""
     from zpipe.stages.remote import RemoteStage
 
     with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(affine_server.endpoint), delay_ms=20) as link:
@@ -544,25 +547,27 @@ def test_a_hedged_probes_round_trip_only_caps_the_remote_estimate(affine_server)
         stage.setup()
         try:
             x = np.ones(SHAPE, np.float32)
+
+            def rtt_after(delay_ms: int, meta: dict) -> float:
+                link.set(delay_ms=delay_ms)
+                stage.handle({"x": x}, meta).result(timeout=30)
+                return stage.signals()["rtt_s"]
+
             for _ in range(5):
                 stage.handle({"x": x}, {}).result(timeout=30)
-            slow = stage.signals()["rtt_s"]  # ~40 ms: two 20 ms legs
-            link.set(delay_ms=60)
-            stage.handle({"x": x}, {"hedge:gate": 1}).result(timeout=30)  # ~120 ms, as a hedged probe
-            after_slow_probe = stage.signals()["rtt_s"]
-            link.set(delay_ms=2)
-            stage.handle({"x": x}, {"hedge:gate": 1}).result(timeout=30)  # ~4 ms, as a hedged probe
-            after_fast_probe = stage.signals()["rtt_s"]
-            stage.handle({"x": x}, {}).result(timeout=30)  # an ordinary request counts as always
-            link.set(delay_ms=60)
-            stage.handle({"x": x}, {}).result(timeout=30)
-            after_slow_request = stage.signals()["rtt_s"]
+            first = stage.signals()["rtt_s"]  # ~40 ms: two 20 ms legs
+            unbounded = rtt_after(60, {"hedge:gate": 1})  # ~120 ms, overlap unknown: says nothing new
+            inside = rtt_after(60, {"hedge:gate": 1, "overlap_s:gate": 0.1})  # clean: 20-120 ms
+            above = rtt_after(60, {"hedge:gate": 1, "overlap_s:gate": 0.03})  # clean: 90-120 ms, above ~40
+            below = rtt_after(2, {"hedge:gate": 1})  # ~4 ms: remote is at least this fast
+            ordinary = rtt_after(60, {})  # an ordinary request counts as always
         finally:
             stage.teardown()
-    assert 0.035 < slow < 0.08, slow
-    assert after_slow_probe == slow  # an upper bound above the estimate says nothing new
-    assert after_fast_probe < 0.02, after_fast_probe  # remote is at least this fast
-    assert after_slow_request > after_fast_probe + 0.015, (after_fast_probe, after_slow_request)
+    assert 0.035 < first < 0.08, first
+    assert unbounded == first and inside == first, (first, unbounded, inside)
+    assert above > first + 0.005, (first, above)  # moved towards ~90 ms, the low end
+    assert below < 0.02, below
+    assert ordinary > below + 0.015, (below, ordinary)
 
 
 def test_local_probes_back_off_while_local_is_clearly_worse_but_remote_probes_do_not():
