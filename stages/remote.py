@@ -111,6 +111,7 @@ class RemoteStage(Stage):
         self._beyond_ping = Ewma(0.2)  # a request's round trip minus the ping of its link at the time
         self._errors = Ewma(0.1)
         self._measured_at: float | None = None
+        self._bounds_only = False  # the round trip estimate comes from hedged probes only (see _succeeded)
         self._fallbacks = 0
         self._stop = threading.Event()
         self._links = [_Link(RemoteClient(e, server_key=self.server_key, client_key=self.client_key,
@@ -341,9 +342,10 @@ class RemoteStage(Stage):
                     self._measured_at = time.monotonic()
                     return
                 rtt -= overlap_s  # slower than thought by at least this
-            if self._measured_at is not None and time.monotonic() - self._measured_at > 1.0:
-                # stale (requests went elsewhere, e.g. a probe): the new sample rules
+            elif self._bounds_only or (self._measured_at is not None and time.monotonic() - self._measured_at > 1.0):
+                # stale (requests went elsewhere, e.g. a probe), or made of bounds only: the new sample rules
                 self._rtt, self._beyond_ping = Ewma(0.2), Ewma(0.2)
+            self._bounds_only = bool(overlap_s) and (self._bounds_only or self._rtt.mean is None)
             self._rtt.add(rtt)
             if link.ping.mean is not None:
                 self._beyond_ping.add(max(0.0, rtt - link.ping.mean))

@@ -553,6 +553,9 @@ def test_a_hedged_probes_round_trip_counts_as_a_range(affine_server):
                 stage.handle({"x": x}, meta).result(timeout=30)
                 return stage.signals()["rtt_s"]
 
+            # A first estimate made of hedged probes only is a bound: the first clean sample replaces it.
+            first_bound = rtt_after(60, {"hedge:gate": 1, "overlap_s:gate": 0.03})  # ~120 ms
+            first_clean = rtt_after(20, {})  # ~40 ms, not 120 moved a fifth of the way
             for _ in range(5):
                 stage.handle({"x": x}, {}).result(timeout=30)
             first = stage.signals()["rtt_s"]  # ~40 ms: two 20 ms legs
@@ -565,6 +568,7 @@ def test_a_hedged_probes_round_trip_counts_as_a_range(affine_server):
             stage.teardown()
     assert 0.035 < first < 0.08, first
     assert unbounded == first and inside == first, (first, unbounded, inside)
+    assert first_bound > 0.1 and first_clean < 0.08, (first_bound, first_clean)  # the clean sample replaced it
     assert above > first + 0.005, (first, above)  # moved towards ~90 ms, the low end
     assert below < 0.02, below
     assert ordinary > below + 0.015, (below, ordinary)
