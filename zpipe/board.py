@@ -67,9 +67,10 @@ class Ewma:
         self.var = (1 - self.alpha) * (self.var + self.alpha * delta * delta)
 
     def cap(self, x: float) -> None:
-        """An upper bound of the quantity: the mean drops to ``x`` if it is above it, else nothing changes."""
+        """An upper bound of the quantity: the mean drops to ``x`` if it is above it (and the spread of the samples
+        before, which described the old mean, starts afresh), else nothing changes."""
         if self.mean is None or x < self.mean:
-            self.mean = x
+            self.mean, self.var = x, 0.0
 
 
 def cpu_load() -> float:
