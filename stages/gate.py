@@ -33,7 +33,7 @@ import numpy as np
 
 from zpipe.board import cpu_load
 from zpipe.errors import StageError, TopologyError
-from zpipe.policy import Signals, expected_rtt, link_delay, make_policy, ping_floor
+from zpipe.policy import Signals, expected_rtt, link_delay, make_policy
 from zpipe.stage import Outcome, Stage
 
 __all__ = ["GateStage"]
@@ -167,8 +167,6 @@ class GateStage(Stage):
             remote_backlog=sum(v.get("inflight", 0) for v in remote),
             remote_oldest_age_s=max((now - v["oldest_sent_at"] for v in remote if v.get("oldest_sent_at")),
                                     default=0.0),
-            remote_floor_s=max((ping_floor(v["pings"], v.get("beyond_ping_s"), now)
-                                for v in remote if v.get("pings")), default=0.0),
             remote_error_rate=max((v.get("error_rate", 0.0) for v in remote), default=0.0),
             remote_up=all(v.get("up", True) for v in remote))
 

@@ -39,8 +39,7 @@ from typing import Any, Mapping, Sequence
 
 from .errors import TopologyError, did_you_mean
 
-__all__ = ["Signals", "Decision", "LatencyPolicy", "ThresholdPolicy", "make_policy", "expected_rtt", "link_delay",
-           "ping_floor"]
+__all__ = ["Signals", "Decision", "LatencyPolicy", "ThresholdPolicy", "make_policy", "expected_rtt", "link_delay"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,7 +57,6 @@ class Signals:
     remote_measured_at: float | None = None
     remote_backlog: int = 0
     remote_oldest_age_s: float = 0.0  # how long the oldest request still in flight to the server has been out
-    remote_floor_s: float = 0.0  # a lower bound on a request's round trip now, from pings still out (ping_floor)
     remote_error_rate: float = 0.0  # smoothed share of remote requests that failed
     remote_up: bool = True  # connected, and the circuit breaker is closed
 
@@ -69,15 +67,6 @@ def link_delay(pings: Sequence[Sequence[float | None]], now: float) -> float | N
     if not pings:
         return None
     return sum(max(mean, now - out if out is not None else 0.0) for mean, out in pings) / len(pings)
-
-
-def ping_floor(pings: Sequence[Sequence[float | None]], beyond_ping_s: float | None, now: float) -> float:
-    """A lower bound on a request's round trip at ``now`` from pings still out (0 if there is none): the link a
-    request would get has had its ping out at least this long, plus the rest of a request's time as measured."""
-    if not pings or beyond_ping_s is None:
-        return 0.0
-    age = min(now - out if out is not None else 0.0 for _, out in pings)
-    return age + beyond_ping_s if age > 0 else 0.0
 
 
 def expected_rtt(pings: Sequence[Sequence[float | None]], beyond_ping_s: float | None, rtt_s: float | None,
@@ -204,12 +193,7 @@ class LatencyPolicy:
         # A side twice as fast wins at once: the dwell time damps flapping, it must not hold a clearly bad choice.
         clear = max(local, remote) > 2 * min(local, remote)
         if self.state.offload:
-            # What is still out (a request, a ping) gives a lower bound, not a noisy estimate: a remote side known
-            # to take longer than local's estimate is left without the hysteresis margin.
-            floor = max(s.remote_oldest_age_s, s.remote_floor_s)
-            offload = not (local < remote * (1 - self.hysteresis) or local < floor)
-            if local < floor:
-                why += f" (remote at least {floor * 1000:.1f} ms: still out)"
+            offload = not local < remote * (1 - self.hysteresis)
         else:
             offload = remote < local * (1 - self.hysteresis)
         if offload != self.state.offload and not clear and s.now - self.state.since >= self.state.min_dwell_s:
