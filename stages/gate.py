@@ -19,7 +19,10 @@ what its branches publish on the signal board (local service time and progress; 
 errors and circuit breaker) and this host's CPU use. Each request records the decision and its reason
 (``x:<gate>``, ``why:<gate>`` in ``Result.meta``). A policy probe may be *hedged*: the gate sends the request down
 both branches (``hedge:<gate>`` = 1), the ``select`` merge takes the first answer and drops the later one, and the
-probed branch still measures itself. Hedging needs a ``select`` merge joining the two branches (the topologies
+probed branch still measures itself. The copy for the probed branch may leave later (``Outcome.defer``: a local
+probe while offloading starts when the remote answer is due). The notes ``overlap_s:<gate>`` (the local service
+time) and ``overlap_after_s:<gate>`` (the deferral) tell the remote stand-in how long the device computes the
+request alongside its remote copy. Hedging needs a ``select`` merge joining the two branches (the topologies
 ``zpipe compile`` writes for gated models have one).
 """
 
@@ -117,7 +120,7 @@ class GateStage(Stage):
     def handle(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Outcome:
         offload, why, hedge, defer_s = self.decide(inputs, meta)
         branches = _BRANCHES if hedge else ("then" if offload else "else",)
-        later = "else" if offload else "then"  # a hedge's deferred copy: the branch probed
+        later = "else" if offload else "then"  # a hedge's deferred copy: the branch other than X's
         if self._policy is not None:
             for branch in branches:
                 self._sent[branch == "then"] += 1
@@ -129,11 +132,12 @@ class GateStage(Stage):
         notes = {"x": int(offload), "why": why}
         if hedge:
             notes["hedge"] = 1
-            # How long the device computes this request while the remote copy travels: its reply may be handled
-            # that much later, which the remote stand-in allows for when it counts the round trip.
-            overlap = 0.0 if defer else self._local_s
-            if overlap is not None:
-                notes["overlap_s"] = round(overlap, 4)
+            # How long the device computes this request (from when on) while the remote copy travels: its reply
+            # may be handled that much later, which the remote stand-in allows for when it counts the round trip.
+            if self._local_s is not None:
+                notes["overlap_s"] = round(self._local_s, 4)
+                if defer:
+                    notes["overlap_after_s"] = round(defer_s, 4)
         return Outcome(outputs, notes, defer)
 
     def process(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -148,9 +152,11 @@ class GateStage(Stage):
         timed = [v for v in local if v.get("service_s") is not None]
         slowest = max(timed, key=lambda v: v["service_s"], default={})  # the local branch's bottleneck
         local_at = min((v["measured_at"] for v in local if v.get("measured_at") is not None), default=None)
-        # A ping still out has aged since its stage published: its delay counts as of now.
-        remote = [{**v, "rtt_s": expected_rtt(v["pings"], v.get("beyond_ping_s"), v.get("rtt_s"), now),
-                   "ping_s": link_delay(v["pings"], now)} if v.get("pings") else v for v in remote]
+        # A ping that was late when its stage published is later now: its delay counts as of now.
+        remote = [{**v, "rtt_s": expected_rtt(v["pings"], v.get("beyond_ping_s"), v.get("rtt_s"), now,
+                                              v.get("published")),
+                   "ping_s": link_delay(v["pings"], now, v.get("published"))} if v.get("pings") else v
+                  for v in remote]
         rtts = [v for v in remote if v.get("rtt_s") is not None]
         backlog = max(0, self._sent[False] - local_done)
         # The local branch takes its requests in order: the oldest unfinished one is the backlog-th newest sent.

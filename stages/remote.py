@@ -13,14 +13,17 @@ keeps taking work while replies are pending, up to ``max_in_flight``); each carr
   request while all servers are down. A late reply from the server for a request that already fell back is
   dropped: each request has exactly one outcome.
 * Upload: with ``upload_library`` the library is sent to each server during setup (``--allow-upload`` there).
-* It publishes its round trip, errors and breaker state on the signal board, for the gate's offload policy, and
-  records where each request ran (``at:<stage>`` in ``Result.meta``).
+* It publishes its round trip (and its pieces, below), errors and breaker state on the signal board, for the
+  gate's offload policy, and records where each request ran (``at:<stage>`` in ``Result.meta``). The round trip
+  of a gate's hedged probe is counted as a range: the device computed the same request meanwhile (the gate's
+  notes ``overlap_s:<gate>``, ``overlap_after_s:<gate>``), which can delay its handling of the reply.
 * Pings (``ping_s`` > 0; zpipe turns them on when a gate in the topology has a policy): every ``ping_s`` a
   heartbeat goes to each server, which its loop answers at once. The published round trip is then the link's
   delay *now* (the smoothed ping, or the age of a ping still out if that is longer) plus the rest of a request's
-  time as last measured (transfer and server time: the smoothed round trip minus the ping at the time). A link
-  that gets slower shows within one ping, before a request is sent into it; with requests going local, so does a
-  link that recovers. A ping is ~60 bytes each way and no tensor.
+  time as last measured (transfer and server time: the smoothed round trip minus the ping at the time). The
+  pieces are published too, and the gate adds them up when it decides: a ping that was late when published
+  counts with its age then. A link that gets slower shows within one ping, before a request is sent into it;
+  with requests going local, so does a link that recovers. A ping is ~60 bytes each way and no tensor.
 
 A request the gate routes elsewhere never reaches this stage, so nothing is sent to any server for it.
 """
@@ -196,14 +199,12 @@ class RemoteStage(Stage):
         # straggler hedge would compute it there a second time. (Any gate's note counts: with two gates in a row,
         # a probe of the first also goes without this hedge in the second's branch.)
         hedged_by_gate = any(key.startswith("hedge:") for key in meta)
-        # How long the device computes the same request alongside (the gate's note; unknown: no bound)
-        overlaps = [v for key, v in meta.items() if key.startswith("overlap_s:") and isinstance(v, (int, float))]
-        overlap = (max(overlaps) if overlaps else math.inf) if hedged_by_gate else 0.0
-        self._attempt(inputs, deadline, outer, tried=set(), why="", hedge=not hedged_by_gate, overlap_s=overlap)
+        overlap = _overlap(meta) if hedged_by_gate else (0.0, 0.0)
+        self._attempt(inputs, deadline, outer, tried=set(), why="", hedge=not hedged_by_gate, overlap=overlap)
         return outer
 
     def _attempt(self, inputs: Mapping[str, np.ndarray], deadline: float, outer: Future, tried: set[str],
-                 why: str, hedge: bool = True, overlap_s: float = 0.0) -> None:
+                 why: str, hedge: bool = True, overlap: tuple[float, float] = (0.0, 0.0)) -> None:
         if outer.done():  # a hedge answered already: no retry elsewhere
             return
         remaining = deadline - time.monotonic()
@@ -227,7 +228,7 @@ class RemoteStage(Stage):
                 link.inflight -= 1
                 del self._sent_at[key]
             self._failed(link, getattr(exc, "reason", "send_error"), str(exc))
-            return self._attempt(inputs, deadline, outer, tried, f"{link.endpoint}: {exc}", hedge, overlap_s)
+            return self._attempt(inputs, deadline, outer, tried, f"{link.endpoint}: {exc}", hedge, overlap)
 
         def done(f: Future) -> None:
             try:
@@ -237,13 +238,15 @@ class RemoteStage(Stage):
                     self._newest_done = max(self._newest_done, sent)
                 exc = f.exception()
                 if exc is None:
-                    self._succeeded(link, time.monotonic() - sent, overlap_s=overlap_s)
+                    rtt = time.monotonic() - sent
+                    seconds, after = overlap  # the device computed the same request from `after` on, so long
+                    self._succeeded(link, rtt, overlap_s=min(seconds, max(0.0, rtt - after)))
                     _settle(outer, Outcome(f.result().outputs, {"at": f"{self.host} ({link.endpoint})"}))
                     return
                 reason = getattr(exc, "reason", "error")
                 self._failed(link, reason, str(exc))
                 if reason in _FALLBACK_REASONS:
-                    self._attempt(inputs, deadline, outer, tried, f"{reason}: {exc}", hedge, overlap_s)
+                    self._attempt(inputs, deadline, outer, tried, f"{reason}: {exc}", hedge, overlap)
                 else:
                     _settle(outer, exc=exc)
             except Exception as exc:  # never leave the request without an outcome
@@ -327,9 +330,9 @@ class RemoteStage(Stage):
     def _succeeded(self, link: _Link, rtt: float, *, overlap_s: float = 0.0) -> None:
         """Count a round trip. With ``overlap_s`` (a gate's hedged probe: the device computed the same request for
         about that long meanwhile, which on a small device slows its handling of this reply) the clean round trip
-        lies between ``rtt - overlap_s`` and ``rtt``: it lowers an estimate above that range, raises one below it,
-        and leaves one inside it alone. (Counted as it is, a remote side probed so would look worse than it is,
-        every time.)"""
+        lies between ``rtt - overlap_s`` and ``rtt``: an estimate above that range drops to the sample, one below it
+        moves towards the range's low end (smoothed, or at once if the estimate is stale), one inside stays.
+        (Counted as it is, a remote side probed so would look worse than it is, every time.)"""
         with self._lock:
             link.failures = 0
             self._errors.add(0.0)
@@ -342,7 +345,8 @@ class RemoteStage(Stage):
                     self._measured_at = time.monotonic()
                     return
                 rtt -= overlap_s  # slower than thought by at least this
-            elif self._bounds_only or (self._measured_at is not None and time.monotonic() - self._measured_at > 1.0):
+            stale = self._measured_at is not None and time.monotonic() - self._measured_at > 1.0
+            if stale or (self._bounds_only and not overlap_s):
                 # stale (requests went elsewhere, e.g. a probe), or made of bounds only: the new sample rules
                 self._rtt, self._beyond_ping = Ewma(0.2), Ewma(0.2)
             self._bounds_only = bool(overlap_s) and (self._bounds_only or self._rtt.mean is None)
@@ -429,7 +433,8 @@ class RemoteStage(Stage):
             pings = self._pings()
             # The pieces of rtt_s go along, so that the gate works it out at its decision: a ping still out keeps
             # ageing after this was published.
-            return {"rtt_s": self._expected_rtt(now), "rtt_std_s": self._rtt.var ** 0.5,
+            return {"rtt_s": expected_rtt(pings, self._beyond_ping.mean, self._rtt.mean, now),
+                    "rtt_std_s": self._rtt.var ** 0.5,
                     "rtt_measured_s": self._rtt.mean, "ping_s": link_delay(pings, now),
                     "pings": pings, "beyond_ping_s": self._beyond_ping.mean,
                     "measured_at": self._measured_at,
@@ -442,6 +447,17 @@ class RemoteStage(Stage):
                     "requests_sent": sum(link.client.requests_sent for link in self._links),
                     "bytes_sent": sum(link.client.bytes_sent for link in self._links),
                     "down": [f"{link.endpoint}: {link.down_reason}" for link in self._links if not link.up]}
+
+
+def _overlap(meta: Mapping[str, Any]) -> tuple[float, float]:
+    """(how long, from when on) the device computes a gate's hedged probe alongside its remote copy, from the gate's
+    notes ``overlap_s:<gate>`` and ``overlap_after_s:<gate>``; without a note, for any time from the start."""
+    def note(name: str) -> float | None:
+        values = [v for key, v in meta.items() if key.startswith(name + ":") and isinstance(v, (int, float))]
+        return max(values) if values else None
+
+    seconds = note("overlap_s")
+    return (math.inf if seconds is None else seconds, note("overlap_after_s") or 0.0)
 
 
 def _usable(link: _Link) -> bool:

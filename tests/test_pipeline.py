@@ -71,6 +71,22 @@ def test_an_outcome_may_defer_an_output_while_the_worker_keeps_serving(groups):
     assert took < 1.0, took  # held side by side, not one after the other (5 x 0.3 s)
 
 
+def test_a_deferred_output_that_cannot_travel_fails_its_request_at_once():
+    """Held outputs are checked when they are held: a bad one fails the request then, not when it is due."""
+    topo = Topology(inputs=["x"], outputs=["y"], stages=[
+        StageSpec(name="a", stage=PythonStage(function=lambda d: Outcome({"h": np.array([object()])},
+                                                                        defer={"h": 5.0})),
+                  inputs=["x"], outputs=["h"]),
+        StageSpec(name="b", stage=Scale(factor=2.0), inputs={"x": "h"}, outputs={"out": "y"}),
+    ])
+    with Pipeline(topo) as pipe:
+        start = time.monotonic()
+        with pytest.raises(RequestFailed, match="stage 'a'") as failed:
+            pipe.submit({"x": np.zeros(3, np.float32)}).result(timeout=30)
+        took = time.monotonic() - start
+    assert took < 2.0, (took, failed.value)
+
+
 def test_fan_out_and_merge_run_branches_concurrently():
     """The branches record their own start/end times; their intervals must overlap."""
     topo = Topology(inputs=["x"], outputs=["y", "span_a", "span_b"], stages=[

@@ -68,7 +68,8 @@ class Ewma:
 
     def cap(self, x: float) -> None:
         """An upper bound of the quantity: the mean drops to ``x`` if it is above it (and the spread of the samples
-        before, which described the old mean, starts afresh), else nothing changes."""
+        before, which described the old mean, starts afresh); with no mean yet, ``x`` becomes it (not counted as a
+        sample); else nothing changes."""
         if self.mean is None or x < self.mean:
             self.mean, self.var = x, 0.0
 

@@ -14,14 +14,13 @@ and asks a policy for a :class:`Decision`. Two policies:
   sample (see ``_confirm``). A side that has not been measured for
   ``probe_interval_s`` gets one request (a probe), so estimates never go stale; ``probe_interval_s = 0`` turns
   probing off. With ``hedge = true`` (the default) a probe may run on *both* sides, the first answer winning, so
-  exploring does not cost the probed request its latency (the probe's branch still reports its timing):
-  a local probe always is (its estimate is the old one): when local looks worse, its local copy starts only when
-  the remote answer is due, so that it does not slow the device's handling of that answer, and when it looks
-  better or about as fast the request is local's, with a remote copy in case the device got busy; a remote
-  probe is when remote
-  looks worse by more than the hysteresis (a remote side about as fast is probed on its own: the same request
-  computing on the device would slow its reply and mis-measure it). Probes of
-  the local side cost the device's CPU, the scarce thing when offloading: while local keeps measuring more than
+  exploring costs the probed request little latency (the probe's branch still reports its timing). A local probe
+  always is hedged (its estimate is the old one): when local looks worse, its local copy starts only when the
+  remote answer is due, so that it does not slow the device's handling of that answer, and when it looks better
+  or about as fast the request is local's, with a remote copy in case the device got busy. A remote probe is
+  hedged when remote looks worse by more than the hysteresis (a remote side about as fast is probed on its own:
+  the same request computing on the device would slow its reply and mis-measure it). Probes of the local side
+  cost the device's CPU, the scarce thing when offloading: while local keeps measuring more than
   1.2× the remote time, its probe interval doubles (up to 8×), and is back to normal as soon as local is within
   1.2× of the remote estimate again (the link slowed). Remote probes never back off, so a link that
   recovers is noticed within ``probe_interval_s``.
@@ -61,20 +60,30 @@ class Signals:
     remote_up: bool = True  # connected, and the circuit breaker is closed
 
 
-def link_delay(pings: Sequence[Sequence[float | None]], now: float) -> float | None:
+def link_delay(pings: Sequence[Sequence[float | None]], now: float, published: float | None = None
+               ) -> float | None:
     """The links' mean delay at ``now`` from their pings, (smoothed ping, when the ping still out was sent or None)
-    each: a link's smoothed ping, or the age of its ping still out if that is longer. None without pings."""
+    each, as ``published`` (default: now): a link's smoothed ping, or the age of its ping still out if that is
+    longer. A ping that was already overdue when published keeps ageing until ``now`` (it is late); one that was
+    not counts with its age at publication (its answer may have come since)."""
     if not pings:
         return None
-    return sum(max(mean, now - out if out is not None else 0.0) for mean, out in pings) / len(pings)
+    published = now if published is None else published
+
+    def delay(mean: float, out: float | None) -> float:
+        if out is None:
+            return mean
+        return max(mean, (now if published - out >= mean else published) - out)
+
+    return sum(delay(mean, out) for mean, out in pings) / len(pings)
 
 
 def expected_rtt(pings: Sequence[Sequence[float | None]], beyond_ping_s: float | None, rtt_s: float | None,
-                 now: float) -> float | None:
-    """The round trip a request to the remote side would see at ``now``: the links' delay now plus the rest of a
-    request's time as last measured (its round trip minus the ping at the time), or without pings the smoothed
-    round trip ``rtt_s``."""
-    delay = link_delay(pings, now)
+                 now: float, published: float | None = None) -> float | None:
+    """The round trip a request to the remote side would see at ``now``: the links' delay now (see link_delay) plus
+    the rest of a request's time as last measured (its round trip minus the ping at the time), or without pings the
+    smoothed round trip ``rtt_s``."""
+    delay = link_delay(pings, now, published)
     if delay is None or beyond_ping_s is None:
         return rtt_s
     return delay + beyond_ping_s
@@ -84,7 +93,7 @@ def expected_rtt(pings: Sequence[Sequence[float | None]], beyond_ping_s: float |
 class Decision:
     offload: bool
     reason: str
-    hedge: bool = False  # run on both sides, the first answer wins (a probe that costs no latency)
+    hedge: bool = False  # run on both sides, the first answer wins (a probe that costs little latency)
     defer_s: float = 0.0  # a hedged probe: the probed side's copy starts this much later
 
 

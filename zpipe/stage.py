@@ -40,7 +40,9 @@ class Outcome:
     """What ``handle`` may return instead of bare outputs, to attach notes to the request's record.
 
     Each note ``key: value`` travels with the request as ``"<key>:<stage>"`` (e.g. ``at:branch_a`` = where the
-    stage ran, ``x:gate`` = the gate's decision) and ends up in the caller's :class:`~zpipe.Result`.
+    stage ran, ``x:gate`` = the gate's decision) and ends up in the caller's :class:`~zpipe.Result`. ``defer``
+    holds output ports back: their consumers get them that many seconds later (checked now, delivered by the
+    worker's loop, which serves other requests meanwhile).
     """
 
     outputs: Any

@@ -350,11 +350,15 @@ class _Worker:
 
     def _release_held(self) -> None:
         now = time.monotonic()
-        due = []
         while self.held and self.held[0][0] <= now:
-            due.append(heapq.heappop(self.held)[2])
-        if due:
-            self.deliver(due)
+            consumer, endpoint, message = item = heapq.heappop(self.held)[2]
+            try:
+                self.deliver([item])
+            except Exception as exc:  # (checked when held: not expected) the consumer learns why, nothing hangs
+                log.exception("held message for %r failed", consumer)
+                tensors = [*message.tensors, *message.meta.get(SKIPPED, [])]
+                self.deliver([(consumer, endpoint, Message(kind=Kind.ERROR, request_id=message.request_id, meta={
+                    "stage": consumer, "error": type(exc).__name__, "message": str(exc)[:4000], "tensors": tensors}))])
 
     def deliver(self, batch: list[tuple[str, str, Message]]) -> None:
         """Pass (consumer, endpoint, message) on: in memory within the group, else encoded onto a socket.
@@ -618,6 +622,8 @@ class _Runner:
                 tensors={t: by_tensor[t] for t in tensors if t in by_tensor}))
             delay = max((defer.get(t, 0.0) for t in tensors), default=0.0) if defer else 0.0
             (later if delay > 0 else batch).append((delay, item))
+        for _, (_, _, message) in later:  # checked now: a bad output fails the request as a whole, here
+            check_message(message, self.worker.plan.limits)
         self.worker.deliver([item for _, item in batch])
         for delay, item in later:
             self.worker.deliver_later(delay, item)
