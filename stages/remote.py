@@ -421,18 +421,13 @@ class RemoteStage(Stage):
         return [(link.ping.mean, link.ping_out) for link in self._links
                 if _usable(link) and link.ping.mean is not None]
 
-    def _expected_rtt(self, now: float) -> float | None:
-        """The round trip a request would see now (call with the lock held): with pings, the usable links' delay
-        now plus the rest of a request's time as last measured; else the smoothed round trip."""
-        return expected_rtt(self._pings(), self._beyond_ping.mean, self._rtt.mean, now)
-
     def signals(self) -> dict[str, Any]:
         """What this stage publishes on the signal board (read by the gate's offload policy)."""
         with self._lock:
             now = time.monotonic()
             pings = self._pings()
-            # The pieces of rtt_s go along, so that the gate works it out at its decision: a ping still out keeps
-            # ageing after this was published.
+            # rtt_s: the round trip a request would see now (see expected_rtt). Its pieces go along, so that the
+            # gate works it out at its decision: a ping that was late when this was published is later by then.
             return {"rtt_s": expected_rtt(pings, self._beyond_ping.mean, self._rtt.mean, now),
                     "rtt_std_s": self._rtt.var ** 0.5,
                     "rtt_measured_s": self._rtt.mean, "ping_s": link_delay(pings, now),
