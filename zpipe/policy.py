@@ -170,12 +170,14 @@ class LatencyPolicy:
         current = "remote" if self.state.offload else "local"
         if (s.remote_measured_at if self.state.offload else s.local_measured_at) is not None:
             self._probes[current] = max(self._probes.get(current, 0), _WARM_PROBES)
-        if self.state.offload and s.local_measured_at != self._local_seen:  # a new local sample (a probe)
-            self._local_seen = s.local_measured_at
-            worse = local > _BACKOFF_RATIO * remote
-            self._local_backoff = min(self._local_backoff * 2, _MAX_BACKOFF) if worse else 1
-        if not local > _BACKOFF_RATIO * remote:  # the remote side got slower: local is worth a look again
+        # Local probes back off while local is clearly worse: doubling at each new local sample (a probe), back to
+        # the normal pace as soon as it is not (also when the remote side got slower: local is worth a look again).
+        if not local > _BACKOFF_RATIO * remote:
             self._local_backoff = 1
+        elif self.state.offload and s.local_measured_at != self._local_seen:
+            self._local_backoff = min(self._local_backoff * 2, _MAX_BACKOFF)
+        if self.state.offload:
+            self._local_seen = s.local_measured_at
         if self.probe_interval_s:
             stale_remote = s.remote_measured_at is None or s.now - s.remote_measured_at > self._interval("remote")
             stale_local = s.local_measured_at is None or s.now - s.local_measured_at > self._interval("local")
