@@ -158,6 +158,7 @@ class GateStage(Stage):
                    "ping_s": link_delay(v["pings"], now, v.get("published"))} if v.get("pings") else v
                   for v in remote]
         rtts = [v for v in remote if v.get("rtt_s") is not None]
+        late = any(link_delay([ping], now, v.get("published")) > ping[0] for v in remote for ping in v.get("pings", ()))
         backlog = max(0, self._sent[False] - local_done)
         # The local branch takes its requests in order: the oldest unfinished one is the backlog-th newest sent.
         oldest = self._local_sent_at[-min(backlog, len(self._local_sent_at))] if backlog and self._local_sent_at \
@@ -168,6 +169,7 @@ class GateStage(Stage):
             local_oldest_age_s=now - oldest, device_load=self._device_load(now),
             remote_rtt_s=max((v["rtt_s"] for v in rtts), default=None),
             remote_ping_s=max((v["ping_s"] for v in remote if v.get("ping_s") is not None), default=None),
+            remote_ping_late=late,
             remote_rtt_std_s=max((v.get("rtt_std_s", 0.0) for v in rtts), default=0.0),
             remote_measured_at=min((v["measured_at"] for v in rtts if v.get("measured_at")), default=None),
             remote_backlog=sum(v.get("inflight", 0) for v in remote),

@@ -52,6 +52,7 @@ class Signals:
     device_load: float = 0.0  # CPU use of this host, 0..1
     remote_rtt_s: float | None = None  # smoothed round trip of the remote branch (None: never measured)
     remote_ping_s: float | None = None  # the link's delay from pings (None: no pings; see stages/remote.py)
+    remote_ping_late: bool = False  # a ping still out is older than its link's smoothed ping (in remote_rtt_s)
     remote_rtt_std_s: float = 0.0
     remote_measured_at: float | None = None
     remote_backlog: int = 0
@@ -201,6 +202,8 @@ class LatencyPolicy:
                  if by_age]
         if aged:
             why += f" (oldest in flight: {', '.join(aged)})"
+        if s.remote_ping_late:
+            why += " (ping late)"
         # A side twice as fast wins at once: the dwell time damps flapping, it must not hold a clearly bad choice.
         clear = max(local, remote) > 2 * min(local, remote)
         if self.state.offload:
