@@ -171,6 +171,7 @@ class GateStage(Stage):
             remote_ping_s=max((v["ping_s"] for v in remote if v.get("ping_s") is not None), default=None),
             remote_ping_late=late,
             remote_rtt_std_s=max((v.get("rtt_std_s", 0.0) for v in rtts), default=0.0),
+            remote_rtt_support=min((v["rtt_support"] for v in rtts if "rtt_support" in v), default=None),
             remote_measured_at=min((v["measured_at"] for v in rtts if v.get("measured_at")), default=None),
             remote_backlog=sum(v.get("inflight", 0) for v in remote),
             remote_oldest_age_s=max((now - v["oldest_sent_at"] for v in remote if v.get("oldest_sent_at")),

@@ -115,6 +115,7 @@ class RemoteStage(Stage):
         self._errors = Ewma(0.1)
         self._measured_at: float | None = None
         self._bounds_only = False  # the round trip estimate comes from hedged probes only (see _succeeded)
+        self._support = 0  # samples the round trip estimate rests on since it last started afresh or dropped
         self._fallbacks = 0
         self._stop = threading.Event()
         self._links = [_Link(RemoteClient(e, server_key=self.server_key, client_key=self.client_key,
@@ -339,8 +340,11 @@ class RemoteStage(Stage):
             if overlap_s and self._rtt.mean is not None:
                 if rtt < self._rtt.mean:
                     self._rtt.cap(rtt)
+                    self._support = 1
                     if link.ping.mean is not None and self._beyond_ping.mean is not None:
                         self._beyond_ping.cap(max(0.0, rtt - link.ping.mean))
+                elif 0 < rtt - overlap_s <= self._rtt.mean:
+                    self._support += 1  # a range with a low end (not just an upper bound) agrees with the estimate
                 if rtt - overlap_s <= self._rtt.mean:
                     self._measured_at = time.monotonic()
                     return
@@ -348,8 +352,9 @@ class RemoteStage(Stage):
             stale = self._measured_at is not None and time.monotonic() - self._measured_at > 1.0
             if stale or (self._bounds_only and not overlap_s):
                 # stale (requests went elsewhere, e.g. a probe), or made of bounds only: the new sample rules
-                self._rtt, self._beyond_ping = Ewma(0.2), Ewma(0.2)
+                self._rtt, self._beyond_ping, self._support = Ewma(0.2), Ewma(0.2), 0
             self._bounds_only = bool(overlap_s) and (self._bounds_only or self._rtt.mean is None)
+            self._support += 1
             self._rtt.add(rtt)
             if link.ping.mean is not None:
                 self._beyond_ping.add(max(0.0, rtt - link.ping.mean))
@@ -430,7 +435,7 @@ class RemoteStage(Stage):
             # gate works it out at its decision: a ping that was late when this was published is later by then.
             return {"rtt_s": expected_rtt(pings, self._beyond_ping.mean, self._rtt.mean, now),
                     "rtt_std_s": self._rtt.var ** 0.5,
-                    "rtt_measured_s": self._rtt.mean, "ping_s": link_delay(pings, now),
+                    "rtt_measured_s": self._rtt.mean, "rtt_support": self._support, "ping_s": link_delay(pings, now),
                     "pings": pings, "beyond_ping_s": self._beyond_ping.mean,
                     "measured_at": self._measured_at,
                     "inflight": sum(link.inflight for link in self._links),

@@ -178,6 +178,13 @@ def test_a_remote_probe_is_hedged_only_when_remote_looks_worse_by_more_than_the_
                              remote_measured_at=2.0))
         assert d.reason.startswith("probe remote") and d.hedge is hedged, (remote_rtt, d)
         assert (d.hedge or d.offload) and d.defer_s == 0, d  # alone: the request goes to the probed side
+    # Unless the estimate rests on one sample: on a lossy link, one lucky round trip among slow ones.
+    for support, hedged in ((1, True), (2, False), (None, False)):
+        p = LatencyPolicy(min_dwell_s=0, probe_interval_s=1.0, hysteresis=0.15)
+        p._probes = {"local": 3, "remote": 3}
+        d = p.decide(Signals(now=5.0, local_service_s=0.1, local_measured_at=5.0, remote_rtt_s=0.105,
+                             remote_measured_at=2.0, remote_rtt_support=support))
+        assert d.reason.startswith("probe remote") and d.hedge is hedged, (support, d)
 
 
 def test_the_gate_ages_a_late_ping_to_the_moment_it_decides(tmp_path):
@@ -549,9 +556,12 @@ def test_a_hedged_probes_round_trip_counts_as_a_range(affine_server):
         try:
             x = np.ones(SHAPE, np.float32)
 
+            support = []  # samples behind the estimate after each call of rtt_after
+
             def rtt_after(delay_ms: int, meta: dict) -> float:
                 link.set(delay_ms=delay_ms)
                 stage.handle({"x": x}, meta).result(timeout=30)
+                support.append(stage.signals()["rtt_support"])
                 return stage.signals()["rtt_s"]
 
             # A first estimate made of hedged probes only is a bound: the first clean sample replaces it.
@@ -577,6 +587,10 @@ def test_a_hedged_probes_round_trip_counts_as_a_range(affine_server):
     assert above > deferred + 0.005, (deferred, above)  # moved towards ~90 ms, the low end
     assert below < first / 2 and below_std == 0, (below, below_std)  # the old spread described the old mean
     assert ordinary > below + 0.015, (below, ordinary)
+    # What the estimate rests on: replaced by the clean sample (1), five more (6); an unknown overlap and a range
+    # reaching zero agree with anything (6); a deferred copy's range moved it (7), so did the next one (8); dropped
+    # to a bound (1); one more sample (2).
+    assert support == [1, 1, 6, 6, 7, 8, 1, 2], support
 
 
 def test_local_probes_back_off_while_local_is_clearly_worse_but_remote_probes_do_not():

@@ -54,6 +54,7 @@ class Signals:
     remote_ping_s: float | None = None  # the link's delay from pings (None: no pings; see stages/remote.py)
     remote_ping_late: bool = False  # a ping still out is older than its link's smoothed ping (in remote_rtt_s)
     remote_rtt_std_s: float = 0.0
+    remote_rtt_support: int | None = None  # samples behind remote_rtt_s since it started afresh (None: unknown)
     remote_measured_at: float | None = None
     remote_backlog: int = 0
     remote_oldest_age_s: float = 0.0  # how long the oldest request still in flight to the server has been out
@@ -194,9 +195,11 @@ class LatencyPolicy:
             # A remote probe is hedged when remote looks worse by more than the hysteresis. A remote side that
             # looks better or about as fast is probed alone: the same request computing on the device would slow
             # its reply and make it look worse than it is, and a remote side measured so would stay a little worse
-            # than local for good.
+            # than local for good. Unless that look rests on a single sample: on a lossy link one lucky round trip
+            # among slow ones would send the next probe alone into it.
             if not self.state.offload and stale_remote and self._probe_due("remote", s.now):
-                return self._probe("remote", hedge=remote > (1 + self.hysteresis) * local)
+                single = s.remote_rtt_support is not None and s.remote_rtt_support < 2
+                return self._probe("remote", hedge=single or remote > (1 + self.hysteresis) * local)
         why = f"local {local * 1000:.1f} ms vs remote {remote * 1000:.1f} ms"
         aged = [side for side, by_age in (("remote", remote > remote_by_rtt), ("local", local > local_by_count))
                  if by_age]
