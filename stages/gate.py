@@ -36,7 +36,7 @@ import numpy as np
 
 from zpipe.board import cpu_load
 from zpipe.errors import StageError, TopologyError
-from zpipe.policy import Signals, expected_rtt, link_delay, make_policy
+from zpipe.policy import Signals, expected_rtt, late_by, link_delay, make_policy
 from zpipe.stage import Outcome, Stage
 
 __all__ = ["GateStage"]
@@ -152,13 +152,11 @@ class GateStage(Stage):
         timed = [v for v in local if v.get("service_s") is not None]
         slowest = max(timed, key=lambda v: v["service_s"], default={})  # the local branch's bottleneck
         local_at = min((v["measured_at"] for v in local if v.get("measured_at") is not None), default=None)
-        # A ping that was late when its stage published is later now: its delay counts as of now.
-        remote = [{**v, "rtt_s": expected_rtt(v["pings"], v.get("beyond_ping_s"), v.get("rtt_s"), now,
-                                              v.get("published")),
-                   "ping_s": link_delay(v["pings"], now, v.get("published"))} if v.get("pings") else v
-                  for v in remote]
+        # A ping still out is older now than when its stage published: its delay counts as of now.
+        remote = [{**v, "rtt_s": expected_rtt(v["pings"], v.get("beyond_ping_s"), v.get("rtt_s"), now),
+                   "ping_s": link_delay(v["pings"], now), "late_s": late_by(v["pings"], now)}
+                  if v.get("pings") else v for v in remote]
         rtts = [v for v in remote if v.get("rtt_s") is not None]
-        late = any(link_delay([ping], now, v.get("published")) > ping[0] for v in remote for ping in v.get("pings", ()))
         backlog = max(0, self._sent[False] - local_done)
         # The local branch takes its requests in order: the oldest unfinished one is the backlog-th newest sent.
         oldest = self._local_sent_at[-min(backlog, len(self._local_sent_at))] if backlog and self._local_sent_at \
@@ -169,7 +167,7 @@ class GateStage(Stage):
             local_oldest_age_s=now - oldest, device_load=self._device_load(now),
             remote_rtt_s=max((v["rtt_s"] for v in rtts), default=None),
             remote_ping_s=max((v["ping_s"] for v in remote if v.get("ping_s") is not None), default=None),
-            remote_ping_late=late,
+            remote_ping_late_s=max((v.get("late_s", 0.0) for v in remote), default=0.0),
             remote_rtt_std_s=max((v.get("rtt_std_s", 0.0) for v in rtts), default=0.0),
             remote_rtt_support=min((v["rtt_support"] for v in rtts if "rtt_support" in v), default=None),
             remote_measured_at=min((v["measured_at"] for v in rtts if v.get("measured_at")), default=None),

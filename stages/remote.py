@@ -21,9 +21,10 @@ keeps taking work while replies are pending, up to ``max_in_flight``); each carr
   heartbeat goes to each server, which its loop answers at once. The published round trip is then the link's
   delay *now* (the smoothed ping, or the age of a ping still out if that is longer) plus the rest of a request's
   time as last measured (transfer and server time: the smoothed round trip minus the ping at the time). The
-  pieces are published too, and the gate adds them up when it decides: a ping that was late when published
-  counts with its age then. A link that gets slower shows within one ping, before a request is sent into it;
-  with requests going local, so does a link that recovers. A ping is ~60 bytes each way and no tensor.
+  pieces are published within a few ms of each ping sent or answered, and the gate adds them up when it
+  decides: a ping still out counts with its age then. A link that gets slower shows within one ping, before a
+  request is sent into it; with requests going local, so does a link that recovers. A ping is ~60 bytes each way
+  and no tensor.
 
 A request the gate routes elsewhere never reaches this stage, so nothing is sent to any server for it.
 """
@@ -373,6 +374,7 @@ class RemoteStage(Stage):
     def _mark_down(self, link: _Link, why: str) -> None:
         with self._lock:
             link.up, link.down_reason = False, why
+        self._signals_changed()
 
     def _probe_loop(self) -> None:
         """While a server is marked down, ask it for health every probe_s; mark it up when it answers ready."""
@@ -389,11 +391,13 @@ class RemoteStage(Stage):
                     with self._lock:
                         link.up, link.failures, link.down_reason = True, 0, ""
                         link.ping = Ewma(0.5)  # what it measured before it went down says nothing now
+                    self._signals_changed()
 
-    @property
-    def idle_signals_s(self) -> float | None:
-        """Pings change this stage's figures while no request runs (see Stage.idle_signals_s)."""
-        return self.ping_s or None
+    def _signals_changed(self) -> None:
+        """A ping went out or came back, or a link went down or up: the worker publishes within a few ms, so the
+        gate can age a ping still out up to its decision (its answer would have been published)."""
+        if self.context is not None:
+            self.context.signals_changed()
 
     def _ping_loop(self) -> None:
         """Every ping_s, a heartbeat to each server that is up and has none out."""
@@ -409,6 +413,7 @@ class RemoteStage(Stage):
                     with self._lock:
                         link.ping_out = None
                     continue
+                self._signals_changed()
                 future.add_done_callback(lambda f, link=link, sent=sent: self._pinged(link, sent, f))
 
     def _pinged(self, link: _Link, sent: float, future: Future) -> None:
@@ -420,6 +425,7 @@ class RemoteStage(Stage):
             elif getattr(exc, "reason", "") == "timeout":  # unanswered: the link was at least that slow
                 link.ping.add(time.monotonic() - sent)
             # (a lost connection or a closed client says nothing about delay: the breaker handles those)
+        self._signals_changed()
 
     def _pings(self) -> list[tuple[float, float | None]]:
         """Each usable link's (smoothed ping, when its ping still out was sent or None); call with the lock held."""
@@ -432,7 +438,7 @@ class RemoteStage(Stage):
             now = time.monotonic()
             pings = self._pings()
             # rtt_s: the round trip a request would see now (see expected_rtt). Its pieces go along, so that the
-            # gate works it out at its decision: a ping that was late when this was published is later by then.
+            # gate works it out at its decision: a ping still out when this was published is older by then.
             return {"rtt_s": expected_rtt(pings, self._beyond_ping.mean, self._rtt.mean, now),
                     "rtt_std_s": self._rtt.var ** 0.5,
                     "rtt_measured_s": self._rtt.mean, "rtt_support": self._support, "ping_s": link_delay(pings, now),

@@ -38,7 +38,8 @@ from typing import Any, Mapping, Sequence
 
 from .errors import TopologyError, did_you_mean
 
-__all__ = ["Signals", "Decision", "LatencyPolicy", "ThresholdPolicy", "make_policy", "expected_rtt", "link_delay"]
+__all__ = ["Signals", "Decision", "LatencyPolicy", "ThresholdPolicy", "make_policy", "expected_rtt", "link_delay",
+           "late_by"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,7 +53,7 @@ class Signals:
     device_load: float = 0.0  # CPU use of this host, 0..1
     remote_rtt_s: float | None = None  # smoothed round trip of the remote branch (None: never measured)
     remote_ping_s: float | None = None  # the link's delay from pings (None: no pings; see stages/remote.py)
-    remote_ping_late: bool = False  # a ping still out is older than its link's smoothed ping (in remote_rtt_s)
+    remote_ping_late_s: float = 0.0  # how much late pings add to remote_rtt_s (see late_by)
     remote_rtt_std_s: float = 0.0
     remote_rtt_support: int | None = None  # samples behind remote_rtt_s since it started afresh (None: unknown)
     remote_measured_at: float | None = None
@@ -62,30 +63,32 @@ class Signals:
     remote_up: bool = True  # connected, and the circuit breaker is closed
 
 
-def link_delay(pings: Sequence[Sequence[float | None]], now: float, published: float | None = None
-               ) -> float | None:
+_LATE_FACTOR, _LATE_MARGIN_S = 1.5, 0.005  # a ping out longer than this is late (see late_by)
+
+
+def link_delay(pings: Sequence[Sequence[float | None]], now: float) -> float | None:
     """The links' mean delay at ``now`` from their pings, (smoothed ping, when the ping still out was sent or None)
-    each, as ``published`` (default: now): a link's smoothed ping, or the age of its ping still out if that is
-    longer. A ping that was already overdue when published keeps ageing until ``now`` (it is late); one that was
-    not counts with its age at publication (its answer may have come since)."""
+    each: a link's smoothed ping, or the age of its ping still out if that is longer (its answer has not come: the
+    stand-in publishes within a few ms of one)."""
     if not pings:
         return None
-    published = now if published is None else published
+    return sum(mean if out is None else max(mean, now - out) for mean, out in pings) / len(pings)
 
-    def delay(mean: float, out: float | None) -> float:
-        if out is None:
-            return mean
-        return max(mean, (now if published - out >= mean else published) - out)
 
-    return sum(delay(mean, out) for mean, out in pings) / len(pings)
+def late_by(pings: Sequence[Sequence[float | None]], now: float) -> float:
+    """How much pings out for clearly longer than usual (1.5x their link's smoothed ping plus 5 ms: not a late
+    thread on a busy device) raise the links' mean delay; 0.0 when none is."""
+    late = [now - out - mean for mean, out in pings
+            if out is not None and now - out > _LATE_FACTOR * mean + _LATE_MARGIN_S]
+    return sum(late) / len(pings) if late else 0.0
 
 
 def expected_rtt(pings: Sequence[Sequence[float | None]], beyond_ping_s: float | None, rtt_s: float | None,
-                 now: float, published: float | None = None) -> float | None:
+                 now: float) -> float | None:
     """The round trip a request to the remote side would see at ``now``: the links' delay now (see link_delay) plus
     the rest of a request's time as last measured (its round trip minus the ping at the time), or without pings the
     smoothed round trip ``rtt_s``."""
-    delay = link_delay(pings, now, published)
+    delay = link_delay(pings, now)
     if delay is None or beyond_ping_s is None:
         return rtt_s
     return delay + beyond_ping_s
@@ -166,7 +169,11 @@ class LatencyPolicy:
         # device look slower and slower.)
         local_by_count = s.local_service_s * (s.local_backlog + 1) + self.risk * s.local_service_std_s
         local = max(local_by_count, min(s.local_oldest_age_s, _LOCAL_AGE_CAP * local_by_count))
-        remote_by_rtt = s.remote_rtt_s + self.risk * s.remote_rtt_std_s
+        # A late ping is a warning, not a measurement: the link got slower by at least its age, maybe by much more
+        # (the first request after a link degrades would go into it), or the device was slow to handle the answer
+        # (a false alarm). The choice of side leaves it out; a request sent remote while one is late runs on both
+        # sides (see the end), so a slow link costs it the local time. Its answers, or the ping's, tell which.
+        remote_by_rtt = s.remote_rtt_s - s.remote_ping_late_s + self.risk * s.remote_rtt_std_s
         remote = max(remote_by_rtt, s.remote_oldest_age_s)
         # The side in use is measured by every request: it needs no quick first probes later (see _interval).
         current = "remote" if self.state.offload else "local"
@@ -199,14 +206,15 @@ class LatencyPolicy:
             # among slow ones would send the next probe alone into it.
             if not self.state.offload and stale_remote and self._probe_due("remote", s.now):
                 single = s.remote_rtt_support is not None and s.remote_rtt_support < 2
-                return self._probe("remote", hedge=single or remote > (1 + self.hysteresis) * local)
+                worse = remote > (1 + self.hysteresis) * local
+                return self._probe("remote", hedge=single or worse or bool(s.remote_ping_late_s))
         why = f"local {local * 1000:.1f} ms vs remote {remote * 1000:.1f} ms"
         aged = [side for side, by_age in (("remote", remote > remote_by_rtt), ("local", local > local_by_count))
                  if by_age]
         if aged:
             why += f" (oldest in flight: {', '.join(aged)})"
-        if s.remote_ping_late:
-            why += " (ping late)"
+        if s.remote_ping_late_s:
+            why += f" (ping late by {s.remote_ping_late_s * 1000:.0f} ms)"
         # A side twice as fast wins at once: the dwell time damps flapping, it must not hold a clearly bad choice.
         clear = max(local, remote) > 2 * min(local, remote)
         if self.state.offload:
@@ -219,7 +227,10 @@ class LatencyPolicy:
                 return confirm
         else:
             self._confirmed.clear()  # no switch waits for a look: a later one takes its own
-        return self.state.choose(offload, s.now, why, forced=clear)
+        decision = self.state.choose(offload, s.now, why, forced=clear)
+        if decision.offload and s.remote_ping_late_s:
+            return Decision(True, decision.reason + ": hedged", hedge=True)
+        return decision
 
     def _confirm(self, side: str, s: Signals, why: str, estimate: float) -> Decision | None:
         """Before switching to ``side`` by less than a clear margin on an estimate older than _CONFIRM_AGE_S:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -57,11 +57,14 @@ class StageContext:
 
     ``consumers`` maps each output port to the stages that read it; ``board`` is this host's signal board, where
     stages publish measurements for others (the gate's offload policy reads its branches' figures there).
+    ``signals_changed``, callable from any thread, asks the worker to publish the stage's :meth:`Stage.signals`
+    within a few milliseconds: for figures that change while no request runs (a remote stand-in's pings).
     """
 
     name: str
     consumers: Mapping[str, tuple[str, ...]]
     board: Any = None
+    signals_changed: Callable[[], None] = lambda: None
 
 
 class Stage:
@@ -100,10 +103,6 @@ class Stage:
     def signals(self) -> dict[str, Any]:
         """Extra figures to publish on the signal board next to the worker's own (processed, service time...)."""
         return {}
-
-    #: How often :meth:`signals` changes while no request runs (a remote stand-in's pings), or None: the worker
-    #: then publishes them every 50 ms while idle instead of every 200 ms.
-    idle_signals_s: float | None = None
 
     def runnable(self, arrived: Mapping[str, bool | None]) -> bool:
         """While a request's inputs are joined: True runs the stage before the rest arrive (ports still missing

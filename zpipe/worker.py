@@ -274,8 +274,6 @@ class _Worker:
         if self.board is not None:
             if any(r.unpublished() for r in self.runners.values()):
                 timeout_ms = 3  # a change waits to be published
-            elif any(r.stage.idle_signals_s for r in self.runners.values()):
-                timeout_ms = 50  # figures that change while idle (a stand-in's pings) are published every 50 ms
         now = time.monotonic()
         if self.held:
             timeout_ms = max(0, min(timeout_ms, int((self.held[0][0] - now) * 1000) + 1))
@@ -435,11 +433,17 @@ class _Runner:
         self.live = type(stage).signals is not Stage.signals  # publishes figures that change while idle
         self.service = Ewma(0.2)  # smoothed processing time, published on the board
         self.measured_at: float | None = None
-        self.published_at, self.published_progress = 0.0, (-1, 0)
+        self.published_at, self.published_progress = 0.0, (-1, 0, 0)
+        self.signal_changes = 0  # counted by the stage's signals_changed(), from any thread
+
+    def signals_changed(self) -> None:
+        """The stage's figures changed between requests (a stand-in's ping): publish them within a few ms."""
+        self.signal_changes += 1  # a racing increment may be lost, but the count still differs from the published
+        self.worker.waker.wake()
 
     def setup(self) -> None:
         self.stage.context = StageContext(name=self.name, consumers=dict(self.slot.consumers),
-                                          board=self.worker.board)
+                                          board=self.worker.board, signals_changed=self.signals_changed)
         self.stage.setup()
 
     def has_room(self) -> bool:
@@ -644,16 +648,16 @@ class _Runner:
                              for consumer, endpoint, tensors in self.slot.routes])
 
     # -- the signal board ------------------------------------------------------------------------------------------
-    def _progress(self) -> tuple[int, int]:
-        return self.counts["processed"] + self.counts["failed"], len(self.running)
+    def _progress(self) -> tuple[int, int, int]:
+        return self.counts["processed"] + self.counts["failed"], len(self.running), self.signal_changes
 
     def unpublished(self) -> bool:
         return self._progress() != self.published_progress
 
     def publish(self) -> None:
-        """Publish this stage's figures within 2 ms of a change in its counts or in what it has running (a policy
-        reads the age of the oldest request in flight); a stage with live signals (a remote stand-in's round trip,
-        say) also at least every 50 ms."""
+        """Publish this stage's figures within 2 ms of a change in its counts, in what it has running (a policy
+        reads the age of the oldest request in flight) or in its signals (see StageContext.signals_changed); a stage
+        with signals of its own also at least every 50 ms while the loop runs (every 200 ms when idle)."""
         now = time.monotonic()
         progress = self._progress()
         since = now - self.published_at
