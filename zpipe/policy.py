@@ -171,8 +171,8 @@ class LatencyPolicy:
         local = max(local_by_count, min(s.local_oldest_age_s, _LOCAL_AGE_CAP * local_by_count))
         # A late ping is a warning, not a measurement: the link got slower by at least its age, maybe by much more
         # (the first request after a link degrades would go into it), or the device was slow to handle the answer
-        # (a false alarm). The choice of side leaves it out; a request sent remote while one is late runs on both
-        # sides (see the end), so a slow link costs it the local time. Its answers, or the ping's, tell which.
+        # (a false alarm). The choice of side leaves it out; a request sent remote while remote, with that age,
+        # is not clearly better runs on both sides (see the end). Its answers, or the ping's, tell which it was.
         remote_by_rtt = s.remote_rtt_s - s.remote_ping_late_s + self.risk * s.remote_rtt_std_s
         remote = max(remote_by_rtt, s.remote_oldest_age_s)
         # The side in use is measured by every request: it needs no quick first probes later (see _interval).
@@ -228,8 +228,12 @@ class LatencyPolicy:
         else:
             self._confirmed.clear()  # no switch waits for a look: a later one takes its own
         decision = self.state.choose(offload, s.now, why, forced=clear)
-        if decision.offload and s.remote_ping_late_s:
-            return Decision(True, decision.reason + ": hedged", hedge=True)
+        # A request whose side is not better than the other by the hysteresis (a close call, or a side the dwell
+        # time holds) runs on both sides: the estimates cannot tell which answers first, and the first answer
+        # wins. The remote side counts a late ping's age here: a link that just degraded is not a safe bet.
+        chosen, other = (remote + s.remote_ping_late_s, local) if decision.offload else (local, remote)
+        if self.hedge and not chosen < other * (1 - self.hysteresis):
+            return Decision(decision.offload, f"{decision.reason}: hedged", hedge=True)
         return decision
 
     def _confirm(self, side: str, s: Signals, why: str, estimate: float) -> Decision | None:
