@@ -9,7 +9,10 @@ and asks a policy for a :class:`Decision`. Two policies:
   favoured over a noisy one by accident. Each estimate is at least the age of that side's oldest request still in
   flight, which shows a slower link (or a device that just got busy) before any reply does. Then
   pick the smaller, switching only when the other side is better by ``hysteresis`` and the last switch is at least
-  ``min_dwell_s`` old (a side more than twice as fast wins at once). A switch by less than that clear margin to a
+  ``min_dwell_s`` old (a side more than twice as fast wins at once); a request whose side is not better than the
+  other by the hysteresis runs on both sides (hedged). A ping out clearly longer than usual (a link that just
+  slowed, or a device slow to handle the answer) does not choose the side, but counts against remote in that
+  hedging test. A switch by less than that clear margin to a
   side last measured over 0.5 s ago is looked at first: one hedged probe of it, and the switch waits for its
   sample (see ``_confirm``). A side that has not been measured for
   ``probe_interval_s`` gets one request (a probe), so estimates never go stale; ``probe_interval_s = 0`` turns
@@ -230,9 +233,13 @@ class LatencyPolicy:
         decision = self.state.choose(offload, s.now, why, forced=clear)
         # A request whose side is not better than the other by the hysteresis (a close call, or a side the dwell
         # time holds) runs on both sides: the estimates cannot tell which answers first, and the first answer
-        # wins. The remote side counts a late ping's age here: a link that just degraded is not a safe bet.
-        chosen, other = (remote + s.remote_ping_late_s, local) if decision.offload else (local, remote)
-        if self.hedge and not chosen < other * (1 - self.hysteresis):
+        # wins. So does a request sent remote while a ping is late, unless local is twice as slow even against
+        # the ping's age: the link got slower by at least that age, by how much more nobody knows yet (policy
+        # run 41: a ping 37 ms late, and the request took 371 ms).
+        late = s.remote_ping_late_s
+        chosen, other = (remote + late, local) if decision.offload else (local, remote)
+        doubtful = decision.offload and late > 0 and local < 2 * chosen
+        if self.hedge and (doubtful or not chosen < other * (1 - self.hysteresis)):
             return Decision(decision.offload, f"{decision.reason}: hedged", hedge=True)
         return decision
 
