@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from zpipe.board import cpu_load
+from zpipe.board import CpuLoad
 from zpipe.errors import StageError, TopologyError
 from zpipe.policy import Signals, expected_rtt, late_by, link_delay, make_policy
 from zpipe.stage import Outcome, Stage
@@ -70,6 +70,7 @@ class GateStage(Stage):
             self._local_sent_at: collections.deque[float] = collections.deque(maxlen=1024)  # newest last
             self._epochs: dict[str, tuple[int, int]] = {}  # local stage -> (its pid, its count when we saw it)
             self._load = (0.0, 0.0)  # (measured at, value)
+            self._cpu_load = CpuLoad()
             self._local_s: float | None = None  # the local service time at the last policy decision
 
     @property
@@ -193,6 +194,6 @@ class GateStage(Stage):
     def _device_load(self, now: float) -> float:
         measured_at, value = self._load
         if now - measured_at > 0.2:
-            value = cpu_load()
+            value = self._cpu_load()
             self._load = (now, value)
         return value

@@ -269,6 +269,15 @@ def test_a_request_whose_side_is_not_clearly_better_runs_on_both():
         assert not local.offload and not local.hedge, local  # 70 ms is clearly better than 95
         close = p.decide(Signals(now=3.5, local_service_s=0.090, remote_rtt_s=0.095, **s))
         assert not close.offload and close.hedge is hedge, close
+    # A device at its CPU quota gets no local copies (they would slow the remote answer), but remote ones.
+    p = LatencyPolicy(min_dwell_s=0, probe_interval_s=0)
+    assert p.decide(Signals(now=1.0, local_service_s=0.100, remote_rtt_s=0.050, **s)).offload
+    for load, hedged in ((0.5, True), (0.95, False)):
+        d = p.decide(Signals(now=2.0, local_service_s=0.100, remote_rtt_s=0.095, device_load=load, **s))
+        assert d.offload and d.hedge is hedged, (load, d)
+    assert not p.decide(Signals(now=3.0, local_service_s=0.040, remote_rtt_s=0.100, device_load=0.95, **s)).offload
+    d = p.decide(Signals(now=4.0, local_service_s=0.090, remote_rtt_s=0.100, device_load=0.95, **s))
+    assert not d.offload and d.hedge, d
 
 
 def test_a_local_probe_while_offloading_sends_its_local_copy_when_the_remote_answer_is_due(tmp_path):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Board", "Ewma", "cpu_load"]
+__all__ = ["Board", "Ewma", "CpuLoad"]
 
 
 class Board:
@@ -74,8 +74,56 @@ class Ewma:
             self.mean, self.var = x, 0.0
 
 
-def cpu_load() -> float:
-    """This host's CPU use since the previous call, 0..1 (psutil; the first call returns 0)."""
-    import psutil
+class CpuLoad:
+    """This device's CPU use since the previous call, 0..1 (the first call returns 0).
 
-    return psutil.cpu_percent(interval=None) / 100
+    Under a CPU quota (a container's limit, cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``) the device is its
+    quota, not the host: the share of the quota's periods since the last call in which it was used up (a hog in
+    the container reads ~1.0 however idle the host is). Without one, the host's CPU use (psutil)."""
+
+    def __init__(self) -> None:
+        self._quota = _quota()
+        self._last: tuple[float, int] | None = None
+
+    def __call__(self) -> float:
+        if self._quota is None:
+            import psutil
+
+            return psutil.cpu_percent(interval=None) / 100
+        stat, period_s = self._quota
+        try:
+            fields = dict(line.split() for line in stat.read_text().splitlines() if line.count(" ") == 1)
+            now = time.monotonic(), int(fields["nr_throttled"])
+        except (OSError, KeyError, ValueError):
+            return 0.0
+        last, self._last = self._last, now
+        if last is None or now[0] - last[0] < period_s:
+            return 0.0
+        return min(1.0, (now[1] - last[1]) * period_s / (now[0] - last[0]))
+
+
+def _quota(root: Path = Path("/sys/fs/cgroup")) -> tuple[Path, float] | None:
+    """(the ``cpu.stat`` file, the period in seconds) of this process's cgroup if it has a CPU quota, else None."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2: cpu.max is "<quota or max> <period>"
+            candidates = [(root / path.lstrip("/"), "cpu.max", None)]
+        elif "cpu" in controllers.split(","):  # cgroup v1, mounted as "cpu" or "cpu,cpuacct"
+            candidates = [(root / name / path.lstrip("/"), "cpu.cfs_quota_us", "cpu.cfs_period_us")
+                          for name in dict.fromkeys((controllers, "cpu"))]
+        else:
+            continue
+        for directory, quota_file, period_file in candidates:
+            try:
+                quota, *period = (directory / quota_file).read_text().split()
+                if period_file:
+                    period = (directory / period_file).read_text().split()
+                if quota not in ("max", "-1"):
+                    return directory / "cpu.stat", int(period[0]) / 1e6
+            except (OSError, IndexError, ValueError):
+                continue
+    return None

@@ -53,7 +53,7 @@ class Signals:
     local_measured_at: float | None = None
     local_backlog: int = 0  # requests sent to the local branch and not finished
     local_oldest_age_s: float = 0.0  # how long the oldest of those has been out
-    device_load: float = 0.0  # CPU use of this host, 0..1
+    device_load: float = 0.0  # CPU use of this device, 0..1 (of its CPU quota if it has one: see board.CpuLoad)
     remote_rtt_s: float | None = None  # smoothed round trip of the remote branch (None: never measured)
     remote_ping_s: float | None = None  # the link's delay from pings (None: no pings; see stages/remote.py)
     remote_ping_late_s: float = 0.0  # how much late pings add to remote_rtt_s (see late_by)
@@ -127,6 +127,7 @@ _WARM_PROBES = 3
 _WARM_INTERVAL_S = 0.2
 _BACKOFF_RATIO = 1.2  # local probes back off while local measures more than this times the remote time
 _MAX_BACKOFF = 8
+_SATURATED_LOAD = 0.9  # a device this busy gets no local copies of remote requests (see LatencyPolicy.decide)
 _LOCAL_AGE_CAP = 4  # the local age raises the local estimate at most this many times
 _CONFIRM_AGE_S = 0.5  # a switch to a side last measured longer ago than this (and not clearly better) probes it first
 
@@ -236,10 +237,13 @@ class LatencyPolicy:
         # wins. So does a request sent remote while a ping is late, unless local is twice as slow even against
         # the ping's age: the link got slower by at least that age, by how much more nobody knows yet (policy
         # run 41: a ping 37 ms late, and the request took 371 ms).
+        # Not on a device that uses up its CPU (a container at its quota): a local copy there slows the handling
+        # of the remote answer and is the slower one anyway, and a late ping is likely the device's own doing.
         late = s.remote_ping_late_s
         chosen, other = (remote + late, local) if decision.offload else (local, remote)
         doubtful = decision.offload and late > 0 and local < 2 * chosen
-        if self.hedge and (doubtful or not chosen < other * (1 - self.hysteresis)):
+        saturated = decision.offload and s.device_load >= _SATURATED_LOAD
+        if self.hedge and not saturated and (doubtful or not chosen < other * (1 - self.hysteresis)):
             return Decision(decision.offload, f"{decision.reason}: hedged", hedge=True)
         return decision
 
