@@ -432,6 +432,11 @@ class RemoteStage(Stage):
         return [(link.ping.mean, link.ping_out) for link in self._links
                 if _usable(link) and link.ping.mean is not None]
 
+    def _ping_var(self) -> float:
+        """The usable links' mean ping variance; call with the lock held."""
+        links = [link for link in self._links if _usable(link) and link.ping.mean is not None]
+        return sum(link.ping.var for link in links) / len(links) if links else 0.0
+
     def signals(self) -> dict[str, Any]:
         """What this stage publishes on the signal board (read by the gate's offload policy)."""
         with self._lock:
@@ -440,7 +445,8 @@ class RemoteStage(Stage):
             # rtt_s: the round trip a request would see now (see expected_rtt). Its pieces go along, so that the
             # gate works it out at its decision: a ping still out when this was published is older by then.
             return {"rtt_s": expected_rtt(pings, self._beyond_ping.mean, self._rtt.mean, now),
-                    "rtt_std_s": self._rtt.var ** 0.5,
+                    # the spread of the round trips, and of the pings (a link whose delay just jumped is uncertain)
+                    "rtt_std_s": (self._rtt.var + self._ping_var()) ** 0.5,
                     "rtt_measured_s": self._rtt.mean, "rtt_support": self._support, "ping_s": link_delay(pings, now),
                     "pings": pings, "beyond_ping_s": self._beyond_ping.mean,
                     "measured_at": self._measured_at,

@@ -439,6 +439,28 @@ def test_with_requests_in_flight_a_slower_link_is_seen_before_its_first_reply(af
     assert "oldest in flight: remote" in local[0][1] or "ping late" in local[0][1], local[0]
 
 
+def test_a_jump_in_the_pings_widens_the_published_spread(affine_server):
+    """The remote estimate's spread counts the pings' too: right after a link's delay jumps, one slow ping moves
+    the smoothed ping only half way, and the spread says how unsure that figure is (the policy adds risk x it)."""
+    from zpipe.stages.remote import RemoteStage
+
+    with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(affine_server.endpoint), delay_ms=3) as link:
+        stage = RemoteStage(endpoint=f"tcp://127.0.0.1:{link.port}", model="affine", ping_s=0.05)
+        stage.setup()
+        try:
+            for _ in range(5):
+                stage.handle({"x": np.ones(SHAPE, np.float32)}, {}).result(timeout=30)
+            time.sleep(0.5)  # steady pings: ~6 ms
+            steady = stage.signals()
+            link.set(delay_ms=40)  # pings now take ~80 ms
+            time.sleep(0.25)
+            jumped = stage.signals()
+        finally:
+            stage.teardown()
+    assert steady["rtt_std_s"] < 0.01, steady
+    assert jumped["rtt_std_s"] > 0.02, jumped
+
+
 def test_a_ping_sent_or_answered_is_on_the_board_within_a_few_ms(affine_server):
     """The gate ages a ping still out up to its decision, which is right only if the stand-in's worker publishes
     each ping sent and each answer at once (an idle worker otherwise publishes every 200 ms)."""
