@@ -164,6 +164,7 @@ class GateStage(Stage):
             else now
         return Signals(
             now=now, local_service_s=slowest.get("service_s"), local_service_std_s=slowest.get("service_std_s", 0.0),
+            local_service_support=slowest.get("service_support"),
             local_measured_at=local_at, local_backlog=backlog,
             local_oldest_age_s=now - oldest, device_load=self._device_load(now),
             remote_rtt_s=max((v["rtt_s"] for v in rtts), default=None),

@@ -338,10 +338,11 @@ class RemoteStage(Stage):
         with self._lock:
             link.failures = 0
             self._errors.add(0.0)
+            stale = self._measured_at is not None and time.monotonic() - self._measured_at > 1.0
             if overlap_s and self._rtt.mean is not None:
                 if rtt < self._rtt.mean:
                     self._rtt.cap(rtt)
-                    self._support = 1
+                    self._support = 1 if stale else self._support + 1  # a stale figure: the bound is all there is
                     if link.ping.mean is not None and self._beyond_ping.mean is not None:
                         self._beyond_ping.cap(max(0.0, rtt - link.ping.mean))
                 elif 0 < rtt - overlap_s <= self._rtt.mean:
@@ -350,7 +351,6 @@ class RemoteStage(Stage):
                     self._measured_at = time.monotonic()
                     return
                 rtt -= overlap_s  # slower than thought by at least this
-            stale = self._measured_at is not None and time.monotonic() - self._measured_at > 1.0
             if stale or (self._bounds_only and not overlap_s):
                 # stale (requests went elsewhere, e.g. a probe), or made of bounds only: the new sample rules
                 self._rtt, self._beyond_ping, self._support = Ewma(0.2), Ewma(0.2), 0

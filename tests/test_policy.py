@@ -269,12 +269,20 @@ def test_a_request_whose_side_is_not_clearly_better_runs_on_both():
         assert not local.offload and not local.hedge, local  # 70 ms is clearly better than 95
         close = p.decide(Signals(now=3.5, local_service_s=0.090, remote_rtt_s=0.095, **s))
         assert not close.offload and close.hedge is hedge, close
+    # An estimate resting on one sample has no spread yet: the request is hedged however clear the choice.
+    for offload, support in ((True, {"remote_rtt_support": 1}), (False, {"local_service_support": 1})):
+        p = LatencyPolicy(min_dwell_s=0, probe_interval_s=0)
+        local_s, remote_s = (0.100, 0.050) if offload else (0.050, 0.100)
+        assert not p.decide(Signals(now=1.0, local_service_s=local_s, remote_rtt_s=remote_s, **s)).hedge
+        d = p.decide(Signals(now=2.0, local_service_s=local_s, remote_rtt_s=remote_s, **support, **s))
+        assert d.offload is offload and d.hedge, d
     # A device at its CPU quota gets no local copies (they would slow the remote answer), but remote ones.
     p = LatencyPolicy(min_dwell_s=0, probe_interval_s=0)
     assert p.decide(Signals(now=1.0, local_service_s=0.100, remote_rtt_s=0.050, **s)).offload
     for load, hedged in ((0.5, True), (0.95, False)):
         d = p.decide(Signals(now=2.0, local_service_s=0.100, remote_rtt_s=0.095, device_load=load, **s))
         assert d.offload and d.hedge is hedged, (load, d)
+    assert d.reason.endswith("(device load 95%: not hedged)"), d
     assert not p.decide(Signals(now=3.0, local_service_s=0.040, remote_rtt_s=0.100, device_load=0.95, **s)).offload
     d = p.decide(Signals(now=4.0, local_service_s=0.090, remote_rtt_s=0.100, device_load=0.95, **s))
     assert not d.offload and d.hedge, d
@@ -679,6 +687,8 @@ def test_a_hedged_probes_round_trip_counts_as_a_range(affine_server):
             below = rtt_after(2, {"hedge:gate": 1})  # ~4 ms: remote is at least this fast
             below_std = stage.signals()["rtt_std_s"]
             ordinary = rtt_after(60, {})  # an ordinary request counts as always
+            time.sleep(1.1)  # the estimate goes stale
+            rtt_after(2, {"hedge:gate": 1})  # below it: now the estimate is that bound alone
         finally:
             stage.teardown()
     assert 0.035 < first < 0.08, first
@@ -689,9 +699,10 @@ def test_a_hedged_probes_round_trip_counts_as_a_range(affine_server):
     assert below < first / 2 and below_std == 0, (below, below_std)  # the old spread described the old mean
     assert ordinary > below + 0.015, (below, ordinary)
     # What the estimate rests on: replaced by the clean sample (1), five more (6); an unknown overlap and a range
-    # reaching zero agree with anything (6); a deferred copy's range moved it (7), so did the next one (8); dropped
-    # to a bound (1); one more sample (2).
-    assert support == [1, 1, 6, 6, 7, 8, 1, 2], support
+    # reaching zero agree with anything (6); a deferred copy's range moved it (7), so did the next one (8); a
+    # bound below a fresh estimate is one more sample (9), as is an ordinary one (10); a bound below a stale
+    # estimate is all there is (1).
+    assert support == [1, 1, 6, 6, 7, 8, 9, 10, 1], support
 
 
 def test_local_probes_back_off_while_local_is_clearly_worse_but_remote_probes_do_not():

@@ -50,6 +50,7 @@ class Signals:
     now: float  # time.monotonic() of the decision
     local_service_s: float | None = None  # smoothed compute time of the local branch (None: never measured)
     local_service_std_s: float = 0.0  # and its standard deviation
+    local_service_support: int | None = None  # samples behind local_service_s since it started afresh (None: unknown)
     local_measured_at: float | None = None
     local_backlog: int = 0  # requests sent to the local branch and not finished
     local_oldest_age_s: float = 0.0  # how long the oldest of those has been out
@@ -234,16 +235,19 @@ class LatencyPolicy:
         decision = self.state.choose(offload, s.now, why, forced=clear)
         # A request whose side is not better than the other by the hysteresis (a close call, or a side the dwell
         # time holds) runs on both sides: the estimates cannot tell which answers first, and the first answer
-        # wins. So does a request sent remote while a ping is late, unless local is twice as slow even against
-        # the ping's age: the link got slower by at least that age, by how much more nobody knows yet (policy
-        # run 41: a ping 37 ms late, and the request took 371 ms).
+        # wins. So does one whose side's estimate rests on a single sample (it has no spread yet: policy run 44, a
+        # busy device's one local sample said 183 ms, the request took 370), and one sent remote while a ping is
+        # late, unless local is twice as slow even against the ping's age: the link got slower by at least that
+        # age, by how much more nobody knows yet (run 41: a ping 37 ms late, and the request took 371 ms).
         # Not on a device that uses up its CPU (a container at its quota): a local copy there slows the handling
         # of the remote answer and is the slower one anyway, and a late ping is likely the device's own doing.
         late = s.remote_ping_late_s
         chosen, other = (remote + late, local) if decision.offload else (local, remote)
-        doubtful = decision.offload and late > 0 and local < 2 * chosen
-        saturated = decision.offload and s.device_load >= _SATURATED_LOAD
-        if self.hedge and not saturated and (doubtful or not chosen < other * (1 - self.hysteresis)):
+        support = s.remote_rtt_support if decision.offload else s.local_service_support
+        doubtful = (support is not None and support < 2) or (decision.offload and late > 0 and local < 2 * chosen)
+        if self.hedge and (doubtful or not chosen < other * (1 - self.hysteresis)):
+            if decision.offload and s.device_load >= _SATURATED_LOAD:
+                return Decision(True, f"{decision.reason} (device load {s.device_load:.0%}: not hedged)")
             return Decision(decision.offload, f"{decision.reason}: hedged", hedge=True)
         return decision
 

@@ -667,7 +667,8 @@ class _Runner:
         self.worker.board.publish(self.name, {
             "pid": os.getpid(), "group": self.worker.plan.group, "processed": self.counts["processed"],
             "failed": self.counts["failed"], "service_s": self.service.mean,
-            "service_std_s": math.sqrt(self.service.var), "measured_at": self.measured_at,
+            "service_std_s": math.sqrt(self.service.var), "service_support": self.service.count,
+            "measured_at": self.measured_at,
             "running": len(self.running), **self.stage.signals()})
 
 
