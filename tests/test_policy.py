@@ -269,6 +269,11 @@ def test_a_request_whose_side_is_not_clearly_better_runs_on_both():
         assert not local.offload and not local.hedge, local  # 70 ms is clearly better than 95
         close = p.decide(Signals(now=3.5, local_service_s=0.090, remote_rtt_s=0.095, **s))
         assert not close.offload and close.hedge is hedge, close
+    # The hedge counts the chosen side's spread once more: 60 + 15 ms is clearly better than 100, 60 + 2 x 15 not.
+    p = LatencyPolicy(min_dwell_s=0, probe_interval_s=0)
+    for std, hedged in ((0.0, False), (0.015, True)):
+        d = p.decide(Signals(now=1.0, local_service_s=0.100, remote_rtt_s=0.060, remote_rtt_std_s=std, **s))
+        assert d.offload and d.hedge is hedged, (std, d)
     # An estimate resting on one sample has no spread yet: the request is hedged however clear the choice.
     for offload, support in ((True, {"remote_rtt_support": 1}), (False, {"local_service_support": 1})):
         p = LatencyPolicy(min_dwell_s=0, probe_interval_s=0)

@@ -241,8 +241,12 @@ class LatencyPolicy:
         # age, by how much more nobody knows yet (run 41: a ping 37 ms late, and the request took 371 ms).
         # Not on a device that uses up its CPU (a container at its quota): a local copy there slows the handling
         # of the remote answer and is the slower one anyway, and a late ping is likely the device's own doing.
+        # The chosen side counts one spread more here than in the choice: the hedge is for its unlucky draws (a
+        # link whose pings just jumped has a wide spread: run 45, remote 105 ms against local 142 at the first
+        # request after the link slowed, which took 354 ms).
         late = s.remote_ping_late_s
-        chosen, other = (remote + late, local) if decision.offload else (local, remote)
+        spread = self.risk * (s.remote_rtt_std_s if decision.offload else s.local_service_std_s)
+        chosen, other = (remote + late + spread, local) if decision.offload else (local + spread, remote)
         support = s.remote_rtt_support if decision.offload else s.local_service_support
         doubtful = (support is not None and support < 2) or (decision.offload and late > 0 and local < 2 * chosen)
         if self.hedge and (doubtful or not chosen < other * (1 - self.hysteresis)):
