@@ -117,6 +117,7 @@ class RemoteStage(Stage):
         self._measured_at: float | None = None
         self._bounds_only = False  # the round trip estimate comes from hedged probes only (see _succeeded)
         self._support = 0  # samples the round trip estimate rests on since it last started afresh or dropped
+        self._ping_then: float | None = None  # the link's smoothed ping when the round trip was last measured
         self._fallbacks = 0
         self._stop = threading.Event()
         self._links = [_Link(RemoteClient(e, server_key=self.server_key, client_key=self.client_key,
@@ -348,7 +349,7 @@ class RemoteStage(Stage):
                 elif 0 < rtt - overlap_s <= self._rtt.mean:
                     self._support += 1  # a range with a low end (not just an upper bound) agrees with the estimate
                 if rtt - overlap_s <= self._rtt.mean:
-                    self._measured_at = time.monotonic()
+                    self._measured_at, self._ping_then = time.monotonic(), link.ping.mean
                     return
                 rtt -= overlap_s  # slower than thought by at least this
             if stale or (self._bounds_only and not overlap_s):
@@ -359,7 +360,7 @@ class RemoteStage(Stage):
             self._rtt.add(rtt)
             if link.ping.mean is not None:
                 self._beyond_ping.add(max(0.0, rtt - link.ping.mean))
-            self._measured_at = time.monotonic()
+            self._measured_at, self._ping_then = time.monotonic(), link.ping.mean
 
     def _failed(self, link: _Link, reason: str, text: str) -> None:
         with self._lock:
@@ -449,7 +450,7 @@ class RemoteStage(Stage):
                     "rtt_std_s": (self._rtt.var + self._ping_var()) ** 0.5,
                     "rtt_measured_s": self._rtt.mean, "rtt_support": self._support, "ping_s": link_delay(pings, now),
                     "pings": pings, "beyond_ping_s": self._beyond_ping.mean,
-                    "measured_at": self._measured_at,
+                    "measured_at": self._measured_at, "ping_then_s": self._ping_then,
                     "inflight": sum(link.inflight for link in self._links),
                     # Requests sent before one that already finished are stragglers (a lost reply, a retransmit),
                     # not news about the link: newer ones came back.

@@ -183,6 +183,22 @@ def test_a_remote_probe_is_hedged_only_when_remote_looks_worse_by_more_than_the_
         assert d.reason.startswith("probe remote") and d.hedge is hedged, (support, d)
 
 
+def test_pings_showing_a_much_faster_link_make_the_remote_figure_stale_at_once():
+    """While local, the remote round trip was last measured on the slow link; pings that show the link 1.5x
+    faster since make a remote probe due now (at most every 0.2 s), not at the next probe interval."""
+    s = dict(local_service_s=0.120, local_measured_at=5.0, remote_rtt_s=0.500, remote_measured_at=4.5,
+             remote_ping_s=0.020)
+    for then, probed in ((0.025, False), (0.100, True)):
+        p = LatencyPolicy(min_dwell_s=0, probe_interval_s=2.0)
+        p._probes = {"local": 3, "remote": 3}
+        p._probed = {"remote": 4.5, "local": 5.0}
+        d = p.decide(Signals(now=5.0, remote_ping_then_s=then, **s))
+        assert d.reason.startswith("probe remote") is probed and not d.offload, (then, d)
+        if probed:  # not again within 0.2 s
+            again = p.decide(Signals(now=5.1, remote_ping_then_s=then, **s))
+            assert not again.reason.startswith("probe"), again
+
+
 def test_the_gate_ages_a_ping_still_out_to_the_moment_it_decides(tmp_path):
     """The stand-in publishes its pings' pieces within a few ms of each ping sent or answered, and the gate works
     out the link's delay when it decides: a ping still out shows the slower link as it ages, without waiting for
@@ -472,6 +488,8 @@ def test_a_jump_in_the_pings_widens_the_published_spread(affine_server):
             stage.teardown()
     assert steady["rtt_std_s"] < 0.01, steady
     assert jumped["rtt_std_s"] > 0.02, jumped
+    # The ping at the last request's measurement stays as it was: the gate compares it with the pings now.
+    assert 0 < jumped["ping_then_s"] == steady["ping_then_s"] < 0.03 < jumped["ping_s"], (steady, jumped)
 
 
 def test_a_ping_sent_or_answered_is_on_the_board_within_a_few_ms(affine_server):

@@ -58,6 +58,7 @@ class Signals:
     remote_rtt_s: float | None = None  # smoothed round trip of the remote branch (None: never measured)
     remote_ping_s: float | None = None  # the link's delay from pings (None: no pings; see stages/remote.py)
     remote_ping_late_s: float = 0.0  # how much late pings add to remote_rtt_s (see late_by)
+    remote_ping_then_s: float | None = None  # the smoothed ping when the remote round trip was last measured
     remote_rtt_std_s: float = 0.0
     remote_rtt_support: int | None = None  # samples behind remote_rtt_s since it started afresh (None: unknown)
     remote_measured_at: float | None = None
@@ -128,6 +129,7 @@ _WARM_PROBES = 3
 _WARM_INTERVAL_S = 0.2
 _BACKOFF_RATIO = 1.2  # local probes back off while local measures more than this times the remote time
 _MAX_BACKOFF = 8
+_FASTER_LINK = 1.5  # pings this many times faster than at the last remote sample make that sample stale
 _SATURATED_LOAD = 0.9  # a device this busy gets no local copies of remote requests (see LatencyPolicy.decide)
 _LOCAL_AGE_CAP = 4  # the local age raises the local estimate at most this many times
 _CONFIRM_AGE_S = 0.5  # a switch to a side last measured longer ago than this (and not clearly better) probes it first
@@ -194,6 +196,11 @@ class LatencyPolicy:
             self._local_seen = s.local_measured_at
         if self.probe_interval_s:
             stale_remote = s.remote_measured_at is None or s.now - s.remote_measured_at > self._interval("remote")
+            # Pings that show a link much faster than when the remote side was last measured (a link that
+            # recovered) make its round trip, measured on the slow link, stale at once: a probe now, not up to
+            # probe_interval_s later (policy runs 45-46: back to remote 1.6-3.6 s after the link recovered).
+            faster = (s.remote_ping_s is not None and s.remote_ping_then_s is not None
+                      and s.remote_ping_s * _FASTER_LINK < s.remote_ping_then_s - _LATE_MARGIN_S)
             stale_local = s.local_measured_at is None or s.now - s.local_measured_at > self._interval("local")
             # A local probe is hedged: the local estimate is the old one, and a device that got busy since would
             # make an unhedged probe cost the request several times its latency. When local looks worse, its copy
@@ -209,7 +216,8 @@ class LatencyPolicy:
             # its reply and make it look worse than it is, and a remote side measured so would stay a little worse
             # than local for good. Unless that look rests on a single sample: on a lossy link one lucky round trip
             # among slow ones would send the next probe alone into it.
-            if not self.state.offload and stale_remote and self._probe_due("remote", s.now):
+            if not self.state.offload and (stale_remote and self._probe_due("remote", s.now)
+                                           or faster and self._probe_due("remote", s.now, _WARM_INTERVAL_S)):
                 single = s.remote_rtt_support is not None and s.remote_rtt_support < 2
                 worse = remote > (1 + self.hysteresis) * local
                 return self._probe("remote", hedge=single or worse or bool(s.remote_ping_late_s))
@@ -301,10 +309,10 @@ class LatencyPolicy:
             return min(self.probe_interval_s, _WARM_INTERVAL_S)
         return self.probe_interval_s * (self._local_backoff if side == "local" else 1)
 
-    def _probe_due(self, side: str, now: float) -> bool:
-        """At most one probe per side per probe interval (a probe is one request, not every request until the
-        measurement arrives)."""
-        if now - self._probed.get(side, -math.inf) < self._interval(side):
+    def _probe_due(self, side: str, now: float, interval_s: float | None = None) -> bool:
+        """At most one probe per side per probe interval, or per ``interval_s`` (a probe is one request, not every
+        request until the measurement arrives)."""
+        if now - self._probed.get(side, -math.inf) < (self._interval(side) if interval_s is None else interval_s):
             return False
         self._probed[side] = now
         self._probes[side] = self._probes.get(side, 0) + 1
