@@ -477,6 +477,7 @@ def test_a_jump_in_the_pings_widens_the_published_spread(affine_server):
         stage = RemoteStage(endpoint=f"tcp://127.0.0.1:{link.port}", model="affine", ping_s=0.05)
         stage.setup()
         try:
+            time.sleep(0.3)  # the first pings are in
             for _ in range(5):
                 stage.handle({"x": np.ones(SHAPE, np.float32)}, {}).result(timeout=30)
             time.sleep(0.5)  # steady pings: ~6 ms
