@@ -216,11 +216,16 @@ class LatencyPolicy:
             # its reply and make it look worse than it is, and a remote side measured so would stay a little worse
             # than local for good. Unless that look rests on a single sample: on a lossy link one lucky round trip
             # among slow ones would send the next probe alone into it.
-            if not self.state.offload and (stale_remote and self._probe_due("remote", s.now)
-                                           or faster and self._probe_due("remote", s.now, _WARM_INTERVAL_S)):
+            if not self.state.offload and stale_remote and self._probe_due("remote", s.now):
                 single = s.remote_rtt_support is not None and s.remote_rtt_support < 2
                 worse = remote > (1 + self.hysteresis) * local
                 return self._probe("remote", hedge=single or worse or bool(s.remote_ping_late_s))
+            # After pings show a faster link, remote leads the probe and the local copy starts only when local
+            # would have answered: if the link recovered, the remote answer comes first and is measured clean (a
+            # local copy computing alongside slowed it by 20-80 ms on the 25 % device, run 47); if not, the
+            # request costs the local time twice.
+            if not self.state.offload and faster and self._probe_due("remote", s.now, _WARM_INTERVAL_S):
+                return self._probe("remote", "link faster", lead=True, defer_s=local)
         why = f"local {local * 1000:.1f} ms vs remote {remote * 1000:.1f} ms"
         aged = [side for side, by_age in (("remote", remote > remote_by_rtt), ("local", local > local_by_count))
                  if by_age]
@@ -242,21 +247,24 @@ class LatencyPolicy:
             self._confirmed.clear()  # no switch waits for a look: a later one takes its own
         decision = self.state.choose(offload, s.now, why, forced=clear)
         # A request whose side is not better than the other by the hysteresis (a close call, or a side the dwell
-        # time holds) runs on both sides: the estimates cannot tell which answers first, and the first answer
-        # wins. So does one whose side's estimate rests on a single sample (it has no spread yet: policy run 44, a
-        # busy device's one local sample said 183 ms, the request took 370), and one sent remote while a ping is
-        # late, unless local is twice as slow even against the ping's age: the link got slower by at least that
-        # age, by how much more nobody knows yet (run 41: a ping 37 ms late, and the request took 371 ms).
-        # Not on a device that uses up its CPU (a container at its quota): a local copy there slows the handling
-        # of the remote answer and is the slower one anyway, and a late ping is likely the device's own doing.
-        # The chosen side counts one spread more here than in the choice: the hedge is for its unlucky draws (a
-        # link whose pings just jumped has a wide spread: run 45, remote 105 ms against local 142 at the first
-        # request after the link slowed, which took 354 ms).
+        # time holds) runs on both sides: the estimates cannot tell which answers first, and the first answer wins.
+        # - The chosen side counts one spread more here than in the choice: the hedge is for its unlucky draws (a
+        #   link whose pings just jumped has a wide spread: run 45, remote 105 ms against local 142 at the first
+        #   request after the link slowed, which took 354 ms).
+        # - A request sent local on a local estimate resting on a single sample is hedged too: it has no spread yet
+        #   (run 44: a busy device's one fresh sample said 183 ms, the request took 370). Not so for remote: a
+        #   hedged remote sample whose range reaches zero adds no sample, and at the start of run 48 remote
+        #   requests were hedged over and over.
+        # - So is one sent remote while a ping is late, unless local is twice as slow even against the ping's age:
+        #   the link got slower by at least that age, by how much more nobody knows yet (run 41: a ping 37 ms
+        #   late, and the request took 371 ms).
+        # - Never a local copy on a device that uses up its CPU (a container at its quota): it slows the handling
+        #   of the remote answer and is the slower one anyway, and a late ping is likely the device's own doing.
         late = s.remote_ping_late_s
         spread = self.risk * (s.remote_rtt_std_s if decision.offload else s.local_service_std_s)
         chosen, other = (remote + late + spread, local) if decision.offload else (local + spread, remote)
-        support = s.remote_rtt_support if decision.offload else s.local_service_support
-        doubtful = (support is not None and support < 2) or (decision.offload and late > 0 and local < 2 * chosen)
+        single = not decision.offload and s.local_service_support is not None and s.local_service_support < 2
+        doubtful = single or (decision.offload and late > 0 and local < 2 * chosen)
         if self.hedge and (doubtful or not chosen < other * (1 - self.hysteresis)):
             if decision.offload and s.device_load >= _SATURATED_LOAD:
                 return Decision(True, f"{decision.reason} (device load {s.device_load:.0%}: not hedged)")
@@ -290,7 +298,7 @@ class LatencyPolicy:
                lead: bool = False) -> Decision:
         """A probe of ``side``: hedged (both sides run, the first answer wins) unless told not to or hedging is
         off. The request's X stays the current side's, or is ``side``'s if it ``lead``s; with ``defer_s``, the
-        copy on ``side`` starts that much later."""
+        copy on the other side than X starts that much later."""
         hedge = hedge and self.hedge
         hedged = f"hedged, {side} copy after {defer_s * 1000:.0f} ms" if defer_s > 0 else "hedged"
         notes = ", ".join(n for n in (why, hedged if hedge else "") if n)
