@@ -216,16 +216,12 @@ class LatencyPolicy:
             # its reply and make it look worse than it is, and a remote side measured so would stay a little worse
             # than local for good. Unless that look rests on a single sample: on a lossy link one lucky round trip
             # among slow ones would send the next probe alone into it.
-            if not self.state.offload and stale_remote and self._probe_due("remote", s.now):
+            if not self.state.offload and (stale_remote and self._probe_due("remote", s.now)
+                                           or faster and self._probe_due("remote", s.now, _WARM_INTERVAL_S)):
                 single = s.remote_rtt_support is not None and s.remote_rtt_support < 2
                 worse = remote > (1 + self.hysteresis) * local
-                return self._probe("remote", hedge=single or worse or bool(s.remote_ping_late_s))
-            # After pings show a faster link, remote leads the probe and the local copy starts only when local
-            # would have answered: if the link recovered, the remote answer comes first and is measured clean (a
-            # local copy computing alongside slowed it by 20-80 ms on the 25 % device, run 47); if not, the
-            # request costs the local time twice.
-            if not self.state.offload and faster and self._probe_due("remote", s.now, _WARM_INTERVAL_S):
-                return self._probe("remote", "link faster", lead=True, defer_s=local)
+                return self._probe("remote", "link faster" if faster else "",
+                                   hedge=single or worse or bool(s.remote_ping_late_s))
         why = f"local {local * 1000:.1f} ms vs remote {remote * 1000:.1f} ms"
         aged = [side for side, by_age in (("remote", remote > remote_by_rtt), ("local", local > local_by_count))
                  if by_age]
