@@ -16,9 +16,9 @@ request that carries the key uses it, others read the control port. A request wh
 With ``policy = "latency"`` (or ``"threshold"``; options in ``policy_options``, see zpipe.policy), a request that
 brings no X is decided by the policy, from what the gate measures itself (how many requests it sent each way),
 what its branches publish on the signal board (local service time and progress; the remote stand-in's round trip,
-errors and circuit breaker) and this host's CPU use. Each request records the decision and its reason
-(``x:<gate>``, ``why:<gate>`` in ``Result.meta``). A policy probe may be *hedged*: the gate sends the request down
-both branches (``hedge:<gate>`` = 1), the ``select`` merge takes the first answer and drops the later one, and the
+errors and circuit breaker) and the device's CPU use. Each request records the decision and its reason
+(``x:<gate>``, ``why:<gate>`` in ``Result.meta``). A policy probe, or a request whose side the policy is unsure of,
+may be *hedged*: the gate sends the request down both branches (``hedge:<gate>`` = 1), the ``select`` merge takes the first answer and drops the later one, and the
 probed branch still measures itself. The copy for the probed branch may leave later (``Outcome.defer``: a local
 probe while offloading starts when the remote answer is due). The notes ``overlap_s:<gate>`` (the local service
 time) and ``overlap_after_s:<gate>`` (the deferral) tell the remote stand-in how long the device computes the
@@ -96,7 +96,7 @@ class GateStage(Stage):
                                     f"'{branch}.<input>' output")
 
     def decide(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> tuple[bool, str, bool, float]:
-        """(offload, why, hedge, defer_s): offload is True for the then-branch (X == 1); hedge (policy probes only)
+        """(offload, why, hedge, defer_s): offload is True for the then-branch (X == 1); hedge (the policy's only)
         sends the request down both branches, the other one's copy ``defer_s`` later. X the request brings wins
         over the policy."""
         if self.meta_key is not None and self.meta_key in meta:
@@ -153,7 +153,8 @@ class GateStage(Stage):
         timed = [v for v in local if v.get("service_s") is not None]
         slowest = max(timed, key=lambda v: v["service_s"], default={})  # the local branch's bottleneck
         local_at = min((v["measured_at"] for v in local if v.get("measured_at") is not None), default=None)
-        # A ping still out is older now than when its stage published: its delay counts as of now.
+        # A ping still out is older now than when its stage published: its delay counts as of now (up to late;
+        # how much longer it has been out goes apart, see policy.late_by).
         remote = [{**v, "rtt_s": expected_rtt(v["pings"], v.get("beyond_ping_s"), v.get("rtt_s"), now),
                    "ping_s": link_delay(v["pings"], now), "late_s": late_by(v["pings"], now)}
                   if v.get("pings") else v for v in remote]

@@ -19,7 +19,8 @@ keeps taking work while replies are pending, up to ``max_in_flight``); each carr
   notes ``overlap_s:<gate>``, ``overlap_after_s:<gate>``), which can delay its handling of the reply.
 * Pings (``ping_s`` > 0; zpipe turns them on when a gate in the topology has a policy): every ``ping_s`` a
   heartbeat goes to each server, which its loop answers at once. The published round trip is then the link's
-  delay *now* (the smoothed ping, or the age of a ping still out if that is longer) plus the rest of a request's
+  delay *now* (the smoothed ping, or the age of a ping still out if that is longer, up to the age at which it is
+  late: policy.late_by) plus the rest of a request's
   time as last measured (transfer and server time: the smoothed round trip minus the ping at the time). The
   pieces are published within a few ms of each ping sent or answered, and the gate adds them up when it
   decides: a ping still out counts with its age then. A link that gets slower shows within one ping, before a
@@ -116,7 +117,7 @@ class RemoteStage(Stage):
         self._errors = Ewma(0.1)
         self._measured_at: float | None = None
         self._bounds_only = False  # the round trip estimate comes from hedged probes only (see _succeeded)
-        self._support = 0  # samples the round trip estimate rests on since it last started afresh or dropped
+        self._support = 0  # samples the round trip estimate rests on since it started afresh (see _succeeded)
         self._ping_then: float | None = None  # the link's smoothed ping when the round trip was last measured
         self._fallbacks = 0
         self._stop = threading.Event()
@@ -323,6 +324,7 @@ class RemoteStage(Stage):
             for link in self._links:
                 if link.up and not link.client.connected:  # the connection dropped (heartbeats, RST): down
                     link.up, link.down_reason = False, "connection lost"
+                    self._signals_changed()  # (it only wakes the worker: safe with the lock held)
             usable = [link for link in self._links if link.up and link.endpoint not in tried]
             if not usable:
                 return None
@@ -343,7 +345,10 @@ class RemoteStage(Stage):
             if overlap_s and self._rtt.mean is not None:
                 if rtt < self._rtt.mean:
                     self._rtt.cap(rtt)
-                    self._support = 1 if stale else self._support + 1  # a stale figure: the bound is all there is
+                    if stale:  # the bound is all there is: the next clean sample replaces it
+                        self._support, self._bounds_only = 1, True
+                    else:
+                        self._support += 1
                     if link.ping.mean is not None and self._beyond_ping.mean is not None:
                         self._beyond_ping.cap(max(0.0, rtt - link.ping.mean))
                 elif 0 < rtt - overlap_s <= self._rtt.mean:

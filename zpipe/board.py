@@ -1,7 +1,7 @@
 """A signal board: stages on one host publish small measurements that other stages read (the gate's policy).
 
 Each stage owns one JSON file ``<run dir>/board/<stage>.json``, replaced atomically (write + rename); writers decide
-how often (the worker: within 2 ms of a change, at least every 50 ms). Readers get the last complete snapshot,
+how often (the worker: within 2 ms of a change, else every 50-200 ms). Readers get the last complete snapshot,
 cached for ``interval_s`` (2 ms). Files rather than sockets keep
 the data plane free of control chatter and let a person ``cat`` what the policy saw. Pure stdlib; local only.
 """
@@ -84,6 +84,7 @@ class CpuLoad:
     def __init__(self) -> None:
         self._quota = _quota()
         self._last: tuple[float, int] | None = None
+        self._value = 0.0
 
     def __call__(self) -> float:
         if self._quota is None:
@@ -96,10 +97,13 @@ class CpuLoad:
             now = time.monotonic(), int(fields["nr_throttled"])
         except (OSError, KeyError, ValueError):
             return 0.0
-        last, self._last = self._last, now
-        if last is None or now[0] - last[0] < period_s:
-            return 0.0
-        return min(1.0, (now[1] - last[1]) * period_s / (now[0] - last[0]))
+        last = self._last
+        if last is not None and now[0] - last[0] < period_s:
+            return self._value  # shorter than one period: the last figure stands, the window keeps growing
+        self._last = now
+        if last is not None:
+            self._value = min(1.0, (now[1] - last[1]) * period_s / (now[0] - last[0]))
+        return self._value
 
 
 def _quota(root: Path = Path("/sys/fs/cgroup")) -> tuple[Path, float] | None:

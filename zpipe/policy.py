@@ -1,6 +1,6 @@
 """Offload policies: decide X (offload or not) per request from measured signals. Pure: no sockets, no clocks read.
 
-The gate gathers :class:`Signals` (its own counts, what the branches publish on the board, this host's CPU use)
+The gate gathers :class:`Signals` (its own counts, what the branches publish on the board, the device's CPU use)
 and asks a policy for a :class:`Decision`. Two policies:
 
 * :class:`LatencyPolicy` (default): estimate the local time (service time × (backlog + 1)) and the remote time
@@ -21,8 +21,10 @@ and asks a policy for a :class:`Decision`. Two policies:
   always is hedged (its estimate is the old one): when local looks worse, its local copy starts only when the
   remote answer is due, so that it does not slow the device's handling of that answer, and when it looks better
   or about as fast the request is local's, with a remote copy in case the device got busy. A remote probe is
-  hedged when remote looks worse by more than the hysteresis (a remote side about as fast is probed on its own:
-  the same request computing on the device would slow its reply and mis-measure it). Probes of the local side
+  hedged when remote looks worse by more than the hysteresis, rests on a single sample or a ping is late (a
+  remote side about as fast is probed on its own: the same request computing on the device would slow its reply
+  and mis-measure it). Pings that show a link 1.5× faster than at the last remote sample make a remote probe due
+  at once. Probes of the local side
   cost the device's CPU, the scarce thing when offloading: while local keeps measuring more than
   1.2× the remote time, its probe interval doubles (up to 8×), and is back to normal as soon as local is within
   1.2× of the remote estimate again (the link slowed). Remote probes never back off, so a link that
@@ -57,7 +59,7 @@ class Signals:
     device_load: float = 0.0  # CPU use of this device, 0..1 (of its CPU quota if it has one: see board.CpuLoad)
     remote_rtt_s: float | None = None  # smoothed round trip of the remote branch (None: never measured)
     remote_ping_s: float | None = None  # the link's delay from pings (None: no pings; see stages/remote.py)
-    remote_ping_late_s: float = 0.0  # how much late pings add to remote_rtt_s (see late_by)
+    remote_ping_late_s: float = 0.0  # how long pings have been out past late, left out of remote_rtt_s (late_by)
     remote_ping_then_s: float | None = None  # the smoothed ping when the remote round trip was last measured
     remote_rtt_std_s: float = 0.0
     remote_rtt_support: int | None = None  # samples behind remote_rtt_s since it started afresh (None: unknown)
@@ -71,21 +73,29 @@ class Signals:
 _LATE_FACTOR, _LATE_MARGIN_S = 1.5, 0.005  # a ping out longer than this is late (see late_by)
 
 
+def _late_after(mean: float) -> float:
+    """How long a ping to a link with smoothed ping ``mean`` may be out before it is late (not a late thread on a
+    busy device)."""
+    return _LATE_FACTOR * mean + _LATE_MARGIN_S
+
+
 def link_delay(pings: Sequence[Sequence[float | None]], now: float) -> float | None:
     """The links' mean delay at ``now`` from their pings, (smoothed ping, when the ping still out was sent or None)
     each: a link's smoothed ping, or the age of its ping still out if that is longer (its answer has not come: the
-    stand-in publishes within a few ms of one)."""
+    stand-in publishes within a few ms of one), up to the age at which the ping is late (see late_by)."""
     if not pings:
         return None
-    return sum(mean if out is None else max(mean, now - out) for mean, out in pings) / len(pings)
+    return sum(mean if out is None else min(max(mean, now - out), _late_after(mean))
+               for mean, out in pings) / len(pings)
 
 
 def late_by(pings: Sequence[Sequence[float | None]], now: float) -> float:
-    """How much pings out for clearly longer than usual (1.5x their link's smoothed ping plus 5 ms: not a late
-    thread on a busy device) raise the links' mean delay; 0.0 when none is."""
-    late = [now - out - mean for mean, out in pings
-            if out is not None and now - out > _LATE_FACTOR * mean + _LATE_MARGIN_S]
-    return sum(late) / len(pings) if late else 0.0
+    """How much longer than late (1.5x their link's smoothed ping plus 5 ms) pings still out have been out, over
+    the links (the part of their age that link_delay leaves out); 0.0 when none is late. A late ping is a warning,
+    not a measurement: see LatencyPolicy.decide."""
+    if not pings:
+        return 0.0
+    return sum(max(0.0, now - out - _late_after(mean)) for mean, out in pings if out is not None) / len(pings)
 
 
 def expected_rtt(pings: Sequence[Sequence[float | None]], beyond_ping_s: float | None, rtt_s: float | None,
@@ -103,7 +113,7 @@ def expected_rtt(pings: Sequence[Sequence[float | None]], beyond_ping_s: float |
 class Decision:
     offload: bool
     reason: str
-    hedge: bool = False  # run on both sides, the first answer wins (a probe that costs little latency)
+    hedge: bool = False  # run on both sides, the first answer wins (a probe, or a request the policy is unsure of)
     defer_s: float = 0.0  # a hedged probe: the probed side's copy starts this much later
 
 
@@ -178,9 +188,9 @@ class LatencyPolicy:
         local = max(local_by_count, min(s.local_oldest_age_s, _LOCAL_AGE_CAP * local_by_count))
         # A late ping is a warning, not a measurement: the link got slower by at least its age, maybe by much more
         # (the first request after a link degrades would go into it), or the device was slow to handle the answer
-        # (a false alarm). The choice of side leaves it out; a request sent remote while remote, with that age,
-        # is not clearly better runs on both sides (see the end). Its answers, or the ping's, tell which it was.
-        remote_by_rtt = s.remote_rtt_s - s.remote_ping_late_s + self.risk * s.remote_rtt_std_s
+        # (a false alarm). remote_rtt_s counts its age only up to late; the rest only decides hedging (see the
+        # end). Its answers, or the ping's, tell which it was.
+        remote_by_rtt = s.remote_rtt_s + self.risk * s.remote_rtt_std_s
         remote = max(remote_by_rtt, s.remote_oldest_age_s)
         # The side in use is measured by every request: it needs no quick first probes later (see _interval).
         current = "remote" if self.state.offload else "local"

@@ -434,11 +434,12 @@ class _Runner:
         self.service = Ewma(0.2)  # smoothed processing time, published on the board
         self.measured_at: float | None = None
         self.published_at, self.published_progress = 0.0, (-1, 0, 0)
-        self.signal_changes = 0  # counted by the stage's signals_changed(), from any thread
+        self._changes = itertools.count(1)
+        self.signal_changes = 0  # set by the stage's signals_changed(), from any thread
 
     def signals_changed(self) -> None:
         """The stage's figures changed between requests (a stand-in's ping): publish them within a few ms."""
-        self.signal_changes += 1  # a racing increment may be lost, but the count still differs from the published
+        self.signal_changes = next(self._changes)  # each call a new number (atomic), never the one published
         self.worker.waker.wake()
 
     def setup(self) -> None:
