@@ -11,8 +11,8 @@ and asks a policy for a :class:`Decision`. Two policies:
   pick the smaller, switching only when the other side is better by ``hysteresis`` and the last switch is at least
   ``min_dwell_s`` old (a side more than twice as fast wins at once); a request whose side is not better than the
   other by the hysteresis runs on both sides (hedged). A ping out clearly longer than usual (a link that just
-  slowed, or a device slow to handle the answer) does not choose the side, but counts against remote in that
-  hedging test. A switch by less than that clear margin to a
+  slowed, or a device slow to handle the answer) counts in the choice only up to the age at which it is late;
+  the rest counts against remote in that hedging test. A switch by less than that clear margin to a
   side last measured over 0.5 s ago is looked at first: one hedged probe of it, and the switch waits for its
   sample (see ``_confirm``). A side that has not been measured for
   ``probe_interval_s`` gets one request (a probe), so estimates never go stale; ``probe_interval_s = 0`` turns
@@ -139,7 +139,7 @@ _WARM_PROBES = 3
 _WARM_INTERVAL_S = 0.2
 _BACKOFF_RATIO = 1.2  # local probes back off while local measures more than this times the remote time
 _MAX_BACKOFF = 8
-_FASTER_LINK = 1.5  # pings this many times faster than at the last remote sample make that sample stale
+_FASTER_LINK, _FASTER_MARGIN_S = 1.5, 0.005  # pings this much faster than at the last remote sample make it stale
 _SATURATED_LOAD = 0.9  # a device this busy gets no local copies of remote requests (see LatencyPolicy.decide)
 _LOCAL_AGE_CAP = 4  # the local age raises the local estimate at most this many times
 _CONFIRM_AGE_S = 0.5  # a switch to a side last measured longer ago than this (and not clearly better) probes it first
@@ -210,7 +210,7 @@ class LatencyPolicy:
             # recovered) make its round trip, measured on the slow link, stale at once: a probe now, not up to
             # probe_interval_s later (policy runs 45-46: back to remote 1.6-3.6 s after the link recovered).
             faster = (s.remote_ping_s is not None and s.remote_ping_then_s is not None
-                      and s.remote_ping_s * _FASTER_LINK < s.remote_ping_then_s - _LATE_MARGIN_S)
+                      and s.remote_ping_s * _FASTER_LINK < s.remote_ping_then_s - _FASTER_MARGIN_S)
             stale_local = s.local_measured_at is None or s.now - s.local_measured_at > self._interval("local")
             # A local probe is hedged: the local estimate is the old one, and a device that got busy since would
             # make an unhedged probe cost the request several times its latency. When local looks worse, its copy
@@ -228,10 +228,10 @@ class LatencyPolicy:
             # among slow ones would send the next probe alone into it.
             if not self.state.offload and (stale_remote and self._probe_due("remote", s.now)
                                            or faster and self._probe_due("remote", s.now, _WARM_INTERVAL_S)):
-                single = s.remote_rtt_support is not None and s.remote_rtt_support < 2
+                one_sample = s.remote_rtt_support is not None and s.remote_rtt_support < 2
                 worse = remote > (1 + self.hysteresis) * local
                 return self._probe("remote", "link faster" if faster else "",
-                                   hedge=single or worse or bool(s.remote_ping_late_s))
+                                   hedge=one_sample or worse or bool(s.remote_ping_late_s))
         why = f"local {local * 1000:.1f} ms vs remote {remote * 1000:.1f} ms"
         aged = [side for side, by_age in (("remote", remote > remote_by_rtt), ("local", local > local_by_count))
                  if by_age]
@@ -269,8 +269,9 @@ class LatencyPolicy:
         late = s.remote_ping_late_s
         spread = self.risk * (s.remote_rtt_std_s if decision.offload else s.local_service_std_s)
         chosen, other = (remote + late + spread, local) if decision.offload else (local + spread, remote)
-        single = not decision.offload and s.local_service_support is not None and s.local_service_support < 2
-        doubtful = single or (decision.offload and late > 0 and local < 2 * chosen)
+        local_one_sample = (not decision.offload and s.local_service_support is not None
+                            and s.local_service_support < 2)
+        doubtful = local_one_sample or (decision.offload and late > 0 and local < 2 * chosen)
         if self.hedge and (doubtful or not chosen < other * (1 - self.hysteresis)):
             if decision.offload and s.device_load >= _SATURATED_LOAD:
                 return Decision(True, f"{decision.reason} (device load {s.device_load:.0%}: not hedged)")
