@@ -18,9 +18,10 @@ brings no X is decided by the policy, from what the gate measures itself (how ma
 what its branches publish on the signal board (local service time and progress; the remote stand-in's round trip,
 errors and circuit breaker) and the device's CPU use. Each request records the decision and its reason
 (``x:<gate>``, ``why:<gate>`` in ``Result.meta``). A policy probe, or a request whose side the policy is unsure of,
-may be *hedged*: the gate sends the request down both branches (``hedge:<gate>`` = 1), the ``select`` merge takes the first answer and drops the later one, and the
-probed branch still measures itself. The copy for the probed branch may leave later (``Outcome.defer``: a local
-probe while offloading starts when the remote answer is due). The notes ``overlap_s:<gate>`` (the local service
+may be *hedged*: the gate sends the request down both branches (``hedge:<gate>`` = 1), the ``select`` merge
+takes the first answer and drops the later one, and the probed branch still measures itself. The copy for the
+probed branch may leave later (``Outcome.defer``: a local probe while offloading starts when the remote answer
+is due). The notes ``overlap_s:<gate>`` (the local service
 time) and ``overlap_after_s:<gate>`` (the deferral) tell the remote stand-in how long the device computes the
 request alongside its remote copy. Hedging needs a ``select`` merge joining the two branches (the topologies
 ``zpipe compile`` writes for gated models have one).
@@ -197,7 +198,7 @@ class GateStage(Stage):
 
     def _device_load(self, now: float) -> float:
         measured_at, value = self._load
-        if now - measured_at > 0.1:  # a file read under a quota; a window shorter than ~10 periods is coarse
+        if now - measured_at > 0.1:  # (CpuLoad keeps its window open for at least one quota period)
             value = self._cpu_load()
             self._load = (now, value)
         return value
