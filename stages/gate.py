@@ -21,10 +21,9 @@ errors and circuit breaker) and the device's CPU use. Each request records the d
 may be *hedged*: the gate sends the request down both branches (``hedge:<gate>`` = 1), the ``select`` merge
 takes the first answer and drops the later one, and the probed branch still measures itself. The copy for the
 probed branch may leave later (``Outcome.defer``: a local probe while offloading starts when the remote answer
-is due). The notes ``overlap_s:<gate>`` (the local service
-time) and ``overlap_after_s:<gate>`` (the deferral) tell the remote stand-in how long the device computes the
-request alongside its remote copy. Hedging needs a ``select`` merge joining the two branches (the topologies
-``zpipe compile`` writes for gated models have one).
+is due). The notes ``overlap_s:<gate>`` (the local service time) and ``overlap_after_s:<gate>`` (the deferral)
+tell the remote stand-in how long the device computes the request alongside its remote copy. Hedging needs a
+``select`` merge joining the two branches (the topologies ``zpipe compile`` writes for gated models have one).
 """
 
 from __future__ import annotations

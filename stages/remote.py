@@ -20,12 +20,11 @@ keeps taking work while replies are pending, up to ``max_in_flight``); each carr
 * Pings (``ping_s`` > 0; zpipe turns them on when a gate in the topology has a policy): every ``ping_s`` a
   heartbeat goes to each server, which its loop answers at once. The published round trip is then the link's
   delay *now* (the smoothed ping, or the age of a ping still out if that is longer, up to the age at which it is
-  late: policy.late_by) plus the rest of a request's
-  time as last measured (transfer and server time: the smoothed round trip minus the ping at the time). The
-  pieces are published within a few ms of each ping sent or answered, and the gate adds them up when it
-  decides: a ping still out counts with its age then. A link that gets slower shows within one ping, before a
-  request is sent into it; with requests going local, so does a link that recovers. A ping is ~60 bytes each way
-  and no tensor.
+  late: policy.late_by) plus the rest of a request's time as last measured (transfer and server time: the
+  smoothed round trip minus the ping at the time). The pieces are published within a few ms of each ping sent
+  or answered, and the gate adds them up when it decides: a ping still out counts with its age then. A link
+  that gets slower shows within one ping, before a request is sent into it; with requests going local, so does
+  a link that recovers. A ping is ~60 bytes each way and no tensor.
 
 A request the gate routes elsewhere never reaches this stage, so nothing is sent to any server for it.
 """
