@@ -432,14 +432,17 @@ class RemoteStage(Stage):
             # (a lost connection or a closed client says nothing about delay: the breaker handles those)
         self._signals_changed()
 
+    def _pinged_links(self) -> list[_Link]:
+        """The usable links with a smoothed ping; call with the lock held."""
+        return [link for link in self._links if _usable(link) and link.ping.mean is not None]
+
     def _pings(self) -> list[tuple[float, float | None]]:
         """Each usable link's (smoothed ping, when its ping still out was sent or None); call with the lock held."""
-        return [(link.ping.mean, link.ping_out) for link in self._links
-                if _usable(link) and link.ping.mean is not None]
+        return [(link.ping.mean, link.ping_out) for link in self._pinged_links()]
 
     def _ping_var(self) -> float:
         """The usable links' mean ping variance; call with the lock held."""
-        links = [link for link in self._links if _usable(link) and link.ping.mean is not None]
+        links = self._pinged_links()
         return sum(link.ping.var for link in links) / len(links) if links else 0.0
 
     def signals(self) -> dict[str, Any]:
