@@ -148,6 +148,31 @@ outputs = ["y"]
 
 
 # -- the device side (namespace dev, under cpuslow) ------------------------------------------------------------------
+def mount_cpu_cgroup() -> str:
+    """Let the device see its CPU quota, as a container sees its own. `ip netns exec` mounts a fresh /sys for the
+    namespace, without the cgroup filesystems, so zpipe's device load (zpipe.board.CpuLoad) found no quota and
+    read the host's CPU use instead (sessions 7-8 until this was found). Mount the cpu hierarchy again, in this
+    process's own mount namespace (the one `ip netns exec` made: the host's mounts do not change). Returns what
+    the device load now reads from."""
+    from zpipe.board import _quota
+
+    if _quota() is None:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, _ = line.split(":", 2)
+            if "cpu" in controllers.split(","):  # cgroup v1
+                subprocess.run(["mount", "-t", "tmpfs", "cgroups", "/sys/fs/cgroup"], check=True)
+                os.mkdir(f"/sys/fs/cgroup/{controllers}")
+                subprocess.run(["mount", "-t", "cgroup", "-o", controllers, "cgroup",
+                                f"/sys/fs/cgroup/{controllers}"], check=True)
+                break
+        else:
+            subprocess.run(["mount", "-t", "cgroup2", "cgroup2", "/sys/fs/cgroup"], check=True)
+    quota = _quota()
+    if quota is None:
+        raise RuntimeError("the device's CPU quota is not visible at /sys/fs/cgroup; its load would be the host's")
+    return str(quota[0].parent)
+
+
 def device_main(args: argparse.Namespace) -> None:
     from zpipe import Pipeline, Topology
 
@@ -198,6 +223,7 @@ def device_main(args: argparse.Namespace) -> None:
             records.append(rec)
         return records
 
+    say(f"device load: the CPU quota of {mount_cpu_cgroup()}")
     text = (work / "topology.toml").read_text()
     pipes: dict[str, Pipeline] = {}
     hog = None
