@@ -36,7 +36,7 @@ import numpy as np
 
 from zpipe.board import CpuLoad
 from zpipe.errors import StageError, TopologyError
-from zpipe.policy import Signals, expected_rtt, late_by, link_delay, make_policy
+from zpipe.policy import STARVED_LOAD, Signals, expected_rtt, late_by, link_delay, make_policy
 from zpipe.stage import Outcome, Stage
 
 __all__ = ["GateStage"]
@@ -153,11 +153,8 @@ class GateStage(Stage):
         timed = [v for v in local if v.get("service_s") is not None]
         slowest = max(timed, key=lambda v: v["service_s"], default={})  # the local branch's bottleneck
         local_at = min((v["measured_at"] for v in local if v.get("measured_at") is not None), default=None)
-        # A ping still out is older now than when its stage published: its delay counts as of now (up to late;
-        # how much longer it has been out goes apart, see policy.late_by).
-        remote = [{**v, "rtt_s": expected_rtt(v["pings"], v.get("beyond_ping_s"), v.get("rtt_s"), now),
-                   "ping_s": link_delay(v["pings"], now), "late_s": late_by(v["pings"], now)}
-                  if v.get("pings") else v for v in remote]
+        load = self._device_load(now)
+        remote = [_as_of(v, now, load) for v in remote]
         rtts = [v for v in remote if v.get("rtt_s") is not None]
         backlog = max(0, self._sent[False] - local_done)
         # The local branch takes its requests in order: the oldest unfinished one is the backlog-th newest sent.
@@ -167,7 +164,7 @@ class GateStage(Stage):
             now=now, local_service_s=slowest.get("service_s"), local_service_std_s=slowest.get("service_std_s", 0.0),
             local_service_support=slowest.get("service_support"),
             local_measured_at=local_at, local_backlog=backlog,
-            local_oldest_age_s=now - oldest, device_load=self._device_load(now),
+            local_oldest_age_s=now - oldest, device_load=load,
             remote_rtt_s=max((v["rtt_s"] for v in rtts), default=None),
             remote_ping_s=max((v["ping_s"] for v in remote if v.get("ping_s") is not None), default=None),
             remote_ping_late_s=max((v.get("late_s", 0.0) for v in remote), default=0.0),
@@ -201,3 +198,18 @@ class GateStage(Stage):
             value = self._cpu_load()
             self._load = (now, value)
         return value
+
+
+
+def _as_of(values: dict[str, Any], now: float, load: float) -> dict[str, Any]:
+    """A remote stand-in's figures as of ``now``. A ping still out is older than when its stage published: its
+    delay counts as of now (up to late; how much longer it has been out goes apart, see policy.late_by). Not while
+    the device uses up its CPU (``load`` at least STARVED_LOAD): then its answer may well be in, waiting for a
+    thread to run (see stages/remote.py, _pinged), and only the links' smoothed pings count."""
+    pings = values.get("pings")
+    if not pings:
+        return values
+    if load >= STARVED_LOAD:
+        pings = [[mean, None] for mean, _ in pings]
+    return {**values, "rtt_s": expected_rtt(pings, values.get("beyond_ping_s"), values.get("rtt_s"), now),
+            "ping_s": link_delay(pings, now), "late_s": late_by(pings, now)}

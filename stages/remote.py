@@ -41,9 +41,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from zpipe.board import Ewma
+from zpipe.board import CpuLoad, Ewma
 from zpipe.errors import ArtifactError, PeerTimeout, StageError
-from zpipe.policy import expected_rtt, link_delay
+from zpipe.policy import STARVED_LOAD, expected_rtt, link_delay
 from zpipe.stage import Outcome, Stage
 
 __all__ = ["RemoteStage"]
@@ -72,6 +72,7 @@ class _Link:
         self.down_reason = ""
         self.ping = Ewma(0.5)  # heartbeat round trips
         self.ping_out: float | None = None  # when the ping still unanswered was sent
+        self.ping_mark: tuple[float, int] | None = None  # the device's CPU quota then (CpuLoad.mark)
 
 
 class RemoteStage(Stage):
@@ -111,6 +112,8 @@ class RemoteStage(Stage):
             raise StageError("a remote stage needs an endpoint and a model: place it on a host from [hosts] "
                              "(host = \"edge\") or give endpoint and model")
         self._lock = threading.Lock()
+        self._cpu = CpuLoad()  # a ping answered while the device had no CPU says little about the link
+        self._starved_pings = 0
         self._rtt = Ewma(0.2)
         self._beyond_ping = Ewma(0.2)  # a request's round trip minus the ping of its link at the time
         self._errors = Ewma(0.1)
@@ -412,6 +415,7 @@ class RemoteStage(Stage):
                     if not _usable(link) or link.ping_out is not None:
                         continue
                     link.ping_out = sent = time.monotonic()
+                    link.ping_mark = self._cpu.mark()
                 try:
                     future = link.client.ping(timeout_s=max(2.0, 10 * self.ping_s))
                 except Exception:  # closed or refused: the breaker deals with the link
@@ -422,11 +426,20 @@ class RemoteStage(Stage):
                 future.add_done_callback(lambda f, link=link, sent=sent: self._pinged(link, sent, f))
 
     def _pinged(self, link: _Link, sent: float, future: Future) -> None:
+        """A ping's answer (or its timeout). One answered while the device used up its CPU quota for most of the
+        ping's flight may lower the link's figure but not raise it: its thread waited for CPU, so its round trip
+        is mostly the device's (policy run 57: pings at 22 ms on a 20 ms link while the device had CPU, 50 ms
+        median and up to 170 while it had none)."""
         exc = future.exception()
+        starved = self._cpu.starved_since(link.ping_mark)
         with self._lock:
             link.ping_out = None
             if exc is None:
-                link.ping.add(future.result())
+                rtt = future.result()
+                if starved >= STARVED_LOAD and link.ping.mean is not None and rtt > link.ping.mean:
+                    self._starved_pings += 1
+                else:
+                    link.ping.add(rtt)
             elif getattr(exc, "reason", "") == "timeout":  # unanswered: the link was at least that slow
                 link.ping.add(time.monotonic() - sent)
             # (a lost connection or a closed client says nothing about delay: the breaker handles those)
@@ -464,6 +477,7 @@ class RemoteStage(Stage):
                     "oldest_sent_at": min((t for t in self._sent_at.values() if t > self._newest_done),
                                           default=None), "error_rate": self._errors.mean or 0.0,
                     "up": any(link.up for link in self._links), "fallbacks": self._fallbacks,
+                    "starved_pings": self._starved_pings,
                     "requests_sent": sum(link.client.requests_sent for link in self._links),
                     "bytes_sent": sum(link.client.bytes_sent for link in self._links),
                     "down": [f"{link.endpoint}: {link.down_reason}" for link in self._links if not link.up]}

@@ -91,19 +91,37 @@ class CpuLoad:
             import psutil
 
             return psutil.cpu_percent(interval=None) / 100
-        stat, period_s = self._quota
-        try:
-            fields = dict(line.split() for line in stat.read_text().splitlines() if line.count(" ") == 1)
-            now = time.monotonic(), int(fields["nr_throttled"])
-        except (OSError, KeyError, ValueError):
+        now = self.mark()
+        if now is None:
             return 0.0
         last = self._last
-        if last is not None and now[0] - last[0] < period_s:
+        if last is not None and now[0] - last[0] < self._quota[1]:
             return self._value  # shorter than one period: the last figure stands, the window keeps growing
         self._last = now
         if last is not None:
-            self._value = min(1.0, (now[1] - last[1]) * period_s / (now[0] - last[0]))
+            self._value = self._share(last, now)
         return self._value
+
+    def mark(self) -> tuple[float, int] | None:
+        """(now, the quota's periods used up so far) to compare with later (:meth:`starved_since`); None without a
+        quota."""
+        if self._quota is None:
+            return None
+        try:
+            lines = self._quota[0].read_text().splitlines()
+            fields = dict(line.split() for line in lines if line.count(" ") == 1)
+            return time.monotonic(), int(fields["nr_throttled"])
+        except (OSError, KeyError, ValueError):
+            return None
+
+    def starved_since(self, mark: tuple[float, int] | None) -> float:
+        """The share of the quota's periods used up since ``mark`` (0.0 without a quota): how much of that time
+        this device's threads may have waited for CPU, whatever they were waiting for."""
+        now = self.mark()
+        return 0.0 if mark is None or now is None or now[0] <= mark[0] else self._share(mark, now)
+
+    def _share(self, then: tuple[float, int], now: tuple[float, int]) -> float:
+        return min(1.0, (now[1] - then[1]) * self._quota[1] / (now[0] - then[0]))
 
 
 def _quota(root: Path = Path("/sys/fs/cgroup")) -> tuple[Path, float] | None:

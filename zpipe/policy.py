@@ -44,7 +44,7 @@ from typing import Any, Mapping, Sequence
 from .errors import TopologyError, did_you_mean
 
 __all__ = ["Signals", "Decision", "LatencyPolicy", "ThresholdPolicy", "make_policy", "expected_rtt", "link_delay",
-           "late_by"]
+           "late_by", "STARVED_LOAD"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +71,9 @@ class Signals:
 
 
 _LATE_FACTOR, _LATE_MARGIN_S = 1.5, 0.005  # a ping out longer than this is late (see late_by)
+#: A device that used up its CPU quota in this share of the time handles a ping's answer late: such a ping (and one
+#: still out) tells about the device more than about the link (see stages/remote.py and stages/gate.py).
+STARVED_LOAD = 0.5
 
 
 def _late_after(mean: float) -> float:
