@@ -220,8 +220,10 @@ class LatencyPolicy:
             # starts only when the remote answer is due, so that on a device with little CPU it does not slow the
             # handling of that answer (a late answer still has the local copy coming); when it looks better or
             # about as fast, the request is local's, with a remote copy in case the device got busy.
+            # On a device at its CPU quota the local estimate is the one from before it got busy, and the local
+            # side is the slower one whatever it says (run 59: a local-led probe 2 s into the CPU hog took 410 ms).
             if self.state.offload and stale_local and self._probe_due("local", s.now):
-                if local > (1 + self.hysteresis) * remote:
+                if local > (1 + self.hysteresis) * remote or s.device_load >= _SATURATED_LOAD:
                     return self._probe("local", defer_s=remote)
                 return self._probe("local", lead=True)
             # A remote probe is hedged when remote looks worse by more than the hysteresis. A remote side that
@@ -249,7 +251,7 @@ class LatencyPolicy:
         else:
             offload = remote < local * (1 - self.hysteresis)
         if offload != self.state.offload and not clear and s.now - self.state.since >= self.state.min_dwell_s:
-            confirm = self._confirm("remote" if offload else "local", s, why, remote if offload else local)
+            confirm = self._confirm("remote" if offload else "local", s, why, remote if offload else local, remote)
             if confirm is not None:
                 return confirm
         else:
@@ -281,11 +283,12 @@ class LatencyPolicy:
             return Decision(decision.offload, f"{decision.reason}: hedged", hedge=True)
         return decision
 
-    def _confirm(self, side: str, s: Signals, why: str, estimate: float) -> Decision | None:
+    def _confirm(self, side: str, s: Signals, why: str, estimate: float, remote: float) -> Decision | None:
         """Before switching to ``side`` by less than a clear margin on an estimate older than _CONFIRM_AGE_S:
         a hedged probe of it (the request costs no latency if the estimate was wrong), and no switch until a sample
         newer than that probe is in, however long the next request takes to come. Without one after 3x the side's
-        estimate (at least _CONFIRM_AGE_S), another probe.
+        estimate (at least _CONFIRM_AGE_S), another probe. On a device at its CPU quota, the local copy of a local
+        one starts when the ``remote`` answer is due.
 
         Nothing refreshes the local estimate between probes, and a device that just got busy makes the remote round
         trip look slower too (it handles the reply): switching on the old local figure would send requests to a
@@ -301,7 +304,8 @@ class LatencyPolicy:
             return None
         if probed is None or s.now - probed >= max(_CONFIRM_AGE_S, 3 * estimate):
             self._confirmed[side] = s.now
-            return self._probe(side, f"confirm before switching: {why}", hedge=True)
+            defer_s = remote if side == "local" and s.device_load >= _SATURATED_LOAD else 0.0
+            return self._probe(side, f"confirm before switching: {why}", hedge=True, defer_s=defer_s)
         return Decision(self.state.offload, f"waiting for a fresh {side} sample before switching ({why})")
 
     def _probe(self, side: str, why: str = "", *, hedge: bool = True, defer_s: float = 0.0,
