@@ -152,11 +152,14 @@ def mount_cpu_cgroup() -> str:
     """Let the device see its CPU quota, as a container sees its own. `ip netns exec` mounts a fresh /sys for the
     namespace, without the cgroup filesystems, so zpipe's device load (zpipe.board.CpuLoad) found no quota and
     read the host's CPU use instead (sessions 7-8 until this was found). Mount the cpu hierarchy again, in this
-    process's own mount namespace (the one `ip netns exec` made: the host's mounts do not change). Returns what
-    the device load now reads from."""
-    from zpipe.board import _quota
+    process's own mount namespace (the one `ip netns exec` made: the host's mounts do not change). Says what the
+    device load now reads."""
+    from zpipe.board import CpuLoad
 
-    if _quota() is None:
+    if CpuLoad().throttled_s() is None:
+        if os.stat("/proc/self/ns/mnt").st_ino == os.stat("/proc/1/ns/mnt").st_ino:
+            raise RuntimeError("the device side sees no CPU quota, and runs in the host's mount namespace (not "
+                               "under `ip netns exec`): it will not mount over the host's /sys/fs/cgroup")
         for line in Path("/proc/self/cgroup").read_text().splitlines():
             _, controllers, _ = line.split(":", 2)
             if "cpu" in controllers.split(","):  # cgroup v1
@@ -167,10 +170,10 @@ def mount_cpu_cgroup() -> str:
                 break
         else:
             subprocess.run(["mount", "-t", "cgroup2", "cgroup2", "/sys/fs/cgroup"], check=True)
-    quota = _quota()
-    if quota is None:
+    throttled = CpuLoad().throttled_s()
+    if throttled is None:
         raise RuntimeError("the device's CPU quota is not visible at /sys/fs/cgroup; its load would be the host's")
-    return str(quota[0].parent)
+    return f"its cgroup's CPU quota (used up for {throttled:.1f} s so far)"
 
 
 def device_main(args: argparse.Namespace) -> None:
@@ -223,7 +226,7 @@ def device_main(args: argparse.Namespace) -> None:
             records.append(rec)
         return records
 
-    say(f"device load: the CPU quota of {mount_cpu_cgroup()}")
+    say(f"device load: {mount_cpu_cgroup()}")
     text = (work / "topology.toml").read_text()
     pipes: dict[str, Pipeline] = {}
     hog = None

@@ -36,7 +36,7 @@ import numpy as np
 
 from zpipe.board import CpuLoad
 from zpipe.errors import StageError, TopologyError
-from zpipe.policy import STARVED_LOAD, Signals, expected_rtt, late_by, link_delay, make_policy
+from zpipe.policy import Signals, device_stalls_left_out, expected_rtt, late_by, link_delay, make_policy
 from zpipe.stage import Outcome, Stage
 
 __all__ = ["GateStage"]
@@ -71,6 +71,7 @@ class GateStage(Stage):
             self._epochs: dict[str, tuple[int, int]] = {}  # local stage -> (its pid, its count when we saw it)
             self._load = (0.0, 0.0)  # (measured at, value)
             self._cpu_load = CpuLoad()
+            self._throttled_s = self._cpu_load.throttled_s  # how long the device's CPU quota has been used up
             self._local_s: float | None = None  # the local service time at the last policy decision
 
     @property
@@ -153,8 +154,8 @@ class GateStage(Stage):
         timed = [v for v in local if v.get("service_s") is not None]
         slowest = max(timed, key=lambda v: v["service_s"], default={})  # the local branch's bottleneck
         local_at = min((v["measured_at"] for v in local if v.get("measured_at") is not None), default=None)
-        load = self._device_load(now)
-        remote = [_as_of(v, now, load) for v in remote]
+        throttled = self._throttled_s()
+        remote = [_as_of(v, now, throttled) for v in remote]
         rtts = [v for v in remote if v.get("rtt_s") is not None]
         backlog = max(0, self._sent[False] - local_done)
         # The local branch takes its requests in order: the oldest unfinished one is the backlog-th newest sent.
@@ -164,7 +165,7 @@ class GateStage(Stage):
             now=now, local_service_s=slowest.get("service_s"), local_service_std_s=slowest.get("service_std_s", 0.0),
             local_service_support=slowest.get("service_support"),
             local_measured_at=local_at, local_backlog=backlog,
-            local_oldest_age_s=now - oldest, device_load=load,
+            local_oldest_age_s=now - oldest, device_load=self._device_load(now),
             remote_rtt_s=max((v["rtt_s"] for v in rtts), default=None),
             remote_ping_s=max((v["ping_s"] for v in remote if v.get("ping_s") is not None), default=None),
             remote_ping_late_s=max((v.get("late_s", 0.0) for v in remote), default=0.0),
@@ -200,16 +201,13 @@ class GateStage(Stage):
         return value
 
 
-
-def _as_of(values: dict[str, Any], now: float, load: float) -> dict[str, Any]:
+def _as_of(values: dict[str, Any], now: float, throttled_s: float | None) -> dict[str, Any]:
     """A remote stand-in's figures as of ``now``. A ping still out is older than when its stage published: its
-    delay counts as of now (up to late; how much longer it has been out goes apart, see policy.late_by). Not while
-    the device uses up its CPU (``load`` at least STARVED_LOAD): then its answer may well be in, waiting for a
-    thread to run (see stages/remote.py, _pinged), and only the links' smoothed pings count."""
-    pings = values.get("pings")
-    if not pings:
+    delay counts as of now, up to late (how much longer it has been out goes apart, see policy.late_by), less the
+    time the device's CPU quota has been used up since it was sent (``throttled_s`` now, see
+    policy.device_stalls_left_out): its answer may be in, waiting for a thread to run."""
+    if not values.get("pings"):
         return values
-    if load >= STARVED_LOAD:
-        pings = [[mean, None] for mean, _ in pings]
+    pings = device_stalls_left_out(values["pings"], throttled_s)
     return {**values, "rtt_s": expected_rtt(pings, values.get("beyond_ping_s"), values.get("rtt_s"), now),
             "ping_s": link_delay(pings, now), "late_s": late_by(pings, now)}

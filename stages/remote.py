@@ -24,7 +24,9 @@ keeps taking work while replies are pending, up to ``max_in_flight``); each carr
   smoothed round trip minus the ping at the time). The pieces are published within a few ms of each ping sent
   or answered, and the gate adds them up when it decides: a ping still out counts with its age then. A link
   that gets slower shows within one ping, before a request is sent into it; with requests going local, so does
-  a link that recovers. A ping is ~60 bytes each way and no tensor.
+  a link that recovers. A ping is ~60 bytes each way and no tensor. Under a CPU quota, the time the device's
+  quota was used up during a ping (no thread of the device ran: its answer may have waited) is left out of it,
+  here and in the gate's ageing (see _pinged).
 
 A request the gate routes elsewhere never reaches this stage, so nothing is sent to any server for it.
 """
@@ -43,7 +45,7 @@ import numpy as np
 
 from zpipe.board import CpuLoad, Ewma
 from zpipe.errors import ArtifactError, PeerTimeout, StageError
-from zpipe.policy import STARVED_LOAD, expected_rtt, link_delay
+from zpipe.policy import device_stalls_left_out, expected_rtt, link_delay
 from zpipe.stage import Outcome, Stage
 
 __all__ = ["RemoteStage"]
@@ -72,7 +74,7 @@ class _Link:
         self.down_reason = ""
         self.ping = Ewma(0.5)  # heartbeat round trips
         self.ping_out: float | None = None  # when the ping still unanswered was sent
-        self.ping_mark: tuple[float, int] | None = None  # the device's CPU quota then (CpuLoad.mark)
+        self.ping_throttled: float | None = None  # how long the device's CPU quota had been used up then
 
 
 class RemoteStage(Stage):
@@ -113,7 +115,7 @@ class RemoteStage(Stage):
                              "(host = \"edge\") or give endpoint and model")
         self._lock = threading.Lock()
         self._cpu = CpuLoad()  # a ping answered while the device had no CPU says little about the link
-        self._starved_pings = 0
+        self._stalled_pings = 0
         self._rtt = Ewma(0.2)
         self._beyond_ping = Ewma(0.2)  # a request's round trip minus the ping of its link at the time
         self._errors = Ewma(0.1)
@@ -411,11 +413,12 @@ class RemoteStage(Stage):
         """Every ping_s, a heartbeat to each server that is up and has none out."""
         while not self._stop.wait(self.ping_s):
             for link in self._links:
+                throttled = self._cpu.throttled_s()
                 with self._lock:
                     if not _usable(link) or link.ping_out is not None:
                         continue
-                    link.ping_out = sent = time.monotonic()
-                    link.ping_mark = self._cpu.mark()
+                    sent = time.monotonic()
+                    link.ping_out, link.ping_throttled = sent, throttled
                 try:
                     future = link.client.ping(timeout_s=max(2.0, 10 * self.ping_s))
                 except Exception:  # closed or refused: the breaker deals with the link
@@ -426,32 +429,38 @@ class RemoteStage(Stage):
                 future.add_done_callback(lambda f, link=link, sent=sent: self._pinged(link, sent, f))
 
     def _pinged(self, link: _Link, sent: float, future: Future) -> None:
-        """A ping's answer (or its timeout). One answered while the device used up its CPU quota for most of the
-        ping's flight may lower the link's figure but not raise it: its thread waited for CPU, so its round trip
-        is mostly the device's (policy run 57: pings at 22 ms on a 20 ms link while the device had CPU, 50 ms
-        median and up to 170 while it had none)."""
+        """A ping's answer (or its timeout). While the device's CPU quota was used up, no thread of it ran, and the
+        answer may have waited: the link's delay lies between the round trip less that time and the round trip.
+        A ping slower than the link's figure counts by the low end of that range; one whose range reaches the
+        figure says nothing new and is left out (``stalled_pings``). Policy run 57: pings took 22 ms on a 20 ms
+        link while the device had CPU, 50 ms median and up to 170 ms while it had none."""
         exc = future.exception()
-        starved = self._cpu.starved_since(link.ping_mark)
+        now, throttled = time.monotonic(), self._cpu.throttled_s()
         with self._lock:
+            stalled = 0.0 if throttled is None or link.ping_throttled is None else throttled - link.ping_throttled
             link.ping_out = None
             if exc is None:
                 rtt = future.result()
-                if starved >= STARVED_LOAD and link.ping.mean is not None and rtt > link.ping.mean:
-                    self._starved_pings += 1
-                else:
-                    link.ping.add(rtt)
             elif getattr(exc, "reason", "") == "timeout":  # unanswered: the link was at least that slow
-                link.ping.add(time.monotonic() - sent)
-            # (a lost connection or a closed client says nothing about delay: the breaker handles those)
+                rtt = now - sent
+            else:  # a lost connection or a closed client says nothing about delay: the breaker handles those
+                rtt = None
+            if rtt is not None:
+                mean = link.ping.mean
+                if mean is not None and rtt > mean and rtt - stalled <= mean:
+                    self._stalled_pings += 1
+                else:
+                    link.ping.add(rtt if mean is None or rtt <= mean else rtt - stalled)
         self._signals_changed()
 
     def _pinged_links(self) -> list[_Link]:
         """The usable links with a smoothed ping; call with the lock held."""
         return [link for link in self._links if _usable(link) and link.ping.mean is not None]
 
-    def _pings(self) -> list[tuple[float, float | None]]:
-        """Each usable link's (smoothed ping, when its ping still out was sent or None); call with the lock held."""
-        return [(link.ping.mean, link.ping_out) for link in self._pinged_links()]
+    def _pings(self) -> list[tuple[float, float | None, float | None]]:
+        """Each usable link's (smoothed ping, when its ping still out was sent or None, how long the device's CPU
+        quota had been used up then or None): see policy.device_stalls_left_out. Call with the lock held."""
+        return [(link.ping.mean, link.ping_out, link.ping_throttled) for link in self._pinged_links()]
 
     def _ping_var(self) -> float:
         """The usable links' mean ping variance; call with the lock held."""
@@ -460,15 +469,17 @@ class RemoteStage(Stage):
 
     def signals(self) -> dict[str, Any]:
         """What this stage publishes on the signal board (read by the gate's offload policy)."""
+        throttled = self._cpu.throttled_s()
         with self._lock:
             now = time.monotonic()
             pings = self._pings()
+            pairs = device_stalls_left_out(pings, throttled)
             # rtt_s: the round trip a request would see now (see expected_rtt). Its pieces go along, so that the
             # gate works it out at its decision: a ping still out when this was published is older by then.
-            return {"rtt_s": expected_rtt(pings, self._beyond_ping.mean, self._rtt.mean, now),
+            return {"rtt_s": expected_rtt(pairs, self._beyond_ping.mean, self._rtt.mean, now),
                     # the spread of the round trips, and of the pings (a link whose delay just jumped is uncertain)
                     "rtt_std_s": (self._rtt.var + self._ping_var()) ** 0.5,
-                    "rtt_measured_s": self._rtt.mean, "rtt_support": self._support, "ping_s": link_delay(pings, now),
+                    "rtt_measured_s": self._rtt.mean, "rtt_support": self._support, "ping_s": link_delay(pairs, now),
                     "pings": pings, "beyond_ping_s": self._beyond_ping.mean,
                     "measured_at": self._measured_at, "ping_then_s": self._ping_then,
                     "inflight": sum(link.inflight for link in self._links),
@@ -477,7 +488,7 @@ class RemoteStage(Stage):
                     "oldest_sent_at": min((t for t in self._sent_at.values() if t > self._newest_done),
                                           default=None), "error_rate": self._errors.mean or 0.0,
                     "up": any(link.up for link in self._links), "fallbacks": self._fallbacks,
-                    "starved_pings": self._starved_pings,
+                    "stalled_pings": self._stalled_pings,
                     "requests_sent": sum(link.client.requests_sent for link in self._links),
                     "bytes_sent": sum(link.client.bytes_sent for link in self._links),
                     "down": [f"{link.endpoint}: {link.down_reason}" for link in self._links if not link.up]}

@@ -83,7 +83,7 @@ class CpuLoad:
 
     def __init__(self) -> None:
         self._quota = _quota()
-        self._last: tuple[float, int] | None = None
+        self._last: tuple[float, int, float] | None = None
         self._value = 0.0
 
     def __call__(self) -> float:
@@ -91,7 +91,7 @@ class CpuLoad:
             import psutil
 
             return psutil.cpu_percent(interval=None) / 100
-        now = self.mark()
+        now = self._read()
         if now is None:
             return 0.0
         last = self._last
@@ -99,29 +99,27 @@ class CpuLoad:
             return self._value  # shorter than one period: the last figure stands, the window keeps growing
         self._last = now
         if last is not None:
-            self._value = self._share(last, now)
+            self._value = min(1.0, (now[1] - last[1]) * self._quota[1] / (now[0] - last[0]))
         return self._value
 
-    def mark(self) -> tuple[float, int] | None:
-        """(now, the quota's periods used up so far) to compare with later (:meth:`starved_since`); None without a
-        quota."""
+    def throttled_s(self) -> float | None:
+        """How long this device's CPU quota has been used up so far, in seconds (cgroup ``throttled_time``, summed
+        over CPUs): while it is, no thread of the device runs, whatever it waits for. None without a quota."""
+        now = self._read()
+        return None if now is None else now[2]
+
+    def _read(self) -> tuple[float, int, float] | None:
+        """(now, periods in which the quota was used up, seconds it was), or None without a quota."""
         if self._quota is None:
             return None
         try:
             lines = self._quota[0].read_text().splitlines()
             fields = dict(line.split() for line in lines if line.count(" ") == 1)
-            return time.monotonic(), int(fields["nr_throttled"])
+            throttled = int(fields["throttled_usec"]) / 1e6 if "throttled_usec" in fields \
+                else int(fields["throttled_time"]) / 1e9  # v2 counts microseconds, v1 nanoseconds
+            return time.monotonic(), int(fields["nr_throttled"]), throttled
         except (OSError, KeyError, ValueError):
             return None
-
-    def starved_since(self, mark: tuple[float, int] | None) -> float:
-        """The share of the quota's periods used up since ``mark`` (0.0 without a quota): how much of that time
-        this device's threads may have waited for CPU, whatever they were waiting for."""
-        now = self.mark()
-        return 0.0 if mark is None or now is None or now[0] <= mark[0] else self._share(mark, now)
-
-    def _share(self, then: tuple[float, int], now: tuple[float, int]) -> float:
-        return min(1.0, (now[1] - then[1]) * self._quota[1] / (now[0] - then[0]))
 
 
 def _quota(root: Path = Path("/sys/fs/cgroup")) -> tuple[Path, float] | None:

@@ -12,15 +12,17 @@ and asks a policy for a :class:`Decision`. Two policies:
   ``min_dwell_s`` old (a side more than twice as fast wins at once); a request whose side is not better than the
   other by the hysteresis runs on both sides (hedged). A ping out clearly longer than usual (a link that just
   slowed, or a device slow to handle the answer) counts in the choice only up to the age at which it is late;
-  the rest counts against remote in that hedging test. A switch by less than that clear margin to a
-  side last measured over 0.5 s ago is looked at first: one hedged probe of it, and the switch waits for its
-  sample (see ``_confirm``). A side that has not been measured for
+  the rest counts against remote in that hedging test. Under a CPU quota, the time the device's quota was used
+  up (no thread of it ran) is left out of a ping's time (see device_stalls_left_out). A switch by less than that
+  clear margin to a side last measured over 0.5 s ago is looked at first: one hedged probe of it, and the switch
+  waits for its sample (see ``_confirm``). A side that has not been measured for
   ``probe_interval_s`` gets one request (a probe), so estimates never go stale; ``probe_interval_s = 0`` turns
   probing off. With ``hedge = true`` (the default) a probe may run on *both* sides, the first answer winning, so
   exploring costs the probed request little latency (the probe's branch still reports its timing). A local probe
   always is hedged (its estimate is the old one): when local looks worse, its local copy starts only when the
   remote answer is due, so that it does not slow the device's handling of that answer, and when it looks better
-  or about as fast the request is local's, with a remote copy in case the device got busy. A remote probe is
+  or about as fast the request is local's, with a remote copy in case the device got busy (not on a device at
+  its CPU quota: there local is the slower side whatever its old estimate says, and remote leads). A remote probe is
   hedged when remote looks worse by more than the hysteresis, rests on a single sample or a ping is late (a
   remote side about as fast is probed on its own: the same request computing on the device would slow its reply
   and mis-measure it). Pings that show a link 1.5× faster than at the last remote sample make a remote probe due
@@ -44,7 +46,7 @@ from typing import Any, Mapping, Sequence
 from .errors import TopologyError, did_you_mean
 
 __all__ = ["Signals", "Decision", "LatencyPolicy", "ThresholdPolicy", "make_policy", "expected_rtt", "link_delay",
-           "late_by", "STARVED_LOAD"]
+           "late_by", "device_stalls_left_out"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,15 +73,25 @@ class Signals:
 
 
 _LATE_FACTOR, _LATE_MARGIN_S = 1.5, 0.005  # a ping out longer than this is late (see late_by)
-#: A device that used up its CPU quota in this share of the time handles a ping's answer late: such a ping (and one
-#: still out) tells about the device more than about the link (see stages/remote.py and stages/gate.py).
-STARVED_LOAD = 0.5
 
 
 def _late_after(mean: float) -> float:
     """How long a ping to a link with smoothed ping ``mean`` may be out before it is late (not a late thread on a
     busy device)."""
     return _LATE_FACTOR * mean + _LATE_MARGIN_S
+
+
+def device_stalls_left_out(pings: Sequence[Sequence[float | None]], throttled_s: float | None) -> list[tuple]:
+    """A stand-in's published pings, (smoothed ping, when the ping still out was sent or None, how long the
+    device's CPU quota had been used up then or None), as (smoothed ping, sent) pairs for link_delay and late_by:
+    a ping still out counts as sent later by the time the quota has been used up since (``throttled_s``, now; see
+    zpipe.board.CpuLoad.throttled_s). Its answer may be in, waiting for a thread of the device to run."""
+    pairs = []
+    for mean, out, *then in pings:
+        if out is not None and then and then[0] is not None and throttled_s is not None:
+            out += max(0.0, throttled_s - then[0])
+        pairs.append((mean, out))
+    return pairs
 
 
 def link_delay(pings: Sequence[Sequence[float | None]], now: float) -> float | None:
@@ -223,8 +235,10 @@ class LatencyPolicy:
             # On a device at its CPU quota the local estimate is the one from before it got busy, and the local
             # side is the slower one whatever it says (run 59: a local-led probe 2 s into the CPU hog took 410 ms).
             if self.state.offload and stale_local and self._probe_due("local", s.now):
-                if local > (1 + self.hysteresis) * remote or s.device_load >= _SATURATED_LOAD:
+                if local > (1 + self.hysteresis) * remote:
                     return self._probe("local", defer_s=remote)
+                if s.device_load >= _SATURATED_LOAD:
+                    return self._probe("local", f"device load {s.device_load:.0%}", defer_s=remote)
                 return self._probe("local", lead=True)
             # A remote probe is hedged when remote looks worse by more than the hysteresis. A remote side that
             # looks better or about as fast is probed alone: the same request computing on the device would slow
@@ -304,8 +318,10 @@ class LatencyPolicy:
             return None
         if probed is None or s.now - probed >= max(_CONFIRM_AGE_S, 3 * estimate):
             self._confirmed[side] = s.now
-            defer_s = remote if side == "local" and s.device_load >= _SATURATED_LOAD else 0.0
-            return self._probe(side, f"confirm before switching: {why}", hedge=True, defer_s=defer_s)
+            if side == "local" and s.device_load >= _SATURATED_LOAD:
+                return self._probe(side, f"confirm before switching: {why}, device load {s.device_load:.0%}",
+                                   defer_s=remote)
+            return self._probe(side, f"confirm before switching: {why}", hedge=True)
         return Decision(self.state.offload, f"waiting for a fresh {side} sample before switching ({why})")
 
     def _probe(self, side: str, why: str = "", *, hedge: bool = True, defer_s: float = 0.0,
