@@ -157,9 +157,10 @@ def mount_cpu_cgroup() -> str:
     from zpipe.board import CpuLoad
 
     if CpuLoad().throttled_s() is None:
-        if os.stat("/proc/self/ns/mnt").st_ino == os.stat("/proc/1/ns/mnt").st_ino:
-            raise RuntimeError("the device side sees no CPU quota, and runs in the host's mount namespace (not "
-                               "under `ip netns exec`): it will not mount over the host's /sys/fs/cgroup")
+        mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+        if any(m == "/sys/fs/cgroup" or m.startswith("/sys/fs/cgroup/") for m in mounts):
+            raise RuntimeError("the device side sees no CPU quota, but cgroups are mounted at /sys/fs/cgroup: "
+                               "run it under cpuslow.sh (it will not mount over them)")
         for line in Path("/proc/self/cgroup").read_text().splitlines():
             _, controllers, _ = line.split(":", 2)
             if "cpu" in controllers.split(","):  # cgroup v1
