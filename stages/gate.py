@@ -70,6 +70,7 @@ class GateStage(Stage):
             self._local_sent_at: collections.deque[float] = collections.deque(maxlen=1024)  # newest last
             self._epochs: dict[str, tuple[int, int]] = {}  # local stage -> (its pid, its count when we saw it)
             self._load = (0.0, 0.0)  # (measured at, value)
+            self._local_seen: tuple[float | None, float | None] = (None, None)  # (local measured at, load then)
             self._cpu_load = CpuLoad()
             self._throttled_s = self._cpu_load.throttled_s  # how long the device's CPU quota has been used up
             self._local_s: float | None = None  # the local service time at the last policy decision
@@ -154,6 +155,9 @@ class GateStage(Stage):
         timed = [v for v in local if v.get("service_s") is not None]
         slowest = max(timed, key=lambda v: v["service_s"], default={})  # the local branch's bottleneck
         local_at = min((v["measured_at"] for v in local if v.get("measured_at") is not None), default=None)
+        load = self._device_load(now)
+        if local_at != self._local_seen[0]:  # a new local sample: the device load it was measured at
+            self._local_seen = (local_at, load)
         throttled = self._throttled_s()
         remote = [_as_of(v, now, throttled) for v in remote]
         rtts = [v for v in remote if v.get("rtt_s") is not None]
@@ -165,7 +169,7 @@ class GateStage(Stage):
             now=now, local_service_s=slowest.get("service_s"), local_service_std_s=slowest.get("service_std_s", 0.0),
             local_service_support=slowest.get("service_support"),
             local_measured_at=local_at, local_backlog=backlog,
-            local_oldest_age_s=now - oldest, device_load=self._device_load(now),
+            local_oldest_age_s=now - oldest, device_load=load, local_load_then=self._local_seen[1],
             remote_rtt_s=max((v["rtt_s"] for v in rtts), default=None),
             remote_ping_s=max((v["ping_s"] for v in remote if v.get("ping_s") is not None), default=None),
             remote_ping_late_s=max((v.get("late_s", 0.0) for v in remote), default=0.0),

@@ -368,6 +368,48 @@ def test_on_a_device_at_its_cpu_quota_a_local_probe_waits_for_the_remote_answer(
         assert d.defer_s == pytest.approx(defer_s), (load, d)
 
 
+def test_no_switch_to_local_on_a_local_figure_from_before_the_device_reached_its_quota():
+    """Remote looks 2.5x slower than local, a clear margin that switches at once, but local was measured while the
+    device had CPU and now it is at its quota: first a look at local under this load (its copy after the remote
+    answer is due), and no switch until that sample is in. Measured at the quota, the same figure switches."""
+    s = dict(local_service_s=0.100, local_measured_at=9.9, remote_rtt_s=0.250, remote_measured_at=9.9,
+             device_load=0.95)
+    p = LatencyPolicy(min_dwell_s=0, probe_interval_s=5.0)
+    p.state.choose(True, 0.0, "start")
+    d = p.decide(Signals(now=10.0, local_load_then=0.2, **s))
+    assert d.offload and d.hedge and d.reason.startswith("probe local (confirm before switching"), d
+    assert d.defer_s == pytest.approx(0.25), d
+    d = p.decide(Signals(now=10.1, local_load_then=0.2, **s))
+    assert d.offload and d.reason.startswith("waiting for a fresh local sample"), d
+    d = p.decide(Signals(now=10.5, local_load_then=0.95, **{**s, "local_service_s": 0.110, "local_measured_at": 10.4}))
+    assert not d.offload, d  # measured under this load, and still clearly faster: local
+    p = LatencyPolicy(min_dwell_s=0, probe_interval_s=5.0)
+    p.state.choose(True, 0.0, "start")
+    assert not p.decide(Signals(now=10.0, local_load_then=0.95, **s)).offload
+
+
+def test_the_gate_keeps_the_device_load_each_local_sample_was_measured_at(tmp_path):
+    from stages.gate import GateStage
+    from zpipe.board import Board
+    from zpipe.stage import StageContext
+
+    board = Board(tmp_path)
+    gate = GateStage(policy="latency")
+    gate.context = StageContext(name="gate", consumers={"then.x": ("edge",), "else.x": ("local",)}, board=board)
+    gate.setup()
+    loads = iter([0.2, 0.95, 0.95])
+    gate._cpu_load = lambda: next(loads)
+    now = time.monotonic()
+    board.publish("local", {"service_s": 0.1, "measured_at": now})
+    assert gate._signals().local_load_then == 0.2
+    gate._load = (0.0, 0.0)  # read the load afresh: the device is at its quota now
+    assert gate._signals().local_load_then == 0.2  # the same sample: measured at 20 %
+    time.sleep(0.003)  # past the board's read cache
+    board.publish("local", {"service_s": 0.3, "measured_at": now + 1})
+    gate._load = (0.0, 0.0)
+    assert gate._signals().local_load_then == 0.95
+
+
 def test_a_local_probe_while_offloading_sends_its_local_copy_when_the_remote_answer_is_due(tmp_path):
     from stages.gate import GateStage
     from zpipe.board import Board

@@ -56,6 +56,7 @@ class Signals:
     local_service_std_s: float = 0.0  # and its standard deviation
     local_service_support: int | None = None  # samples behind local_service_s since it started afresh (None: unknown)
     local_measured_at: float | None = None
+    local_load_then: float | None = None  # the device load when local_service_s was last measured (None: unknown)
     local_backlog: int = 0  # requests sent to the local branch and not finished
     local_oldest_age_s: float = 0.0  # how long the oldest of those has been out
     device_load: float = 0.0  # CPU use of this device, 0..1 (of its CPU quota if it has one: see board.CpuLoad)
@@ -264,13 +265,18 @@ class LatencyPolicy:
             offload = not local < remote * (1 - self.hysteresis)
         else:
             offload = remote < local * (1 - self.hysteresis)
-        if offload != self.state.offload and not clear and s.now - self.state.since >= self.state.min_dwell_s:
+        # A local estimate measured before the device reached its CPU quota says nothing about local now, however
+        # clear the margin: a switch to local on it waits for a look at local under this load (run 68, session 7's
+        # code: a switch 2 s into the CPU hog on a local figure from before it, 650 ms).
+        unproven = not offload and self._local_unproven(s)
+        if offload != self.state.offload and (not clear or unproven) \
+                and s.now - self.state.since >= self.state.min_dwell_s:
             confirm = self._confirm("remote" if offload else "local", s, why, remote if offload else local, remote)
             if confirm is not None:
                 return confirm
         else:
             self._confirmed.clear()  # no switch waits for a look: a later one takes its own
-        decision = self.state.choose(offload, s.now, why, forced=clear)
+        decision = self.state.choose(offload, s.now, why, forced=clear and not unproven)
         # A request whose side is not better than the other by the hysteresis (a close call, or a side the dwell
         # time holds) runs on both sides: the estimates cannot tell which answers first, and the first answer wins.
         # - The chosen side counts one spread more here than in the choice: the hedge is for its unlucky draws (a
@@ -298,7 +304,8 @@ class LatencyPolicy:
         return decision
 
     def _confirm(self, side: str, s: Signals, why: str, estimate: float, remote: float) -> Decision | None:
-        """Before switching to ``side`` by less than a clear margin on an estimate older than _CONFIRM_AGE_S:
+        """Before switching to ``side`` by less than a clear margin on an estimate older than _CONFIRM_AGE_S (or to
+        local on an estimate from before the device reached its CPU quota, whatever the margin and age):
         a hedged probe of it (the request costs no latency if the estimate was wrong), and no switch until a sample
         newer than that probe is in, however long the next request takes to come. Without one after 3x the side's
         estimate (at least _CONFIRM_AGE_S), another probe. On a device at its CPU quota, the local copy of a local
@@ -314,7 +321,8 @@ class LatencyPolicy:
         if measured is not None and probed is not None and measured >= probed:
             del self._confirmed[side]  # the probe's sample (or a newer one) is in: decide on it
             return None
-        if measured is not None and s.now - measured <= _CONFIRM_AGE_S:
+        fresh = measured is not None and s.now - measured <= _CONFIRM_AGE_S
+        if fresh and not (side == "local" and self._local_unproven(s)):
             return None
         if probed is None or s.now - probed >= max(_CONFIRM_AGE_S, 3 * estimate):
             self._confirmed[side] = s.now
@@ -323,6 +331,12 @@ class LatencyPolicy:
                                    defer_s=remote)
             return self._probe(side, f"confirm before switching: {why}", hedge=True)
         return Decision(self.state.offload, f"waiting for a fresh {side} sample before switching ({why})")
+
+    @staticmethod
+    def _local_unproven(s: Signals) -> bool:
+        """The device is at its CPU quota, and the local estimate was measured while it was not."""
+        return s.device_load >= _SATURATED_LOAD and s.local_load_then is not None \
+            and s.local_load_then < _SATURATED_LOAD
 
     def _probe(self, side: str, why: str = "", *, hedge: bool = True, defer_s: float = 0.0,
                lead: bool = False) -> Decision:
