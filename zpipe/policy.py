@@ -15,7 +15,8 @@ and asks a policy for a :class:`Decision`. Two policies:
   the rest counts against remote in that hedging test. Under a CPU quota, the time the device's quota was used
   up (no thread of it ran) is left out of a ping's time (see device_stalls_left_out). A switch by less than that
   clear margin to a side last measured over 0.5 s ago is looked at first: one hedged probe of it, and the switch
-  waits for its sample (see ``_confirm``). A side that has not been measured for
+  waits for its sample (see ``_confirm``); so is a switch to local by any margin on a local estimate measured
+  before the device reached its CPU quota. A side that has not been measured for
   ``probe_interval_s`` gets one request (a probe), so estimates never go stale; ``probe_interval_s = 0`` turns
   probing off. With ``hedge = true`` (the default) a probe may run on *both* sides, the first answer winning, so
   exploring costs the probed request little latency (the probe's branch still reports its timing). A local probe
