@@ -156,7 +156,7 @@ def mount_cpu_cgroup() -> str:
     device load now reads."""
     from zpipe.board import CpuLoad
 
-    if CpuLoad().throttled_s() is None:
+    if CpuLoad().stall_clock() is None:
         mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
         if any(m == "/sys/fs/cgroup" or m.startswith("/sys/fs/cgroup/") for m in mounts):
             raise RuntimeError("the device side sees no CPU quota, but cgroups are mounted at /sys/fs/cgroup: "
@@ -171,10 +171,10 @@ def mount_cpu_cgroup() -> str:
                 break
         else:
             subprocess.run(["mount", "-t", "cgroup2", "cgroup2", "/sys/fs/cgroup"], check=True)
-    throttled = CpuLoad().throttled_s()
-    if throttled is None:
+    clock = CpuLoad().stall_clock()
+    if clock is None:
         raise RuntimeError("the device's CPU quota is not visible at /sys/fs/cgroup; its load would be the host's")
-    return f"its cgroup's CPU quota (used up for {throttled:.1f} s so far)"
+    return f"its cgroup's CPU quota (used up for {min(clock):.1f} s so far)"
 
 
 def device_main(args: argparse.Namespace) -> None:

@@ -72,7 +72,7 @@ class GateStage(Stage):
             self._load = (0.0, 0.0)  # (measured at, value)
             self._local_seen: tuple[float | None, float | None] = (None, None)  # (local measured at, load then)
             self._cpu_load = CpuLoad()
-            self._throttled_s = self._cpu_load.throttled_s  # how long the device's CPU quota has been used up
+            self._stall_clock = self._cpu_load.stall_clock  # how long the device's CPU quota has been used up
             self._local_s: float | None = None  # the local service time at the last policy decision
 
     @property
@@ -158,8 +158,8 @@ class GateStage(Stage):
         load = self._device_load(now)
         if local_at != self._local_seen[0]:  # a new local sample: the device load it was measured at
             self._local_seen = (local_at, load)
-        throttled = self._throttled_s()
-        remote = [_as_of(v, now, throttled) for v in remote]
+        clock = self._stall_clock()
+        remote = [_as_of(v, now, clock) for v in remote]
         rtts = [v for v in remote if v.get("rtt_s") is not None]
         backlog = max(0, self._sent[False] - local_done)
         # The local branch takes its requests in order: the oldest unfinished one is the backlog-th newest sent.
@@ -205,13 +205,13 @@ class GateStage(Stage):
         return value
 
 
-def _as_of(values: dict[str, Any], now: float, throttled_s: float | None) -> dict[str, Any]:
+def _as_of(values: dict[str, Any], now: float, stall_clock: tuple[float, float] | None) -> dict[str, Any]:
     """A remote stand-in's figures as of ``now``. A ping still out is older than when its stage published: its
     delay counts as of now, up to late (how much longer it has been out goes apart, see policy.late_by), less the
-    time the device's CPU quota has been used up since it was sent (``throttled_s`` now, see
+    time the device's CPU quota has been used up since it was sent (``stall_clock`` is now's, see
     policy.device_stalls_left_out): its answer may be in, waiting for a thread to run."""
     if not values.get("pings"):
         return values
-    pings = device_stalls_left_out(values["pings"], throttled_s)
+    pings = device_stalls_left_out(values["pings"], stall_clock)
     return {**values, "rtt_s": expected_rtt(pings, values.get("beyond_ping_s"), values.get("rtt_s"), now),
             "ping_s": link_delay(pings, now), "late_s": late_by(pings, now)}

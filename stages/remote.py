@@ -43,7 +43,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from zpipe.board import CpuLoad, Ewma
+from zpipe.board import CpuLoad, Ewma, stalled
 from zpipe.errors import ArtifactError, PeerTimeout, StageError
 from zpipe.policy import device_stalls_left_out, expected_rtt, link_delay
 from zpipe.stage import Outcome, Stage
@@ -74,7 +74,7 @@ class _Link:
         self.down_reason = ""
         self.ping = Ewma(0.5)  # heartbeat round trips
         self.ping_out: float | None = None  # when the ping still unanswered was sent
-        self.ping_throttled: float | None = None  # how long the device's CPU quota had been used up then
+        self.ping_stall_clock: tuple[float, float] | None = None  # the device's stall clock then (see board)
 
 
 class RemoteStage(Stage):
@@ -413,12 +413,12 @@ class RemoteStage(Stage):
         """Every ping_s, a heartbeat to each server that is up and has none out."""
         while not self._stop.wait(self.ping_s):
             for link in self._links:
-                throttled = self._cpu.throttled_s()
+                clock = self._cpu.stall_clock()
                 with self._lock:
                     if not _usable(link) or link.ping_out is not None:
                         continue
                     sent = time.monotonic()
-                    link.ping_out, link.ping_throttled = sent, throttled
+                    link.ping_out, link.ping_stall_clock = sent, clock
                 try:
                     future = link.client.ping(timeout_s=max(2.0, 10 * self.ping_s))
                 except Exception:  # closed or refused: the breaker deals with the link
@@ -435,9 +435,9 @@ class RemoteStage(Stage):
         figure says nothing new and is left out (``stalled_pings``). Policy run 57: pings took 22 ms on a 20 ms
         link while the device had CPU, 50 ms median and up to 170 ms while it had none."""
         exc = future.exception()
-        now, throttled = time.monotonic(), self._cpu.throttled_s()
+        now, clock = time.monotonic(), self._cpu.stall_clock()
         with self._lock:
-            stalled = 0.0 if throttled is None or link.ping_throttled is None else throttled - link.ping_throttled
+            device_stall = stalled(link.ping_stall_clock, clock)
             link.ping_out = None
             if exc is None:
                 rtt = future.result()
@@ -447,20 +447,20 @@ class RemoteStage(Stage):
                 rtt = None
             if rtt is not None:
                 mean = link.ping.mean
-                if mean is not None and rtt > mean and rtt - stalled <= mean:
+                if mean is not None and rtt > mean and rtt - device_stall <= mean:
                     self._stalled_pings += 1
                 else:
-                    link.ping.add(rtt if mean is None or rtt <= mean else rtt - stalled)
+                    link.ping.add(rtt if mean is None or rtt <= mean else rtt - device_stall)
         self._signals_changed()
 
     def _pinged_links(self) -> list[_Link]:
         """The usable links with a smoothed ping; call with the lock held."""
         return [link for link in self._links if _usable(link) and link.ping.mean is not None]
 
-    def _pings(self) -> list[tuple[float, float | None, float | None]]:
-        """Each usable link's (smoothed ping, when its ping still out was sent or None, how long the device's CPU
-        quota had been used up then or None): see policy.device_stalls_left_out. Call with the lock held."""
-        return [(link.ping.mean, link.ping_out, link.ping_throttled) for link in self._pinged_links()]
+    def _pings(self) -> list[tuple[float, float | None, tuple[float, float] | None]]:
+        """Each usable link's (smoothed ping, when its ping still out was sent or None, the device's stall clock
+        then or None): see policy.device_stalls_left_out. Call with the lock held."""
+        return [(link.ping.mean, link.ping_out, link.ping_stall_clock) for link in self._pinged_links()]
 
     def _ping_var(self) -> float:
         """The usable links' mean ping variance; call with the lock held."""
@@ -469,11 +469,11 @@ class RemoteStage(Stage):
 
     def signals(self) -> dict[str, Any]:
         """What this stage publishes on the signal board (read by the gate's offload policy)."""
-        throttled = self._cpu.throttled_s()
+        clock = self._cpu.stall_clock()
         with self._lock:
             now = time.monotonic()
             pings = self._pings()
-            pairs = device_stalls_left_out(pings, throttled)
+            pairs = device_stalls_left_out(pings, clock)
             # rtt_s: the round trip a request would see now (see expected_rtt). Its pieces go along, so that the
             # gate works it out at its decision: a ping still out when this was published is older by then.
             return {"rtt_s": expected_rtt(pairs, self._beyond_ping.mean, self._rtt.mean, now),

@@ -262,13 +262,17 @@ def test_the_gate_leaves_the_devices_stalls_out_of_a_pings_age(tmp_path):
     gate._cpu_load = lambda: 0.0
     now = time.monotonic()
     board.publish("local", {"service_s": 0.2, "measured_at": now})
-    # A 40 ms link; its ping went out 200 ms ago, when the quota had been used up for 5 s in all.
-    board.publish("edge", {"rtt_s": 0.06, "measured_at": now, "pings": [[0.04, now - 0.2, 5.0]],
+    # A 40 ms link; its ping went out 200 ms ago, when the device's stall clock read 5 s (both counts).
+    board.publish("edge", {"rtt_s": 0.06, "measured_at": now, "pings": [[0.04, now - 0.2, [5.0, 5.0]]],
                            "beyond_ping_s": 0.03})
-    gate._throttled_s = lambda: 5.16  # used up for 160 ms since: the ping is out for ~40 ms of the link's time
+    gate._stall_clock = lambda: (5.16, 5.40)  # used up for 160 ms since: out for ~40 ms of the link's time
     stalled = gate._signals()
     assert 0.07 <= stalled.remote_rtt_s < 0.08 and stalled.remote_ping_late_s == 0, stalled
-    gate._throttled_s = lambda: None  # no quota: all 200 ms count (up to late, 65 ms; the rest is late)
+    # Summed over two busy CPUs the quota counts 190 ms, but its throttled periods add up to 100 ms: the smaller.
+    gate._stall_clock = lambda: (5.19, 5.10)
+    bounded = gate._signals()  # out for ~100 ms of the link's time: counted up to late (65 ms), 35 ms late
+    assert bounded.remote_rtt_s == pytest.approx(0.065 + 0.03) and 0.03 < bounded.remote_ping_late_s < 0.04, bounded
+    gate._stall_clock = lambda: None  # no quota: all 200 ms count (up to late, 65 ms; the rest is late)
     plain = gate._signals()
     assert plain.remote_rtt_s == pytest.approx(0.065 + 0.03) and plain.remote_ping_late_s > 0.1, plain
 

@@ -12,9 +12,9 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-__all__ = ["Board", "Ewma", "CpuLoad"]
+__all__ = ["Board", "Ewma", "CpuLoad", "stalled"]
 
 
 class Board:
@@ -102,11 +102,13 @@ class CpuLoad:
             self._value = min(1.0, (now[1] - last[1]) * self._quota[1] / (now[0] - last[0]))
         return self._value
 
-    def throttled_s(self) -> float | None:
-        """How long this device's CPU quota has been used up so far, in seconds (cgroup ``throttled_time``, summed
-        over CPUs): while it is, no thread of the device runs, whatever it waits for. None without a quota."""
+    def stall_clock(self) -> tuple[float, float] | None:
+        """Two running counts, in seconds, of how long this device's CPU quota has been used up, to subtract from
+        a later reading (:func:`stalled`): while it is, no thread of the device runs, whatever it waits for. The
+        cgroup's ``throttled_time`` sums it over CPUs (two busy CPUs count it twice), and the throttled periods
+        times the period bound it by the clock. None without a quota."""
         now = self._read()
-        return None if now is None else now[2]
+        return None if now is None else (now[2], now[1] * self._quota[1])
 
     def _read(self) -> tuple[float, int, float] | None:
         """(now, periods in which the quota was used up, seconds it was), or None without a quota."""
@@ -120,6 +122,14 @@ class CpuLoad:
             return time.monotonic(), int(fields["nr_throttled"]), throttled
         except (OSError, KeyError, ValueError):
             return None
+
+
+def stalled(then: Sequence[float] | None, now: Sequence[float] | None) -> float:
+    """How long the device's CPU quota was used up between two readings of :meth:`CpuLoad.stall_clock` (0.0 if
+    either is None): the smaller of the two counts' growth."""
+    if then is None or now is None:
+        return 0.0
+    return max(0.0, min(now[0] - then[0], now[1] - then[1]))
 
 
 def _quota(root: Path = Path("/sys/fs/cgroup")) -> tuple[Path, float] | None:

@@ -44,6 +44,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from .board import stalled
 from .errors import TopologyError, did_you_mean
 
 __all__ = ["Signals", "Decision", "LatencyPolicy", "ThresholdPolicy", "make_policy", "expected_rtt", "link_delay",
@@ -83,15 +84,15 @@ def _late_after(mean: float) -> float:
     return _LATE_FACTOR * mean + _LATE_MARGIN_S
 
 
-def device_stalls_left_out(pings: Sequence[Sequence[float | None]], throttled_s: float | None) -> list[tuple]:
-    """A stand-in's published pings, (smoothed ping, when the ping still out was sent or None, how long the
-    device's CPU quota had been used up then or None), as (smoothed ping, sent) pairs for link_delay and late_by:
-    a ping still out counts as sent later by the time the quota has been used up since (``throttled_s``, now; see
-    zpipe.board.CpuLoad.throttled_s). Its answer may be in, waiting for a thread of the device to run."""
+def device_stalls_left_out(pings: Sequence[Sequence[Any]], stall_clock: Sequence[float] | None) -> list[tuple]:
+    """A stand-in's published pings, (smoothed ping, when the ping still out was sent or None, the device's stall
+    clock then or None), as (smoothed ping, sent) pairs for link_delay and late_by: a ping still out counts as sent
+    later by the time the device's CPU quota has been used up since (``stall_clock`` is now's; see
+    zpipe.board.CpuLoad.stall_clock). Its answer may be in, waiting for a thread of the device to run."""
     pairs = []
     for mean, out, *then in pings:
-        if out is not None and then and then[0] is not None and throttled_s is not None:
-            out += max(0.0, throttled_s - then[0])
+        if out is not None and then:
+            out += stalled(then[0], stall_clock)
         pairs.append((mean, out))
     return pairs
 
