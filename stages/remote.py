@@ -43,9 +43,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from zpipe.board import CpuLoad, Ewma, stalled
+from zpipe.board import CpuLoad, Ewma
 from zpipe.errors import ArtifactError, PeerTimeout, StageError
-from zpipe.policy import device_stalls_left_out, expected_rtt, link_delay
+from zpipe.policy import device_stalls_left_out, expected_rtt, link_delay, stalled
 from zpipe.stage import Outcome, Stage
 
 __all__ = ["RemoteStage"]

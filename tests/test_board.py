@@ -13,7 +13,8 @@ import pytest
 
 CHILD = textwrap.dedent("""
     import json, sys, threading, time
-    from zpipe.board import CpuLoad, _quota, stalled
+    from zpipe.board import CpuLoad, _quota
+    from zpipe.policy import stalled
     load = CpuLoad()
     load()
     before = load.stall_clock()

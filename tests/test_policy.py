@@ -579,20 +579,24 @@ def test_with_requests_in_flight_a_slower_link_is_seen_before_its_first_reply(af
 STALLED_CHILD = textwrap.dedent("""
     import json, subprocess, sys, time
     from zpipe.stages.remote import RemoteStage
-    stage = RemoteStage(endpoint=sys.argv[1], model="affine", ping_s=0.02)
+    stage, raw = (RemoteStage(endpoint=sys.argv[1], model="affine", ping_s=0.02) for _ in range(2))
     stage.setup()
+    raw.setup()
+    raw._cpu.stall_clock = lambda: None  # the same pings, every one counted as measured
     deadline = time.monotonic() + 5
-    while not stage.signals()["pings"] or time.monotonic() < deadline - 4:  # a second of calm pings
+    while not stage.signals()["pings"] or not raw.signals()["pings"] or time.monotonic() < deadline - 4:
         time.sleep(0.05)
     calm = stage.signals()
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # in this cgroup: it uses up the quota
-    while time.monotonic() < deadline + 10 and stage.signals()["stalled_pings"] < 10:
+    while time.monotonic() < deadline + 10 and (stage.signals()["stalled_pings"] < 10
+                                                or raw.signals()["pings"][0][0] < 0.010):
         time.sleep(0.05)
-    stalled = stage.signals()
+    stalled, counted = stage.signals(), raw.signals()
     hog.kill()
     stage.teardown()
+    raw.teardown()
     print(json.dumps({"calm": calm["pings"][0][0], "stalled": stalled["pings"][0][0],
-                      "left_out": stalled["stalled_pings"]}))
+                      "counted": counted["pings"][0][0], "left_out": stalled["stalled_pings"]}))
 """)
 
 
@@ -601,7 +605,7 @@ def test_a_ping_answered_while_the_device_has_no_cpu_does_not_make_the_link_look
     CPU again, up to most of a quota period later, on a link that answers in ~1 ms. The link's delay then lies
     between the round trip less the time the quota was used up meanwhile and the round trip: such a ping counts
     by that low end, and not at all when its range reaches the link's figure (on the test bed such pings took
-    50-170 ms on a 20 ms link, run 57)."""
+    50-170 ms on a 20 ms link, run 57). A second stand-in in the same process counts every ping as measured."""
     import json
     import os
     import subprocess
@@ -609,28 +613,41 @@ def test_a_ping_answered_while_the_device_has_no_cpu_does_not_make_the_link_look
 
     from test_board import _make_cgroup
 
-    made = _make_cgroup() if os.geteuid() == 0 else None
-    if made is None:
-        pytest.skip("needs root and a cgroup cpu controller to make a CPU quota")
-    directory, _ = made
-    procs = directory / "cgroup.procs"
-    child = subprocess.Popen([sys.executable, "-c", STALLED_CHILD, affine_server.endpoint], stdout=subprocess.PIPE,
-                             text=True, preexec_fn=lambda: procs.write_text(str(os.getpid())))
-    try:
-        out, _ = child.communicate(timeout=120)
-    finally:
-        for pid in procs.read_text().split():  # the child, and its hog if the child died first
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
-        child.wait()
-        for _ in range(50):
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-                break
-            time.sleep(0.1)
-    result = json.loads(out)
-    assert result["left_out"] >= 10, result
-    assert result["stalled"] <= 1.5 * result["calm"] + 0.001, result
+    def measure() -> dict:
+        made = _make_cgroup() if os.geteuid() == 0 else None
+        if made is None:
+            pytest.skip("needs root and a cgroup cpu controller to make a CPU quota")
+        directory, _ = made
+        procs = directory / "cgroup.procs"
+        child = subprocess.Popen([sys.executable, "-c", STALLED_CHILD, affine_server.endpoint],
+                                 stdout=subprocess.PIPE, text=True,
+                                 preexec_fn=lambda: procs.write_text(str(os.getpid())))
+        try:
+            out, _ = child.communicate(timeout=120)
+        finally:
+            for pid in procs.read_text().split():  # the child, and its hog if the child died first
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            child.wait()
+            for _ in range(50):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+                    break
+                time.sleep(0.1)
+        return json.loads(out)
+
+    # Counted as measured, the figure rises to ~25 ms here (a wait of up to a quota period, often). A host busy
+    # with other work takes CPU from the hog too, and the quota then holds the pings up less: such a try shows
+    # little, and is made again.
+    def held_up(r: dict) -> bool:
+        return r["counted"] >= max(10 * r["calm"], 0.010)
+
+    tries = [measure()]
+    while not held_up(tries[-1]) and len(tries) < 3:
+        tries.append(measure())
+    result = tries[-1]
+    assert held_up(result), f"the quota never held the pings up (a busy host?): {tries}"
+    assert result["left_out"] >= 10 and result["stalled"] < result["counted"] / 3, result
 
 
 def test_a_jump_in_the_pings_widens_the_published_spread(affine_server):

@@ -12,9 +12,9 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-__all__ = ["Board", "Ewma", "CpuLoad", "stalled"]
+__all__ = ["Board", "Ewma", "CpuLoad"]
 
 
 class Board:
@@ -104,7 +104,7 @@ class CpuLoad:
 
     def stall_clock(self) -> tuple[float, float] | None:
         """Two running counts, in seconds, of how long this device's CPU quota has been used up, to subtract from
-        a later reading (:func:`stalled`): while it is, no thread of the device runs, whatever it waits for. The
+        a later reading (zpipe.policy.stalled): while it is, no thread of the device runs, whatever it waits for. The
         cgroup's ``throttled_time`` sums it over CPUs (two busy CPUs count it twice), and the throttled periods
         times the period bound it by the clock. None without a quota."""
         now = self._read()
@@ -122,14 +122,6 @@ class CpuLoad:
             return time.monotonic(), int(fields["nr_throttled"]), throttled
         except (OSError, KeyError, ValueError):
             return None
-
-
-def stalled(then: Sequence[float] | None, now: Sequence[float] | None) -> float:
-    """How long the device's CPU quota was used up between two readings of :meth:`CpuLoad.stall_clock` (0.0 if
-    either is None): the smaller of the two counts' growth."""
-    if then is None or now is None:
-        return 0.0
-    return max(0.0, min(now[0] - then[0], now[1] - then[1]))
 
 
 def _quota(root: Path = Path("/sys/fs/cgroup")) -> tuple[Path, float] | None:

@@ -44,11 +44,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from .board import stalled
 from .errors import TopologyError, did_you_mean
 
 __all__ = ["Signals", "Decision", "LatencyPolicy", "ThresholdPolicy", "make_policy", "expected_rtt", "link_delay",
-           "late_by", "device_stalls_left_out"]
+           "late_by", "device_stalls_left_out", "stalled"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +81,14 @@ def _late_after(mean: float) -> float:
     """How long a ping to a link with smoothed ping ``mean`` may be out before it is late (not a late thread on a
     busy device)."""
     return _LATE_FACTOR * mean + _LATE_MARGIN_S
+
+
+def stalled(then: Sequence[float] | None, now: Sequence[float] | None) -> float:
+    """How long the device's CPU quota was used up between two readings of zpipe.board.CpuLoad.stall_clock (0.0 if
+    either is None): the smaller of the two counts' growth."""
+    if then is None or now is None:
+        return 0.0
+    return max(0.0, min(now[0] - then[0], now[1] - then[1]))
 
 
 def device_stalls_left_out(pings: Sequence[Sequence[Any]], stall_clock: Sequence[float] | None) -> list[tuple]:
