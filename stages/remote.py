@@ -469,7 +469,8 @@ class RemoteStage(Stage):
 
     def signals(self) -> dict[str, Any]:
         """What this stage publishes on the signal board (read by the gate's offload policy)."""
-        clock = self._cpu.stall_clock()
+        # The stall clock matters only to a ping still out (read outside the lock: a cgroup file).
+        clock = self._cpu.stall_clock() if any(link.ping_out is not None for link in self._links) else None
         with self._lock:
             now = time.monotonic()
             pings = self._pings()
