@@ -19,6 +19,7 @@ from ..errors import ZpipeError
 from ..manifest import Manifest, TensorSpec, sha256_file
 from ..tvm_runtime import import_tvm
 from .errors import CompileError
+from .lowering import compile_relax
 
 __all__ = ["export_stage", "struct_info_specs", "build_onnx_stage", "StageBuild", "unsupported_nodes",
            "write_manifest"]
@@ -86,13 +87,12 @@ def export_stage(mod: Any, *, name: str, out_dir: str | Path, function: str = "m
 
     ``input_names``/``output_names`` rename the ports (default: the Relax parameter names, ``output``/``outputN``).
     """
-    tvm = import_tvm()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs, outputs = struct_info_specs(mod, function)
     inputs = _rename(inputs, input_names, name, "input")
     outputs = _rename(outputs, output_names, name, "output")
-    executable = tvm.compile(mod, target=target)
+    executable = compile_relax(mod, target)
     library = out_dir / f"{name}.so"
     executable.export_library(str(library))
     manifest = Manifest(name=name, library=library.name, function=function, inputs=tuple(inputs),
@@ -129,7 +129,7 @@ def build_onnx_stage(model: Any, *, name: str, out_dir: Path, target: Any, fcomp
 
     Raises CompileError naming the stage (and the node, for ops TVM cannot import).
     """
-    tvm = import_tvm()
+    import_tvm()
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -149,7 +149,7 @@ def build_onnx_stage(model: Any, *, name: str, out_dir: Path, target: Any, fcomp
             mod = relax.get_pipeline("zero")(mod)
             with target, database:
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-        executable = tvm.compile(mod, target=target)
+        executable = compile_relax(mod, target)
     except ZpipeError:
         raise
     except Exception as exc:  # TVM raises its own error types (TVMError, OpNotImplemented, ValueError, ...)
