@@ -1,6 +1,7 @@
 """The offload policy under changing conditions, on the two-host test bed (issue 6, "Benchmark").
 
-    python3 bench/policy.py [--phase-s 12] [--rate 4] [--cpu 25] [--plot /tmp/zpipe-bench-policy.png]
+    python3 bench/policy.py [--phase-s 12] [--rate 4] [--cpu 25] [--plot /tmp/zpipe-bench-policy.png] [--raw F]
+    python3 bench/policy.py --pool F1 F2 ...     (several runs' --raw files: each run's verdicts, then pooled)
 
 Needs root. Uses ../shared/testbed: `netpair.sh up 10 100 0` (namespaces `dev` 10.77.0.1 and `edge` 10.77.0.2),
 an edge server `zpipe serve --bind tcp://10.77.0.2:5555 --insecure` in `edge` (no CurveZMQ: the link only joins
@@ -485,6 +486,41 @@ def report(args: argparse.Namespace, result: dict, analysis: dict) -> None:
                       "plot": args.plot}))
 
 
+def pool(args: argparse.Namespace, files: list[str]) -> None:
+    """Report several runs' raw records (``--raw`` files) together: each run's verdicts, then p50/p99 per phase and
+    mode over all their requests. A phase of one run holds ~48 requests, so its p99 is its slowest request or two;
+    pooled, the p99 says how auto does in that phase rather than how one request went."""
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    print(f"\n{len(runs)} runs pooled: " + ", ".join(files))
+    pooled: dict[str, dict[str, list[float]]] = {p: {m: [] for m in MODES} for p in PHASES}
+    for f, result in zip(files, runs):
+        analysis = analyse(args, result)
+        table = analysis["table"]
+        ratios = [table[p]["auto"]["p99_ms"] / min(table[p]["local"]["p99_ms"], table[p]["remote"]["p99_ms"])
+                  for p in PHASES]
+        delays = [s.get("delay_s") for s in analysis["switches"] if s["better_before"] != s["better_after"]]
+        print(f"  {f}: auto p99 / best per phase " + " ".join(f"{r:.2f}" for r in ratios)
+              + f" ({sum(r <= P99_TARGET for r in ratios)}/{len(ratios)} within {(P99_TARGET - 1) * 100:.0f}%); "
+              + "switch delays " + ", ".join("never" if d is None else f"{d:.2f} s" for d in delays))
+        for mode in MODES:
+            bounds = [0.0] + [e["t"] for e in result[mode]["events"]]
+            for rec in result[mode]["records"]:
+                if not rec["err"]:
+                    pooled[PHASES[_phase_of(rec["t"], bounds)]][mode].append(rec["lat"])
+    print(f"{'phase':<12} | {'n':>4} | " + " | ".join(f"{m + ' p50/p99 ms':>20}" for m in MODES)
+          + " | auto p99 / best | target")
+    met = 0
+    for phase in PHASES:
+        row = {m: (_pct(pooled[phase][m], 50) * 1e3, _pct(pooled[phase][m], 99) * 1e3) for m in MODES}
+        ratio = row["auto"][1] / min(row["local"][1], row["remote"][1])
+        met += ratio <= P99_TARGET
+        print(f"{phase:<12} | {len(pooled[phase]['auto']):>4} | "
+              + " | ".join(f"{row[m][0]:>9.1f} / {row[m][1]:>8.1f}" for m in MODES)
+              + f" | {ratio:14.2f} | {'ok' if ratio <= P99_TARGET else 'MISS'}")
+    print(f"pooled: auto p99 within {(P99_TARGET - 1) * 100:.0f}% of the better fixed mode in {met}/{len(PHASES)} "
+          "phases")
+
+
 def plot(args: argparse.Namespace, result: dict) -> None:
     import matplotlib
 
@@ -546,11 +582,16 @@ def main() -> None:
     parser.add_argument("--plot", default="/tmp/zpipe-bench-policy.png")
     parser.add_argument("--raw", help="also write every request's record (time, latency, X, reason) here (JSON)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--pool", nargs="+", metavar="RAW",
+                        help="run nothing: report these --raw files of earlier runs, each and all together")
     parser.add_argument("--device", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device:
         device_main(args)
+        return
+    if args.pool:
+        pool(args, args.pool)
         return
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces, cgroups)")

@@ -27,6 +27,12 @@ keeps taking work while replies are pending, up to ``max_in_flight``); each carr
   a link that recovers. A ping is ~60 bytes each way and no tensor. Under a CPU quota, the time the device's
   quota was used up during a ping (no thread of the device ran: its answer may have waited) is left out of it,
   here and in the gate's ageing (see _pinged).
+* A fresh connection after a slow spell: when a link's pings have been at least twice its best and then come back
+  near it, the stand-in opens a new connection to that server, moves to it once it answers a ping, and closes the
+  old one when its requests have finished (``fresh_connections`` on the board). The kernel's congestion control
+  keeps what it learnt on the slow link: on the test bed (BBR), a connection that carried the lossy phase went on
+  pacing at the ~1 Mbit/s it had measured there for 2-3 s after the link recovered, and requests took 130-160 ms
+  instead of ~70 (bench/RESULTS.md, policy session 9). A new connection measures the link afresh.
 
 A request the gate routes elsewhere never reaches this stage, so nothing is sent to any server for it.
 """
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
 import threading
 import time
@@ -50,6 +57,8 @@ from zpipe.stage import Outcome, Stage
 
 __all__ = ["RemoteStage"]
 
+log = logging.getLogger(__name__)
+
 # Server answers after which running the stage here instead is the right thing (the server could not run it).
 _FALLBACK_REASONS = {"disconnected", "timeout", "refused", "send_error", "busy", "shutting_down", "not_found",
                      "closed", "unreachable"}
@@ -59,6 +68,9 @@ _TRANSPORT_REASONS = {"disconnected", "timeout", "refused", "send_error"}
 _HEDGE_FACTOR = 3.0  # x the smoothed round trip
 _HEDGE_SIGMAS = 4.0  # or the round trip plus this many standard deviations, whichever is later
 _HEDGE_MIN_S = 0.02
+# A slow spell: the smoothed ping above this many times the link's best, plus the margin (sub-ms links jitter by
+# more than 2x). It is over after two pings in a row within _RECOVERED x best + 2 ms.
+_SPELL_FACTOR, _SPELL_MARGIN_S, _RECOVERED = 2.0, 0.005, 1.25
 
 
 class _Link:
@@ -75,6 +87,9 @@ class _Link:
         self.ping = Ewma(0.5)  # heartbeat round trips
         self.ping_out: float | None = None  # when the ping still unanswered was sent
         self.ping_stall_clock: tuple[float, float] | None = None  # the device's stall clock then (see board)
+        self.best_ping = math.inf  # the lowest smoothed ping seen
+        self.spell = False  # the pings are (or were, until two came back near the best) twice the best
+        self.near_best = 0  # pings in a row near the best since the spell
 
 
 class RemoteStage(Stage):
@@ -116,6 +131,9 @@ class RemoteStage(Stage):
         self._lock = threading.Lock()
         self._cpu = CpuLoad()  # a ping answered while the device had no CPU says little about the link
         self._stalled_pings = 0
+        self._fresh_connections = 0
+        self._retiring: list = []  # clients left for a fresh connection, closed when their requests are done
+        self._retired_counts = [0, 0]  # requests and bytes that closed clients sent
         self._rtt = Ewma(0.2)
         self._beyond_ping = Ewma(0.2)  # a request's round trip minus the ping of its link at the time
         self._errors = Ewma(0.1)
@@ -186,14 +204,16 @@ class RemoteStage(Stage):
         for thread in (self._pinger, self._prober):  # neither may use a client once it is closed
             if thread.is_alive():
                 thread.join(timeout=self.probe_s + 5.0)
-        for link in self._links:
-            link.client.close()
+        with self._lock:
+            retiring, self._retiring = self._retiring, []
+        for client in [link.client for link in self._links] + retiring:
+            client.close()
         if self.fallback is not None:
             self._local.shutdown(wait=True, cancel_futures=True)
             self.fallback.teardown()
 
     def __getstate__(self) -> dict:
-        private = ("_links", "_lock", "_rtt", "_beyond_ping", "_errors", "_local", "_prober", "_pinger", "_stop",
+        private = ("_links", "_retiring", "_lock", "_rtt", "_beyond_ping", "_errors", "_local", "_prober", "_pinger", "_stop",
                    "_hedges", "_hedge_cv", "_hedge_seq", "_sent_at", "_send_seq")
         return {k: v for k, v in self.__dict__.items() if k not in private}
 
@@ -445,13 +465,56 @@ class RemoteStage(Stage):
                 rtt = now - sent
             else:  # a lost connection or a closed client says nothing about delay: the breaker handles those
                 rtt = None
+            fresh = False
             if rtt is not None:
                 mean = link.ping.mean
                 if mean is not None and rtt > mean and rtt - device_stall <= mean:
                     self._stalled_pings += 1
                 else:
-                    link.ping.add(rtt if mean is None or rtt <= mean else rtt - device_stall)
+                    counted = rtt if mean is None or rtt <= mean else rtt - device_stall
+                    link.ping.add(counted)
+                    fresh = _spell_over(link, counted) and link.up and not self._stop.is_set()
         self._signals_changed()
+        if fresh:
+            threading.Thread(target=self._reconnect, args=(link,), name="zpipe-reconnect", daemon=True).start()
+
+    def _reconnect(self, link: _Link) -> None:
+        """Move ``link`` to a fresh connection once that answers a ping; the old one closes when its requests are
+        done (at least 1 s after the move, so a request that picked the old client just before is not cut)."""
+        from zpipe.client import RemoteClient
+
+        fresh = RemoteClient(link.endpoint, server_key=self.server_key, client_key=self.client_key,
+                             timeout_s=self.timeout_s, heartbeat_s=self.heartbeat_s).start()
+        try:
+            fresh.ping(timeout_s=max(2.0, 10 * self.ping_s)).result()
+        except Exception as exc:  # the server went away meanwhile: the old connection and the breaker carry on
+            log.info("model %r on %r: no fresh connection to %s: %s", self.model, self.host, link.endpoint, exc)
+            fresh.close()
+            return
+        with self._lock:
+            if self._stop.is_set():
+                old = fresh
+            else:
+                old, link.client = link.client, fresh
+                self._fresh_connections += 1
+                self._retiring.append(old)
+        if old is fresh:
+            fresh.close()
+            return
+        log.info("model %r on %r: the link to %s is back near its best ping (%.1f ms) after a slow spell: moved to "
+                 "a fresh connection", self.model, self.host, link.endpoint, link.best_ping * 1e3)
+        started = time.monotonic()
+        while not self._stop.wait(0.1):
+            waited = time.monotonic() - started
+            if (waited >= 1.0 and old.in_flight == 0) or waited > self.timeout_s:
+                break
+        with self._lock:
+            if old not in self._retiring:  # teardown took it
+                return
+            self._retiring.remove(old)
+            self._retired_counts[0] += old.requests_sent
+            self._retired_counts[1] += old.bytes_sent
+        old.close()
 
     def _pinged_links(self) -> list[_Link]:
         """The usable links with a smoothed ping; call with the lock held."""
@@ -489,10 +552,31 @@ class RemoteStage(Stage):
                     "oldest_sent_at": min((t for t in self._sent_at.values() if t > self._newest_done),
                                           default=None), "error_rate": self._errors.mean or 0.0,
                     "up": any(link.up for link in self._links), "fallbacks": self._fallbacks,
-                    "stalled_pings": self._stalled_pings,
-                    "requests_sent": sum(link.client.requests_sent for link in self._links),
-                    "bytes_sent": sum(link.client.bytes_sent for link in self._links),
+                    "stalled_pings": self._stalled_pings, "fresh_connections": self._fresh_connections,
+                    "requests_sent": self._retired_counts[0] + sum(c.requests_sent for c in self._clients()),
+                    "bytes_sent": self._retired_counts[1] + sum(c.bytes_sent for c in self._clients()),
                     "down": [f"{link.endpoint}: {link.down_reason}" for link in self._links if not link.up]}
+
+
+    def _clients(self) -> list[Any]:
+        """Every open client: the links' and those left for a fresh connection. Call with the lock held."""
+        return [link.client for link in self._links] + self._retiring
+
+
+def _spell_over(link: _Link, ping: float) -> bool:
+    """Count a ping of ``link`` (its smoothed ping already has it): True when it ends a slow spell (see
+    _SPELL_FACTOR). Call with the lock held."""
+    link.best_ping = min(link.best_ping, link.ping.mean)
+    if link.ping.mean > _SPELL_FACTOR * link.best_ping + _SPELL_MARGIN_S:
+        link.spell, link.near_best = True, 0
+        return False
+    if not link.spell:
+        return False
+    link.near_best = link.near_best + 1 if ping <= _RECOVERED * link.best_ping + 0.002 else 0
+    if link.near_best < 2:
+        return False
+    link.spell, link.near_best = False, 0
+    return True
 
 
 def _overlap(meta: Mapping[str, Any]) -> tuple[float, float]:

@@ -675,6 +675,56 @@ def test_a_jump_in_the_pings_widens_the_published_spread(affine_server):
     assert 0 < jumped["ping_then_s"] == steady["ping_then_s"] < 0.03 < jumped["ping_s"], (steady, jumped)
 
 
+def test_after_a_slow_spell_the_stand_in_moves_to_a_fresh_connection_and_loses_no_request(affine_server):
+    """A connection that carried a slow link keeps its congestion state after the link recovers (bench/policy.py:
+    BBR paced at the bad link's rate for seconds), so when the pings come back near their best the stand-in opens a
+    fresh connection. Requests stream throughout: each gets its one correct answer, on either connection."""
+    from zpipe.stages.remote import RemoteStage
+
+    with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(affine_server.endpoint), delay_ms=3) as link:
+        stage = RemoteStage(endpoint=f"tcp://127.0.0.1:{link.port}", model="affine", ping_s=0.05)
+        stage.setup()
+        sent, stop = [], threading.Event()
+
+        def stream() -> None:
+            i = 0
+            while not stop.is_set():
+                x = np.full(SHAPE, i, np.float32)
+                sent.append((x, stage.handle({"x": x}, {})))
+                i += 1
+                time.sleep(0.02)
+
+        streamer = threading.Thread(target=stream)
+        try:
+            time.sleep(0.5)  # the pings find the link's best: ~6 ms
+            streamer.start()
+            time.sleep(0.5)
+            steady = stage.signals()
+            link.set(delay_ms=40)  # a slow spell: pings ~80 ms
+            time.sleep(1.0)
+            spell = stage.signals()
+            link.set(delay_ms=3)
+            deadline = time.monotonic() + 5
+            while stage.signals()["fresh_connections"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.5)  # the old connection closes once its requests are done (at least 1 s after the move)
+            stop.set()
+            streamer.join()
+            results = [(x, f.result(timeout=10)) for x, f in sent]
+            after = stage.signals()
+            links = link.stats()
+        finally:
+            stop.set()
+            stage.teardown()
+    assert steady["fresh_connections"] == 0 and spell["fresh_connections"] == 0, (steady, spell)
+    assert after["fresh_connections"] == 1, after
+    # Seen on the wire: one new connection, and the old one closed ("open" counts a connection's two sockets).
+    assert links["connections"] == 2 and links["open"] == 2, links
+    assert len(results) > 50 and after["requests_sent"] == len(results), (len(results), after)
+    for x, outcome in results:
+        np.testing.assert_allclose(outcome.outputs["y"], x * 2 + 1)
+
+
 def test_a_ping_sent_or_answered_is_on_the_board_within_a_few_ms(affine_server):
     """The gate ages a ping still out up to its decision, which is right only if the stand-in's worker publishes
     each ping sent and each answer at once (an idle worker otherwise publishes every 200 ms)."""

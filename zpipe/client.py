@@ -378,6 +378,11 @@ class RemoteClient:
                     self.refused = broke
         return broke
 
+    @property
+    def in_flight(self) -> int:
+        """Requests (pings and control calls included) sent or queued and not yet answered, failed or expired."""
+        return len(self._pending)
+
     def _check_started(self) -> None:
         if self._thread is None or self._stop:
             raise PipelineClosed("the client is not started (use start() or a with-block)")
