@@ -565,15 +565,14 @@ class RemoteStage(Stage):
 
 def _spell_over(link: _Link, ping: float) -> bool:
     """Count a ping of ``link`` (its smoothed ping already has it): True when it ends a slow spell (see
-    _SPELL_FACTOR). Call with the lock held."""
+    _SPELL_FACTOR). The pings themselves say when it is over: the smoothed ping takes a few more to come down, and
+    a request sent meanwhile on the old connection is paced at the rate it learnt on the slow link. Call with the
+    lock held."""
     link.best_ping = min(link.best_ping, link.ping.mean)
-    if link.ping.mean > _SPELL_FACTOR * link.best_ping + _SPELL_MARGIN_S:
-        link.spell, link.near_best = True, 0
-        return False
-    if not link.spell:
-        return False
     link.near_best = link.near_best + 1 if ping <= _RECOVERED * link.best_ping + 0.002 else 0
-    if link.near_best < 2:
+    if link.ping.mean > _SPELL_FACTOR * link.best_ping + _SPELL_MARGIN_S:
+        link.spell = True
+    if not link.spell or link.near_best < 2:
         return False
     link.spell, link.near_best = False, 0
     return True
