@@ -90,6 +90,7 @@ class _Link:
         self.best_ping = math.inf  # the lowest smoothed ping seen
         self.spell = False  # the pings are (or were, until two came back near the best) twice the best
         self.near_best = 0  # pings in a row near the best since the spell
+        self.spell_peak = 0.0  # the highest smoothed ping of the spell
 
 
 class RemoteStage(Stage):
@@ -132,6 +133,7 @@ class RemoteStage(Stage):
         self._cpu = CpuLoad()  # a ping answered while the device had no CPU says little about the link
         self._stalled_pings = 0
         self._fresh_connections = 0
+        self._rtt_stale = False  # the round trip was measured on a connection since replaced (see _reconnect)
         self._retiring: list = []  # clients left for a fresh connection, closed when their requests are done
         self._retired_counts = [0, 0]  # requests and bytes that closed clients sent
         self._rtt = Ewma(0.2)
@@ -249,8 +251,9 @@ class RemoteStage(Stage):
         with self._lock:
             link.inflight += 1
             self._sent_at[key] = sent
+        client = link.client
         try:
-            inner = link.client.submit(self.model, inputs, version=link.version, timeout_s=remaining)
+            inner = client.submit(self.model, inputs, version=link.version, timeout_s=remaining)
         except Exception as exc:  # refused before sending, or closed
             with self._lock:
                 link.inflight -= 1
@@ -268,7 +271,8 @@ class RemoteStage(Stage):
                 if exc is None:
                     rtt = time.monotonic() - sent
                     seconds, after = overlap  # the device computed the same request from `after` on, so long
-                    self._succeeded(link, rtt, overlap_s=min(seconds, max(0.0, rtt - after)))
+                    self._succeeded(link, rtt, overlap_s=min(seconds, max(0.0, rtt - after)),
+                                    measured=client is link.client)
                     _settle(outer, Outcome(f.result().outputs, {"at": f"{self.host} ({link.endpoint})"}))
                     return
                 reason = getattr(exc, "reason", "error")
@@ -356,16 +360,20 @@ class RemoteStage(Stage):
             link.last_used = time.monotonic()
             return link
 
-    def _succeeded(self, link: _Link, rtt: float, *, overlap_s: float = 0.0) -> None:
+    def _succeeded(self, link: _Link, rtt: float, *, overlap_s: float = 0.0, measured: bool = True) -> None:
         """Count a round trip. With ``overlap_s`` (a gate's hedged probe: the device computed the same request for
         about that long meanwhile, which on a small device slows its handling of this reply) the clean round trip
         lies between ``rtt - overlap_s`` and ``rtt``: an estimate above that range drops to the sample, one below it
         moves towards the range's low end (smoothed, or at once if the estimate is stale), one inside stays.
-        (Counted as it is, a remote side probed so would look worse than it is, every time.)"""
+        (Counted as it is, a remote side probed so would look worse than it is, every time.) A request sent on a
+        connection since replaced (``measured`` false) measured that connection: it counts as a success only."""
         with self._lock:
             link.failures = 0
             self._errors.add(0.0)
-            stale = self._measured_at is not None and time.monotonic() - self._measured_at > 1.0
+            if not measured:
+                return
+            stale = self._rtt_stale or (self._measured_at is not None and time.monotonic() - self._measured_at > 1.0)
+            self._rtt_stale = False
             if overlap_s and self._rtt.mean is not None:
                 if rtt < self._rtt.mean:
                     self._rtt.cap(rtt)
@@ -498,6 +506,12 @@ class RemoteStage(Stage):
                 old, link.client = link.client, fresh
                 self._fresh_connections += 1
                 self._retiring.append(old)
+                # The round trip was measured on the old connection, paced as the spell taught it (a probe sent
+                # between the spell's end and this move, too): the next sample replaces it, and the gate sees it
+                # as measured on the slow link, so a remote probe is due at once (policy: "link faster").
+                self._rtt_stale = True
+                self._ping_then = max(self._ping_then or 0.0, link.spell_peak)
+            link.spell_peak = 0.0
         if old is fresh:
             fresh.close()
             return
@@ -572,6 +586,7 @@ def _spell_over(link: _Link, ping: float) -> bool:
     link.near_best = link.near_best + 1 if ping <= _RECOVERED * link.best_ping + 0.002 else 0
     if link.ping.mean > _SPELL_FACTOR * link.best_ping + _SPELL_MARGIN_S:
         link.spell = True
+        link.spell_peak = max(link.spell_peak, link.ping.mean)
     if not link.spell or link.near_best < 2:
         return False
     link.spell, link.near_best = False, 0

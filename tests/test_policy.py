@@ -725,6 +725,38 @@ def test_after_a_slow_spell_the_stand_in_moves_to_a_fresh_connection_and_loses_n
         np.testing.assert_allclose(outcome.outputs["y"], x * 2 + 1)
 
 
+def test_a_round_trip_measured_before_the_move_to_a_fresh_connection_is_replaced_by_the_next(affine_server):
+    """The round trip measured on the old connection is as the slow spell left it: after the move the board shows
+    it as measured on the slow link (ping_then_s: the gate's "link faster" probe is due at once), and the next
+    request's round trip replaces it instead of being averaged in."""
+    from zpipe.stages.remote import RemoteStage
+
+    x = np.ones(SHAPE, np.float32)
+    with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(affine_server.endpoint), delay_ms=3) as link:
+        stage = RemoteStage(endpoint=f"tcp://127.0.0.1:{link.port}", model="affine", ping_s=0.05)
+        stage.setup()
+        try:
+            time.sleep(0.5)
+            stage.handle({"x": x}, {}).result(timeout=10)
+            link.set(delay_ms=40)
+            time.sleep(1.1)  # the fast figure is stale: the slow request's round trip replaces it
+            stage.handle({"x": x}, {}).result(timeout=10)  # measured on the slow link: ~80 ms
+            slow = stage.signals()
+            link.set(delay_ms=3)
+            deadline = time.monotonic() + 5
+            while stage.signals()["fresh_connections"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            moved = stage.signals()
+            stage.handle({"x": x}, {}).result(timeout=10)
+            after = stage.signals()
+        finally:
+            stage.teardown()
+    assert slow["rtt_measured_s"] > 0.07 and slow["fresh_connections"] == 0, slow
+    # The gate probes at once when the pings are 1.5x faster than when the round trip was measured.
+    assert moved["fresh_connections"] == 1 and moved["ping_then_s"] > max(0.05, 2 * moved["ping_s"]), moved
+    assert after["rtt_measured_s"] < 0.03, after  # averaged in, it would still be over 0.8 x 80 ms
+
+
 def test_a_ping_sent_or_answered_is_on_the_board_within_a_few_ms(affine_server):
     """The gate ages a ping still out up to its decision, which is right only if the stand-in's worker publishes
     each ping sent and each answer at once (an idle worker otherwise publishes every 200 ms)."""
