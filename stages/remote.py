@@ -71,6 +71,7 @@ _HEDGE_MIN_S = 0.02
 # A slow spell: the smoothed ping above this many times the link's best, plus the margin (sub-ms links jitter by
 # more than 2x). It is over after two pings in a row within _RECOVERED x best + 2 ms.
 _SPELL_FACTOR, _SPELL_MARGIN_S, _RECOVERED = 2.0, 0.005, 1.25
+_FRESH_EVERY_S = 5.0  # at most one fresh connection per link this often (a link whose delay swings all the time)
 
 
 class _Link:
@@ -91,6 +92,7 @@ class _Link:
         self.spell = False  # the pings are (or were, until two came back near the best) twice the best
         self.near_best = 0  # pings in a row near the best since the spell
         self.spell_peak = 0.0  # the highest smoothed ping of the spell
+        self.fresh_at = -math.inf  # when it last moved to a fresh connection
 
 
 class RemoteStage(Stage):
@@ -481,7 +483,11 @@ class RemoteStage(Stage):
                 else:
                     counted = rtt if mean is None or rtt <= mean else rtt - device_stall
                     link.ping.add(counted)
-                    fresh = _spell_over(link, counted) and link.up and not self._stop.is_set()
+                    if _spell_over(link, counted):
+                        if link.up and not self._stop.is_set() and now - link.fresh_at >= _FRESH_EVERY_S:
+                            fresh, link.fresh_at = True, now
+                        else:
+                            link.spell_peak = 0.0
         self._signals_changed()
         if fresh:
             threading.Thread(target=self._reconnect, args=(link,), name="zpipe-reconnect", daemon=True).start()

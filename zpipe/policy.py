@@ -242,13 +242,15 @@ class LatencyPolicy:
             # starts only when the remote answer is due, so that on a device with little CPU it does not slow the
             # handling of that answer (a late answer still has the local copy coming); when it looks better or
             # about as fast, the request is local's, with a remote copy in case the device got busy.
-            # On a device at its CPU quota the local estimate is the one from before it got busy, and the local
-            # side is the slower one whatever it says (run 59: a local-led probe 2 s into the CPU hog took 410 ms).
-            if self.state.offload and stale_local and self._probe_due("local", s.now):
+            # No local probe on a device at its CPU quota: the local side is the slower one there whatever its
+            # estimate says, and the probe's compute slows the remote requests around it (run 59: a local-led
+            # probe 2 s into the CPU hog took 410 ms; session 9, run 6: the four requests after a deferred one
+            # took 210-230 ms against 140-170). The device's load says when it has CPU again; the probe is due then.
+            # (A switch to local still waits for its confirming probe: _confirm.)
+            if self.state.offload and stale_local and s.device_load < _SATURATED_LOAD \
+                    and self._probe_due("local", s.now):
                 if local > (1 + self.hysteresis) * remote:
                     return self._probe("local", defer_s=remote)
-                if s.device_load >= _SATURATED_LOAD:
-                    return self._probe("local", f"device load {s.device_load:.0%}", defer_s=remote)
                 return self._probe("local", lead=True)
             # A remote probe is hedged when remote looks worse by more than the hysteresis. A remote side that
             # looks better or about as fast is probed alone: the same request computing on the device would slow
