@@ -69,7 +69,7 @@ _HEDGE_FACTOR = 3.0  # x the smoothed round trip
 _HEDGE_SIGMAS = 4.0  # or the round trip plus this many standard deviations, whichever is later
 _HEDGE_MIN_S = 0.02
 # A slow spell: the smoothed ping above this many times the link's best, plus the margin (sub-ms links jitter by
-# more than 2x). It is over after two pings in a row within _RECOVERED x best + 2 ms.
+# more than 2x). It is over at a ping within _RECOVERED x best + 2 ms.
 _SPELL_FACTOR, _SPELL_MARGIN_S, _RECOVERED = 2.0, 0.005, 1.25
 _FRESH_EVERY_S = 5.0  # at most one fresh connection per link this often (a link whose delay swings all the time)
 
@@ -89,8 +89,8 @@ class _Link:
         self.ping_out: float | None = None  # when the ping still unanswered was sent
         self.ping_stall_clock: tuple[float, float] | None = None  # the device's stall clock then (see board)
         self.best_ping = math.inf  # the lowest smoothed ping seen
-        self.spell = False  # the pings are (or were, until two came back near the best) twice the best
-        self.near_best = 0  # pings in a row near the best since the spell
+        self.spell = False  # the pings are (or were, until one came back near the best) twice the best
+        self.moving: list[tuple] | None = None  # while it moves to a fresh connection: the requests waiting for it
         self.spell_peak = 0.0  # the highest smoothed ping of the spell
         self.fresh_at = -math.inf  # when it last moved to a fresh connection
 
@@ -247,6 +247,10 @@ class RemoteStage(Stage):
             return
         if link is None:
             return self._run_locally(inputs, outer, why or self._down_summary())
+        with self._lock:
+            if link.moving is not None:  # the old connection is paced as the slow spell taught it: wait for the new
+                link.moving.append((inputs, deadline, outer, tried, why, hedge, overlap))
+                return
         tried.add(link.endpoint)
         key = next(self._send_seq)
         sent = time.monotonic()
@@ -485,7 +489,7 @@ class RemoteStage(Stage):
                     link.ping.add(counted)
                     if _spell_over(link, counted):
                         if link.up and not self._stop.is_set() and now - link.fresh_at >= _FRESH_EVERY_S:
-                            fresh, link.fresh_at = True, now
+                            fresh, link.fresh_at, link.moving = True, now, []
                         else:
                             link.spell_peak = 0.0
         self._signals_changed()
@@ -493,17 +497,20 @@ class RemoteStage(Stage):
             threading.Thread(target=self._reconnect, args=(link,), name="zpipe-reconnect", daemon=True).start()
 
     def _reconnect(self, link: _Link) -> None:
-        """Move ``link`` to a fresh connection once that answers a ping; the old one closes when its requests are
-        done (at least 1 s after the move, so a request that picked the old client just before is not cut)."""
+        """Move ``link`` to a fresh connection once that answers a ping (~2 round trips: the handshake, the ping);
+        requests for it meanwhile wait and then go on the fresh one (or on the old one, if it does not answer).
+        The old one closes when its requests are done (at least 1 s after the move, so that a request that took
+        the old client just before is not cut)."""
         from zpipe.client import RemoteClient
 
         fresh = RemoteClient(link.endpoint, server_key=self.server_key, client_key=self.client_key,
                              timeout_s=self.timeout_s, heartbeat_s=self.heartbeat_s).start()
         try:
-            fresh.ping(timeout_s=max(2.0, 10 * self.ping_s)).result()
+            fresh.ping(timeout_s=max(0.5, 10 * link.best_ping)).result()
         except Exception as exc:  # the server went away meanwhile: the old connection and the breaker carry on
             log.info("model %r on %r: no fresh connection to %s: %s", self.model, self.host, link.endpoint, exc)
             fresh.close()
+            self._resume(link)
             return
         with self._lock:
             if self._stop.is_set():
@@ -518,6 +525,7 @@ class RemoteStage(Stage):
                 self._rtt_stale = True
                 self._ping_then = max(self._ping_then or 0.0, link.spell_peak)
             link.spell_peak = 0.0
+        self._resume(link)
         if old is fresh:
             fresh.close()
             return
@@ -578,6 +586,13 @@ class RemoteStage(Stage):
                     "down": [f"{link.endpoint}: {link.down_reason}" for link in self._links if not link.up]}
 
 
+    def _resume(self, link: _Link) -> None:
+        """Send the requests that waited for ``link``'s move (each to its deadline, as any request)."""
+        with self._lock:
+            waiting, link.moving = link.moving or [], None
+        for args in waiting:
+            self._attempt(*args)
+
     def _clients(self) -> list[Any]:
         """Every open client: the links' and those left for a fresh connection. Call with the lock held."""
         return [link.client for link in self._links] + self._retiring
@@ -585,18 +600,17 @@ class RemoteStage(Stage):
 
 def _spell_over(link: _Link, ping: float) -> bool:
     """Count a ping of ``link`` (its smoothed ping already has it): True when it ends a slow spell (see
-    _SPELL_FACTOR). The pings themselves say when it is over: the smoothed ping takes a few more to come down, and
-    a request sent meanwhile on the old connection is paced at the rate it learnt on the slow link. Call with the
-    lock held."""
+    _SPELL_FACTOR). The ping itself says when it is over: the smoothed ping takes a few more to come down, and a
+    request sent meanwhile on the old connection is paced at the rate it learnt on the slow link (and holds the
+    next pings up behind it). Call with the lock held."""
     link.best_ping = min(link.best_ping, link.ping.mean)
-    link.near_best = link.near_best + 1 if ping <= _RECOVERED * link.best_ping + 0.002 else 0
+    if link.spell and ping <= _RECOVERED * link.best_ping + 0.002:
+        link.spell = False
+        return True
     if link.ping.mean > _SPELL_FACTOR * link.best_ping + _SPELL_MARGIN_S:
         link.spell = True
         link.spell_peak = max(link.spell_peak, link.ping.mean)
-    if not link.spell or link.near_best < 2:
-        return False
-    link.spell, link.near_best = False, 0
-    return True
+    return False
 
 
 def _overlap(meta: Mapping[str, Any]) -> tuple[float, float]:
