@@ -27,12 +27,13 @@ keeps taking work while replies are pending, up to ``max_in_flight``); each carr
   a link that recovers. A ping is ~60 bytes each way and no tensor. Under a CPU quota, the time the device's
   quota was used up during a ping (no thread of the device ran: its answer may have waited) is left out of it,
   here and in the gate's ageing (see _pinged).
-* A fresh connection after a slow spell: when a link's pings have been at least twice its best and then come back
-  near it, the stand-in opens a new connection to that server, moves to it once it answers a ping, and closes the
-  old one when its requests have finished (``fresh_connections`` on the board). The kernel's congestion control
-  keeps what it learnt on the slow link: on the test bed (BBR), a connection that carried the lossy phase went on
-  pacing at the ~1 Mbit/s it had measured there for 2-3 s after the link recovered, and requests took 130-160 ms
-  instead of ~70 (bench/RESULTS.md, policy session 9). A new connection measures the link afresh.
+* A fresh connection after a slow spell: when a link's pings have been over twice its best and one comes back
+  near it, the stand-in opens a new connection to that server; requests for it wait for the new connection's
+  first ping answer and go out on it, and the old one closes when its requests have finished
+  (``fresh_connections`` on the board). The kernel's congestion control keeps what it learnt on the slow link: on
+  the test bed (BBR), a connection that carried the lossy phase went on pacing at the ~1 Mbit/s it had measured
+  there for 2-3 s after the link recovered (bench/RESULTS.md, policy session 9). A new connection measures the
+  link afresh.
 
 A request the gate routes elsewhere never reaches this stage, so nothing is sent to any server for it.
 """
