@@ -218,8 +218,8 @@ class RemoteStage(Stage):
             self.fallback.teardown()
 
     def __getstate__(self) -> dict:
-        private = ("_links", "_retiring", "_lock", "_rtt", "_beyond_ping", "_errors", "_local", "_prober", "_pinger", "_stop",
-                   "_hedges", "_hedge_cv", "_hedge_seq", "_sent_at", "_send_seq")
+        private = ("_links", "_retiring", "_lock", "_rtt", "_beyond_ping", "_errors", "_local", "_prober",
+                   "_pinger", "_stop", "_hedges", "_hedge_cv", "_hedge_seq", "_sent_at", "_send_seq")
         return {k: v for k, v in self.__dict__.items() if k not in private}
 
     # -- requests ------------------------------------------------------------------------------------------------
@@ -585,7 +585,6 @@ class RemoteStage(Stage):
                     "requests_sent": self._retired_counts[0] + sum(c.requests_sent for c in self._clients()),
                     "bytes_sent": self._retired_counts[1] + sum(c.bytes_sent for c in self._clients()),
                     "down": [f"{link.endpoint}: {link.down_reason}" for link in self._links if not link.up]}
-
 
     def _resume(self, link: _Link) -> None:
         """Send the requests that waited for ``link``'s move (each to its deadline, as any request)."""
