@@ -390,6 +390,12 @@ def test_no_switch_to_local_on_a_local_figure_from_before_the_device_reached_its
     p = LatencyPolicy(min_dwell_s=0, probe_interval_s=5.0)
     p.state.choose(True, 0.0, "start")
     assert not p.decide(Signals(now=10.0, local_load_then=0.95, **s)).offload
+    # By less than 2x, that figure (a lower bound there) is not worth a look on a device with no CPU to spare.
+    p = LatencyPolicy(min_dwell_s=0, probe_interval_s=5.0)
+    p.state.choose(True, 0.0, "start")
+    for i in range(10):
+        d = p.decide(Signals(now=10.0 + i, local_load_then=0.2, **{**s, "remote_rtt_s": 0.150}))
+        assert d.offload and not d.hedge and "local measured before" in d.reason, d
 
 
 def test_the_gate_keeps_the_device_load_each_local_sample_was_measured_at(tmp_path):

@@ -280,6 +280,12 @@ class LatencyPolicy:
         # clear the margin: a switch to local on it waits for a look at local under this load (run 68, session 7's
         # code: a switch 2 s into the CPU hog on a local figure from before it, 650 ms).
         unproven = not offload and self._local_unproven(s)
+        if unproven and not clear:
+            # There that figure is at best a lower bound, and a look at local (a confirming probe) computes on a
+            # device with no CPU to spare, slowing the remote requests around it (session 9, runs 9-11: 190-340
+            # ms after each against a forced-remote p50 of 140): worth it only when remote is slower than twice it.
+            offload = True
+            why += f" (device load {s.device_load:.0%}: local measured before)"
         if offload != self.state.offload and (not clear or unproven) \
                 and s.now - self.state.since >= self.state.min_dwell_s:
             confirm = self._confirm("remote" if offload else "local", s, why, remote if offload else local, remote)
