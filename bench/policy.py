@@ -491,6 +491,9 @@ def pool(args: argparse.Namespace, files: list[str]) -> None:
     mode over all their requests. A phase of one run holds ~48 requests, so its p99 is its slowest request or two;
     pooled, the p99 says how auto does in that phase rather than how one request went."""
     runs = [json.loads(Path(f).read_text()) for f in files]
+    missing = [f for f, result in zip(files, runs) if any(m not in result for m in MODES)]
+    if missing:
+        raise SystemExit(f"--pool needs runs of all three modes ({', '.join(MODES)}); not in: {', '.join(missing)}")
     print(f"\n{len(runs)} runs pooled: " + ", ".join(files))
     pooled: dict[str, dict[str, list[float]]] = {p: {m: [] for m in MODES} for p in PHASES}
     for f, result in zip(files, runs):

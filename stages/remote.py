@@ -139,6 +139,7 @@ class RemoteStage(Stage):
         self._rtt_stale = False  # the round trip was measured on a connection since replaced (see _reconnect)
         self._retiring: list = []  # clients left for a fresh connection, closed when their requests are done
         self._retired_counts = [0, 0]  # requests and bytes that closed clients sent
+        self._movers: list[threading.Thread] = []  # _reconnect threads (teardown waits for them)
         self._rtt = Ewma(0.2)
         self._beyond_ping = Ewma(0.2)  # a request's round trip minus the ping of its link at the time
         self._errors = Ewma(0.1)
@@ -210,6 +211,10 @@ class RemoteStage(Stage):
             if thread.is_alive():
                 thread.join(timeout=self.probe_s + 5.0)
         with self._lock:
+            movers = list(self._movers)
+        for thread in movers:  # each sends the requests that waited for it before it ends
+            thread.join(timeout=self.timeout_s + 5.0)
+        with self._lock:
             retiring, self._retiring = self._retiring, []
         for client in [link.client for link in self._links] + retiring:
             client.close()
@@ -218,7 +223,7 @@ class RemoteStage(Stage):
             self.fallback.teardown()
 
     def __getstate__(self) -> dict:
-        private = ("_links", "_retiring", "_lock", "_rtt", "_beyond_ping", "_errors", "_local", "_prober",
+        private = ("_links", "_retiring", "_movers", "_lock", "_rtt", "_beyond_ping", "_errors", "_local", "_prober",
                    "_pinger", "_stop", "_hedges", "_hedge_cv", "_hedge_seq", "_sent_at", "_send_seq")
         return {k: v for k, v in self.__dict__.items() if k not in private}
 
@@ -283,7 +288,8 @@ class RemoteStage(Stage):
                     _settle(outer, Outcome(f.result().outputs, {"at": f"{self.host} ({link.endpoint})"}))
                     return
                 reason = getattr(exc, "reason", "error")
-                self._failed(link, reason, str(exc))
+                if client is link.client:  # (a connection since replaced says nothing about the link now)
+                    self._failed(link, reason, str(exc))
                 if reason in _FALLBACK_REASONS:
                     self._attempt(inputs, deadline, outer, tried, f"{reason}: {exc}", hedge, overlap)
                 else:
@@ -489,49 +495,33 @@ class RemoteStage(Stage):
                     counted = rtt if mean is None or rtt <= mean else rtt - device_stall
                     link.ping.add(counted)
                     if _spell_over(link, counted):
-                        if link.up and not self._stop.is_set() and now - link.fresh_at >= _FRESH_EVERY_S:
+                        if link.up and link.moving is None and not self._stop.is_set() \
+                                and now - link.fresh_at >= _FRESH_EVERY_S:
                             fresh, link.fresh_at, link.moving = True, now, []
                         else:
                             link.spell_peak = 0.0
         self._signals_changed()
         if fresh:
-            threading.Thread(target=self._reconnect, args=(link,), name="zpipe-reconnect", daemon=True).start()
+            thread = threading.Thread(target=self._reconnect, args=(link,), name="zpipe-reconnect", daemon=True)
+            with self._lock:
+                self._movers = [t for t in self._movers if t.is_alive()] + [thread]
+            thread.start()
 
     def _reconnect(self, link: _Link) -> None:
         """Move ``link`` to a fresh connection once that answers a ping (~2 round trips: the handshake, the ping);
-        requests for it meanwhile wait and then go on the fresh one (or on the old one, if it does not answer).
-        The old one closes when its requests are done (at least 1 s after the move, so that a request that took
-        the old client just before is not cut)."""
-        from zpipe.client import RemoteClient
-
-        fresh = RemoteClient(link.endpoint, server_key=self.server_key, client_key=self.client_key,
-                             timeout_s=self.timeout_s, heartbeat_s=self.heartbeat_s).start()
+        requests for it meanwhile wait and then go on the fresh one (or on the old one, if it does not answer:
+        whatever happens here, they are sent). The old one closes when its requests are done, at least 1 s after
+        the move (a request that took the old client just before is not cut) and at most ``timeout_s``."""
+        old = None
         try:
-            fresh.ping(timeout_s=max(0.5, 10 * link.best_ping)).result()
-        except Exception as exc:  # the server went away meanwhile: the old connection and the breaker carry on
-            log.info("model %r on %r: no fresh connection to %s: %s", self.model, self.host, link.endpoint, exc)
-            fresh.close()
+            old = self._move(link)
+        except Exception:  # (not expected) the old connection carries on
+            log.exception("model %r on %r: moving to a fresh connection to %s failed", self.model, self.host,
+                          link.endpoint)
+        finally:
             self._resume(link)
+        if old is None:
             return
-        with self._lock:
-            if self._stop.is_set():
-                old = fresh
-            else:
-                old, link.client = link.client, fresh
-                self._fresh_connections += 1
-                self._retiring.append(old)
-                # The round trip was measured on the old connection, paced as the spell taught it (a probe sent
-                # between the spell's end and this move, too): the next sample replaces it, and the gate sees it
-                # as measured on the slow link, so a remote probe is due at once (policy: "link faster").
-                self._rtt_stale = True
-                self._ping_then = max(self._ping_then or 0.0, link.spell_peak)
-            link.spell_peak = 0.0
-        self._resume(link)
-        if old is fresh:
-            fresh.close()
-            return
-        log.info("model %r on %r: the link to %s is back near its best ping (%.1f ms) after a slow spell: moved to "
-                 "a fresh connection", self.model, self.host, link.endpoint, link.best_ping * 1e3)
         started = time.monotonic()
         while not self._stop.wait(0.1):
             waited = time.monotonic() - started
@@ -544,6 +534,46 @@ class RemoteStage(Stage):
             self._retired_counts[0] += old.requests_sent
             self._retired_counts[1] += old.bytes_sent
         old.close()
+
+    def _move(self, link: _Link) -> Any:
+        """Open a fresh connection for ``link`` and swap it in once it answers a ping and shows its handshake done;
+        returns the old client (now retiring), or None when the link stays on it."""
+        from zpipe.client import RemoteClient
+
+        fresh = RemoteClient(link.endpoint, server_key=self.server_key, client_key=self.client_key,
+                             timeout_s=self.timeout_s, heartbeat_s=self.heartbeat_s).start()
+        wait_s = max(0.5, 10 * link.best_ping)
+        try:
+            fresh.ping(timeout_s=wait_s).result()
+            deadline = time.monotonic() + wait_s  # the ping's answer may be read before the handshake's event
+            while not fresh.connected and time.monotonic() < deadline:
+                time.sleep(0.002)
+            if not fresh.connected:
+                raise PeerTimeout(f"no handshake within {wait_s:g}s")
+        except Exception as exc:  # the server went away meanwhile: the old connection and the breaker carry on
+            log.info("model %r on %r: no fresh connection to %s: %s", self.model, self.host, link.endpoint, exc)
+            fresh.close()
+            return None
+        with self._lock:
+            if self._stop.is_set():
+                link.spell_peak = 0.0
+                old = None
+            else:
+                old, link.client = link.client, fresh
+                self._fresh_connections += 1
+                self._retiring.append(old)
+                # The round trip was measured on the old connection, paced as the spell taught it (a probe sent
+                # between the spell's end and this move, too): the next sample replaces it, and the gate sees it
+                # as measured on the slow link, so a remote probe is due at once (policy: "link faster").
+                self._rtt_stale = True
+                self._ping_then = max(self._ping_then or 0.0, link.spell_peak)
+                link.spell_peak = 0.0
+        if old is None:
+            fresh.close()
+            return None
+        log.info("model %r on %r: the link to %s is back near its best ping (%.1f ms) after a slow spell: moved to "
+                 "a fresh connection", self.model, self.host, link.endpoint, link.best_ping * 1e3)
+        return old
 
     def _pinged_links(self) -> list[_Link]:
         """The usable links with a smoothed ping; call with the lock held."""
@@ -591,7 +621,10 @@ class RemoteStage(Stage):
         with self._lock:
             waiting, link.moving = link.moving or [], None
         for args in waiting:
-            self._attempt(*args)
+            try:
+                self._attempt(*args)
+            except Exception as exc:  # never leave a request without an outcome (e.g. a fallback pool shut down)
+                _settle(args[2], exc=exc)
 
     def _clients(self) -> list[Any]:
         """Every open client: the links' and those left for a fresh connection. Call with the lock held."""

@@ -14,10 +14,17 @@ from tvm.relax.frontend import nn  # noqa: E402
 from zpipe.compile import export_stage  # noqa: E402
 from zpipe.compile.lowering import _cpu_pipeline  # noqa: E402
 
+pytestmark = pytest.mark.tvm
+
 
 class Chain(nn.Module):
     def forward(self, x):
         return nn.op.permute_dims(x * 2.0 + 1.0, [1, 0]) - 3.0
+
+
+class Broadcast(nn.Module):
+    def forward(self, x, table):
+        return nn.op.exp(x) + table  # x: [1, 8] broadcast over table: [64, 8]
 
 
 class Conv(nn.Module):
@@ -45,6 +52,15 @@ def test_an_injective_chain_is_one_loop_nest_with_no_intermediate_buffer():
     assert list(_blocks(get_default_pipeline(target), mod).values()) == [
         ["T_multiply", "T_add", "T_transpose", "T_subtract"]]  # TVM's own: three intermediates
     assert list(_blocks(_cpu_pipeline(target), mod).values()) == [["T_subtract"]]
+
+
+def test_a_producer_is_not_inlined_into_a_consumer_that_broadcasts_it():
+    """Inlined, exp(x) would run once per element of the [64, 8] output instead of once per element of x."""
+    mod, _ = Broadcast().export_tvm({"forward": {"x": nn.spec.Tensor((1, 8), "float32"),
+                                                 "table": nn.spec.Tensor((64, 8), "float32")}})
+    target = tvm.target.Target("llvm")
+    assert _blocks(_cpu_pipeline(target), mod) == _blocks(get_default_pipeline(target), mod)
+    assert [len(b) for b in _blocks(_cpu_pipeline(target), mod).values()] == [2]
 
 
 def test_reductions_keep_their_blocks():

@@ -357,10 +357,19 @@ def test_on_a_device_at_its_cpu_quota_local_is_probed_when_the_device_has_cpu_ag
     s = dict(local_service_s=0.100, local_measured_at=0.0, remote_rtt_s=0.095, remote_measured_at=9.9)
     p = LatencyPolicy(min_dwell_s=0, probe_interval_s=2.0)
     p.state.choose(True, 0.0, "start")
+    p._probed["local"] = 9.0  # (a local probe a second before the device got busy)
     busy = [p.decide(Signals(now=10.0 + i * 0.25, device_load=0.95, **s)) for i in range(20)]
     assert all(d.offload and not d.hedge and not d.reason.startswith("probe") for d in busy), busy
     d = p.decide(Signals(now=15.1, device_load=0.5, **s))
     assert d.reason.startswith("probe local") and d.hedge and not d.offload and d.defer_s == 0.0, d
+    # A device that stays at its quota is looked at now and then all the same (8 probe intervals), remote leading.
+    p = LatencyPolicy(min_dwell_s=0, probe_interval_s=2.0)
+    p.state.choose(True, 0.0, "start")
+    p._probed["local"] = 9.0
+    busy = [p.decide(Signals(now=10.0 + i * 0.25, device_load=0.95, **s)) for i in range(80)]
+    probes = [(10.0 + i * 0.25, d) for i, d in enumerate(busy) if d.reason.startswith("probe local")]
+    assert [t for t, _ in probes] == [25.0], probes
+    assert probes[0][1].offload and probes[0][1].hedge and probes[0][1].defer_s == pytest.approx(0.095), probes
     # A switch to local by a small margin, confirmed first by a probe: same rule.
     for load, defer_s in ((0.5, 0.0), (0.95, 0.070)):
         p = LatencyPolicy(min_dwell_s=0, probe_interval_s=5.0)
@@ -390,9 +399,11 @@ def test_no_switch_to_local_on_a_local_figure_from_before_the_device_reached_its
     p = LatencyPolicy(min_dwell_s=0, probe_interval_s=5.0)
     p.state.choose(True, 0.0, "start")
     assert not p.decide(Signals(now=10.0, local_load_then=0.95, **s)).offload
-    # By less than 2x, that figure (a lower bound there) is not worth a look on a device with no CPU to spare.
+    # By less than 2x, that figure (a lower bound there) is not worth a look on a device with no CPU to spare
+    # (but for the rare look every 8 probe intervals: the last local probe was just before).
     p = LatencyPolicy(min_dwell_s=0, probe_interval_s=5.0)
     p.state.choose(True, 0.0, "start")
+    p._probed["local"] = 9.9
     for i in range(10):
         d = p.decide(Signals(now=10.0 + i, local_load_then=0.2, **{**s, "remote_rtt_s": 0.150}))
         assert d.offload and not d.hedge and "local measured before" in d.reason, d
@@ -687,7 +698,7 @@ def test_after_a_slow_spell_the_stand_in_moves_to_a_fresh_connection_and_loses_n
     fresh connection. Requests stream throughout: each gets its one correct answer, on either connection."""
     from zpipe.stages.remote import RemoteStage
 
-    with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(affine_server.endpoint), delay_ms=3) as link:
+    with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(affine_server.endpoint), delay_ms=10) as link:
         stage = RemoteStage(endpoint=f"tcp://127.0.0.1:{link.port}", model="affine", ping_s=0.05)
         stage.setup()
         sent, stop = [], threading.Event()
@@ -702,22 +713,25 @@ def test_after_a_slow_spell_the_stand_in_moves_to_a_fresh_connection_and_loses_n
 
         streamer = threading.Thread(target=stream)
         try:
-            time.sleep(0.5)  # the pings find the link's best: ~6 ms
+            time.sleep(0.5)  # the pings find the link's best: ~20 ms
             streamer.start()
             time.sleep(0.5)
             steady = stage.signals()
-            link.set(delay_ms=40)  # a slow spell: pings ~80 ms
+            link.set(delay_ms=60)  # a slow spell: pings ~120 ms
             time.sleep(1.0)
             spell = stage.signals()
-            link.set(delay_ms=3)
+            link.set(delay_ms=10)
             deadline = time.monotonic() + 5
             while stage.signals()["fresh_connections"] == 0 and time.monotonic() < deadline:
                 time.sleep(0.05)
-            time.sleep(1.5)  # the old connection closes once its requests are done (at least 1 s after the move)
+            time.sleep(0.5)
             stop.set()
             streamer.join()
             results = [(x, f.result(timeout=10)) for x, f in sent]
             after = stage.signals()
+            deadline = time.monotonic() + 5  # the old connection closes once its requests are done (>= 1 s on)
+            while link.stats()["open"] > 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
             links = link.stats()
         finally:
             stop.set()
@@ -738,29 +752,30 @@ def test_a_round_trip_measured_before_the_move_to_a_fresh_connection_is_replaced
     from zpipe.stages.remote import RemoteStage
 
     x = np.ones(SHAPE, np.float32)
-    with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(affine_server.endpoint), delay_ms=3) as link:
+    with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(affine_server.endpoint), delay_ms=10) as link:
         stage = RemoteStage(endpoint=f"tcp://127.0.0.1:{link.port}", model="affine", ping_s=0.05)
         stage.setup()
         try:
             time.sleep(0.5)
             stage.handle({"x": x}, {}).result(timeout=10)
-            link.set(delay_ms=40)
+            link.set(delay_ms=60)
             time.sleep(1.1)  # the fast figure is stale: the slow request's round trip replaces it
-            stage.handle({"x": x}, {}).result(timeout=10)  # measured on the slow link: ~80 ms
+            stage.handle({"x": x}, {}).result(timeout=10)  # measured on the slow link: ~120 ms
             slow = stage.signals()
-            link.set(delay_ms=3)
+            link.set(delay_ms=10)
             deadline = time.monotonic() + 5
             while stage.signals()["fresh_connections"] == 0 and time.monotonic() < deadline:
                 time.sleep(0.02)
+            time.sleep(0.2)  # a few more pings: the smoothed ping comes down (nothing was measured since)
             moved = stage.signals()
             stage.handle({"x": x}, {}).result(timeout=10)
             after = stage.signals()
         finally:
             stage.teardown()
-    assert slow["rtt_measured_s"] > 0.07 and slow["fresh_connections"] == 0, slow
-    # The gate probes at once when the pings are 1.5x faster than when the round trip was measured.
-    assert moved["fresh_connections"] == 1 and moved["ping_then_s"] > max(0.05, 2 * moved["ping_s"]), moved
-    assert after["rtt_measured_s"] < 0.03, after  # averaged in, it would still be over 0.8 x 80 ms
+    assert slow["rtt_measured_s"] > 0.11 and slow["fresh_connections"] == 0, slow
+    # The gate probes at once when the pings are 1.5x faster than when the round trip was measured (policy).
+    assert moved["fresh_connections"] == 1 and 1.5 * moved["ping_s"] < moved["ping_then_s"] - 0.005, moved
+    assert after["rtt_measured_s"] < 0.05, after  # averaged in, it would still be over 0.8 x 120 ms
 
 
 def test_a_ping_sent_or_answered_is_on_the_board_within_a_few_ms(affine_server):

@@ -242,13 +242,16 @@ class LatencyPolicy:
             # starts only when the remote answer is due, so that on a device with little CPU it does not slow the
             # handling of that answer (a late answer still has the local copy coming); when it looks better or
             # about as fast, the request is local's, with a remote copy in case the device got busy.
-            # No local probe on a device at its CPU quota: the local side is the slower one there whatever its
-            # estimate says, and the probe's compute slows the remote requests around it (run 59: a local-led
-            # probe 2 s into the CPU hog took 410 ms; session 9, run 6: the four requests after a deferred one
-            # took 210-230 ms against 140-170). The device's load says when it has CPU again; the probe is due then.
-            # (A switch to local still waits for its confirming probe: _confirm.)
-            if self.state.offload and stale_local and s.device_load < _SATURATED_LOAD \
-                    and self._probe_due("local", s.now):
+            # On a device at its CPU quota, local probes come only every _MAX_BACKOFF probe intervals, with remote
+            # leading: the local side is the slower one there whatever its estimate says, and the probe's compute
+            # slows the remote requests around it (run 59: a local-led probe 2 s into the CPU hog took 410 ms;
+            # session 9, run 6: the four requests after a deferred one took 210-230 ms against 140-170). The
+            # device's load says when it has CPU again; the probe is due then.
+            saturated = s.device_load >= _SATURATED_LOAD
+            if self.state.offload and stale_local and self._probe_due(
+                    "local", s.now, _MAX_BACKOFF * self.probe_interval_s if saturated else None):
+                if saturated:
+                    return self._probe("local", f"device load {s.device_load:.0%}", defer_s=remote)
                 if local > (1 + self.hysteresis) * remote:
                     return self._probe("local", defer_s=remote)
                 return self._probe("local", lead=True)
@@ -280,7 +283,7 @@ class LatencyPolicy:
         # clear the margin: a switch to local on it waits for a look at local under this load (run 68, session 7's
         # code: a switch 2 s into the CPU hog on a local figure from before it, 650 ms).
         unproven = not offload and self._local_unproven(s)
-        if unproven and not clear:
+        if unproven and not clear and self.state.offload:
             # There that figure is at best a lower bound, and a look at local (a confirming probe) computes on a
             # device with no CPU to spare, slowing the remote requests around it (session 9, runs 9-11: 190-340
             # ms after each against a forced-remote p50 of 140): worth it only when remote is slower than twice it.
@@ -322,7 +325,8 @@ class LatencyPolicy:
 
     def _confirm(self, side: str, s: Signals, why: str, estimate: float, remote: float) -> Decision | None:
         """Before switching to ``side`` by less than a clear margin on an estimate older than _CONFIRM_AGE_S (or to
-        local on an estimate from before the device reached its CPU quota, whatever the margin and age):
+        local by a clear margin on an estimate from before the device reached its CPU quota, whatever its age; by
+        less, decide() does not switch at all):
         a hedged probe of it (the request costs no latency if the estimate was wrong), and no switch until a sample
         newer than that probe is in, however long the next request takes to come. Without one after 3x the side's
         estimate (at least _CONFIRM_AGE_S), another probe. On a device at its CPU quota, the local copy of a local

@@ -61,6 +61,25 @@ def inline_injective(func: Any, target: Any, tunable: bool) -> Any:
     blocks = normalize_prim_func(sch)
     if blocks is None or len(blocks) < 2 or not all(block.is_injective() for block in blocks):
         return None
+    # Every block writes a buffer as large: no producer is inlined into a consumer that broadcasts or tiles it,
+    # which would recompute it for every element of the larger output (exp(x[1, n]) + t[m, n]: m times).
+    sizes = {_elements(sch.get(block.block_rv).writes) for block in blocks}
+    if len(sizes) != 1 or None in sizes:
+        return None
     before = len(blocks)
     left = try_inline(sch, blocks)
     return sch if len(left) < before else None
+
+
+def _elements(regions: Any) -> int | None:
+    """How many elements the buffers a block writes hold (None: a shape that is not a constant)."""
+    total = 0
+    for region in regions:
+        count = 1
+        buffer = region.source  # (TVM 0.27: a TensorRegion, whose source is the buffer)
+        for dim in buffer.shape:
+            if not hasattr(dim, "value"):
+                return None
+            count *= int(dim.value)
+        total += count
+    return total
