@@ -42,6 +42,10 @@ from zpipe.stage import Outcome, Stage
 __all__ = ["GateStage"]
 
 _BRANCHES = ("then", "else")
+# The device load the policy sees is the highest reading of this long: under a CPU quota a reading is the share of
+# the last 0.1 s's quota periods that were used up, which dips below "busy" for a moment now and then while a CPU
+# hog runs (session 9, run 17: a local-led probe in such a dip, 6.9 s into the hog, took 436 ms).
+_LOAD_HOLD_S = 0.5
 
 
 class GateStage(Stage):
@@ -70,6 +74,7 @@ class GateStage(Stage):
             self._local_sent_at: collections.deque[float] = collections.deque(maxlen=1024)  # newest last
             self._epochs: dict[str, tuple[int, int]] = {}  # local stage -> (its pid, its count when we saw it)
             self._load = (0.0, 0.0)  # (measured at, value)
+            self._loads: collections.deque[tuple[float, float]] = collections.deque()  # (read at, value), recent
             self._local_seen: tuple[float | None, float | None] = (None, None)  # (local measured at, load then)
             self._cpu_load = CpuLoad()
             self._stall_clock = self._cpu_load.stall_clock  # how long the device's CPU quota has been used up
@@ -200,7 +205,10 @@ class GateStage(Stage):
     def _device_load(self, now: float) -> float:
         measured_at, value = self._load
         if now - measured_at > 0.1:  # (CpuLoad keeps its window open for at least one quota period)
-            value = self._cpu_load()
+            self._loads.append((now, self._cpu_load()))
+            while self._loads[0][0] < now - _LOAD_HOLD_S:
+                self._loads.popleft()
+            value = max(v for _, v in self._loads)
             self._load = (now, value)
         return value
 

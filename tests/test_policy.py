@@ -431,6 +431,23 @@ def test_the_gate_keeps_the_device_load_each_local_sample_was_measured_at(tmp_pa
     assert gate._signals().local_load_then == 0.95
 
 
+def test_the_gate_holds_a_busy_device_load_through_a_short_dip(tmp_path):
+    """Under a quota the load reading is coarse (the share of the last 0.1 s's periods used up) and dips now and
+    then while a hog runs: the policy sees the highest reading of the last 0.5 s."""
+    from stages.gate import GateStage
+    from zpipe.board import Board
+    from zpipe.stage import StageContext
+
+    gate = GateStage(policy="latency")
+    gate.context = StageContext(name="gate", consumers={"then.x": ("edge",), "else.x": ("local",)},
+                                board=Board(tmp_path))
+    gate.setup()
+    readings = iter([1.0, 0.4, 1.0, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2])
+    gate._cpu_load = lambda: next(readings)
+    seen = [gate._device_load(t) for t in (10.0, 10.2, 10.4, 10.6, 10.8, 11.0, 11.2, 11.4, 11.6)]
+    assert seen == [1.0, 1.0, 1.0, 1.0, 1.0, 0.3, 0.2, 0.2, 0.2], seen
+
+
 def test_a_local_probe_while_offloading_sends_its_local_copy_when_the_remote_answer_is_due(tmp_path):
     from stages.gate import GateStage
     from zpipe.board import Board
