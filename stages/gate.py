@@ -76,6 +76,7 @@ class GateStage(Stage):
             self._load = (0.0, 0.0)  # (measured at, value)
             self._loads: collections.deque[tuple[float, float]] = collections.deque()  # (read at, value), recent
             self._local_seen: tuple[float | None, float | None] = (None, None)  # (local measured at, load then)
+            self._load_at_local_send: float | None = None  # the device load when the newest local copy was sent
             self._cpu_load = CpuLoad()
             self._stall_clock = self._cpu_load.stall_clock  # how long the device's CPU quota has been used up
             self._local_s: float | None = None  # the local service time at the last policy decision
@@ -134,6 +135,7 @@ class GateStage(Stage):
                 self._sent[branch == "then"] += 1
             if "else" in branches:
                 self._local_sent_at.append(time.monotonic() + (defer_s if later == "else" else 0.0))
+                self._load_at_local_send = self._load[1]  # (read for this decision: before the copy computes)
         outputs = {f"{branch}.{port}": array for branch in branches
                    for port, array in inputs.items() if port != self.control}
         defer = {port: defer_s for port in outputs if port.startswith(later + ".")} if hedge and defer_s > 0 else {}
@@ -161,8 +163,11 @@ class GateStage(Stage):
         slowest = max(timed, key=lambda v: v["service_s"], default={})  # the local branch's bottleneck
         local_at = min((v["measured_at"] for v in local if v.get("measured_at") is not None), default=None)
         load = self._device_load(now)
-        if local_at != self._local_seen[0]:  # a new local sample: the device load it was measured at
-            self._local_seen = (local_at, load)
+        if local_at != self._local_seen[0]:  # a new local sample: the device load it was measured at, read when
+            # its request was sent: read now it would count the sample's own compute (on a device with a
+            # quota under one CPU that reads ~100 %, session 9: every local sample then looked measured at the quota)
+            then = self._load_at_local_send
+            self._local_seen = (local_at, load if then is None else then)
         clock = self._stall_clock()
         remote = [_as_of(v, now, clock) for v in remote]
         rtts = [v for v in remote if v.get("rtt_s") is not None]
