@@ -3,11 +3,12 @@
 TVM's CPU pipeline fuses chains of elementwise ops into one TIR function but schedules nothing, so each op of the
 chain still writes its whole result to a buffer that the next op reads back: ``x * 2 + 1`` on 1 MiB writes and
 reads a 1 MiB intermediate (the CUDA pipeline inlines such chains with ``dlight``; the CPU one has no such rule).
-:func:`inline_injective` inlines them, for functions made only of injective blocks (elementwise, broadcast,
-reshape, transpose, padding...): one loop nest, no intermediate. Measured on this 2-core machine: 1 MiB
-``x * 2 + 1`` 45-55 µs → 25-30 µs. Functions with a reduction (conv, matmul, pooling) are left alone: inlining
-a padding into an unscheduled convolution moves a bounds check into its innermost loop. Functions already
-scheduled (MetaSchedule's tuned records) are never touched.
+:func:`inline_injective` inlines them, for functions made only of injective blocks (elementwise, reshape,
+transpose...) whose buffers are all the same size: one loop nest, no intermediate. Measured on this 2-core
+machine: 1 MiB ``x * 2 + 1`` 45-55 µs → 25-30 µs. Left alone: a producer that a consumer broadcasts or pads
+(inlined, it would be computed again for each element of the larger output), and functions with a reduction
+(conv, matmul, pooling: inlining a padding into an unscheduled convolution moves a bounds check into its
+innermost loop). Functions marked scheduled (``tirx.is_scheduled``: MetaSchedule's tuned ones) are never touched.
 """
 
 from __future__ import annotations
