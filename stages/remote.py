@@ -253,17 +253,16 @@ class RemoteStage(Stage):
             return
         if link is None:
             return self._run_locally(inputs, outer, why or self._down_summary())
+        key = next(self._send_seq)
+        sent = time.monotonic()
         with self._lock:
             if link.moving is not None:  # the old connection is paced as the slow spell taught it: wait for the new
                 link.moving.append((inputs, deadline, outer, tried, why, hedge, overlap))
                 return
-        tried.add(link.endpoint)
-        key = next(self._send_seq)
-        sent = time.monotonic()
-        with self._lock:
             link.inflight += 1
             self._sent_at[key] = sent
-        client = link.client
+            client = link.client
+        tried.add(link.endpoint)
         try:
             inner = client.submit(self.model, inputs, version=link.version, timeout_s=remaining)
         except Exception as exc:  # refused before sending, or closed
