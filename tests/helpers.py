@@ -6,6 +6,8 @@ import time
 
 import numpy as np
 
+from zpipe.stage import Outcome, Stage
+
 
 def double(inputs):
     return inputs["x"] * 2
@@ -16,3 +18,30 @@ def timed_sleep(inputs):
     start = time.monotonic()
     time.sleep(0.2)
     return {"out": inputs["x"], "span": np.array([start, time.monotonic()])}
+
+
+
+class SpareHedge(Stage):
+    """Sends each request down both branches of a select, the else copy ``defer_s`` later as a spare
+    (zpipe.stage.Outcome.spare); publishes how many of those it was told were withdrawn and which of its ports its
+    worker can withdraw."""
+
+    may_skip_outputs = True
+
+    def __init__(self, *, defer_s: float) -> None:
+        self.defer_s = defer_s
+
+    def setup(self) -> None:
+        self.sent = 0
+        self.withdrawals: set[int] = set()
+
+    def handle(self, inputs, meta):
+        self.sent += 1
+        return Outcome({"then.h": inputs["h"], "else.h": inputs["h"]}, {}, {"else.h": self.defer_s}, self.sent)
+
+    def withdrawn(self, spare) -> None:
+        assert spare not in self.withdrawals, f"copy {spare} withdrawn twice"
+        self.withdrawals.add(spare)
+
+    def signals(self):
+        return {"withdrawals": len(self.withdrawals), "withdrawable": sorted(self.context.withdrawable)}

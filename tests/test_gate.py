@@ -163,3 +163,89 @@ def test_select_takes_the_branch_that_answered_whole():
     assert [o[0] for o in out] == [3.0, 4.0]
     assert select.runnable({"t1": True, "t2": None, "e1": True, "e2": True})
     assert not select.runnable({"t1": True, "t2": None, "e1": True, "e2": None})
+
+
+SPARE = """
+[pipeline]
+inputs = ["x"]
+outputs = ["y"]
+timeout_s = 20
+groups = "{groups}"
+
+[stages.hedge]
+kind = "helpers:SpareHedge"
+defer_s = {defer_s}
+{front}
+inputs = {{ h = "x" }}
+outputs = {{ "then.h" = "h@then", "else.h" = "h@else" }}
+
+[stages.remote_branch]
+kind = "{then_kind}"
+{then_options}
+inputs = {{ x = "h@then" }}
+outputs = {{ out = "y@then" }}
+
+[stages.local_branch]
+kind = "zpipe.testing:Scale"
+factor = -1.0
+inputs = {{ x = "h@else" }}
+outputs = {{ out = "y@else" }}
+
+[stages.select]
+kind = "merge"
+op = "select"
+inputs = ["y@then", "y@else"]
+outputs = ["y"]
+{front}
+"""
+
+
+def spare(groups="auto", defer_s=0.5, then_kind="zpipe.testing:FailOn", then_options="value = 3.0") -> Topology:
+    """The hedge and the select share a process (as a gate and its select do when grouped automatically, the
+    remote stand-in with them), unless every stage has its own."""
+    front = 'group = "front"' if groups == "auto" else ""
+    return gated(SPARE.format(groups=groups, defer_s=defer_s, then_kind=then_kind, then_options=then_options,
+                              front=front))
+
+
+def _settle(pipe, stage, key, want, within_s=3.0):
+    deadline = time.monotonic() + within_s
+    while pipe.signals(stage).get(key, 0) != want and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return pipe.signals(stage).get(key, 0)
+
+
+def test_a_spare_copy_is_withdrawn_unsent_when_the_other_branch_answers_first():
+    """The local branch never sees a spare whose request the remote branch answered; one it failed gets it."""
+    with Pipeline(spare()) as pipe:
+        xs = [np.full(4, float(i), np.float32) for i in range(12)]  # x = 3: the remote branch fails it
+        results = [f.result(timeout=20) for f in [pipe.submit({"x": x}) for x in xs]]
+        for x, result in zip(xs, results):
+            np.testing.assert_allclose(result.outputs["y"], -x if x[0] == 3 else x)
+            assert ("local_branch" in result.stage_times) == (x[0] == 3)
+        assert _settle(pipe, "hedge", "withdrawals", 11) == 11
+        time.sleep(0.7)  # past every spare's due time: none of the 11 went out late
+        assert pipe.signals("local_branch")["processed"] == 1
+        assert pipe.signals("hedge")["withdrawn"] == 11
+        assert pipe.signals("hedge")["withdrawable"] == ["else.h", "then.h"]
+        assert pipe.stats()["ok"] == 12
+
+
+def test_a_spare_copy_runs_when_it_is_due_before_the_answer():
+    topology = spare(defer_s=0.05, then_kind="zpipe.testing:Sleep", then_options="seconds = 0.4")
+    with Pipeline(topology) as pipe:
+        xs = [np.full(4, float(i), np.float32) for i in range(3)]
+        for x in xs:
+            result = pipe.submit({"x": x}).result(timeout=20)
+            np.testing.assert_allclose(result.outputs["y"], -x)  # the local copy answered first
+        assert _settle(pipe, "local_branch", "processed", 3) == 3
+        assert pipe.signals("hedge")["withdrawals"] == 0
+
+
+def test_a_spare_copy_goes_out_when_its_select_runs_in_another_process():
+    with Pipeline(spare(groups="per-stage", defer_s=0.1)) as pipe:
+        xs = [np.full(4, float(i), np.float32) for i in (1, 2, 4)]
+        for x in xs:
+            np.testing.assert_allclose(pipe.submit({"x": x}).result(timeout=20).outputs["y"], x)
+        assert pipe.signals("hedge")["withdrawable"] == []
+        assert _settle(pipe, "local_branch", "processed", 3) == 3  # they ran, late: nothing here could stop them

@@ -153,3 +153,19 @@ def test_in_code_topology_and_port_forms():
         StageSpec(name="bad name", stage=Scale(), inputs=["x"], outputs={"out": "y"})
     with pytest.raises(TopologyError, match="stage 's' needs at least one entry in 'inputs'"):
         StageSpec(name="s", stage=Scale(), inputs={}, outputs={"out": "y"})
+
+
+def test_join_of_names_the_select_that_makes_a_held_copy_moot():
+    from test_gate import GATED, gated
+
+    topology = gated()
+    assert topology.join_of("h@else") == "select" and topology.join_of("h@then") == "select"
+    assert topology.join_of("h") is None and topology.join_of("y") is None  # before the gate; after the select
+    # A branch that also feeds the pipeline's outputs is not only on its way to the select.
+    leaky = GATED.replace('outputs = ["z"]', 'outputs = ["z", "y@else"]')
+    assert gated(leaky).join_of("h@else") is None and gated(leaky).join_of("h@then") == "select"
+    # Nor one whose stage also reads a tensor from outside the branch (it would wait for it in vain).
+    mixed = GATED.replace('kind = "zpipe.testing:Scale"\nfactor = -1.0\ninputs = { x = "h@else" }\noutputs = { out = "y@else" }',
+                          'kind = "merge"\nop = "add"\ninputs = ["h@else", "h"]\noutputs = ["y@else"]')
+    assert mixed != GATED
+    assert gated(mixed).join_of("h@else") is None

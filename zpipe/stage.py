@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
@@ -42,13 +42,18 @@ class Outcome:
     Each note ``key: value`` travels with the request as ``"<key>:<stage>"`` (e.g. ``at:branch_a`` = where the
     stage ran, ``x:gate`` = the gate's decision) and ends up in the caller's :class:`~zpipe.Result`. ``defer``
     holds output ports back: their consumers get them that many seconds later (checked now, delivered by the
-    worker's loop, which serves other requests meanwhile).
+    worker's loop, which serves other requests meanwhile). With ``spare`` (any hashable token but None), the held
+    ports are a spare copy: if the request is answered before they are due (the ``select`` merge they would reach
+    ran for it: see StageContext.withdrawable), the worker drops them unsent and calls
+    :meth:`Stage.withdrawn` with the token.
     """
 
     outputs: Any
     notes: Mapping[str, Any] = field(default_factory=dict)
     #: Output ports whose messages leave only this many seconds later (a gate's deferred hedge, see stages/gate.py).
     defer: Mapping[str, float] = field(default_factory=dict)
+    #: Marks the held ports as a spare copy, withdrawn unsent if the request is answered first (None: never).
+    spare: Hashable | None = None
 
 
 @dataclass(frozen=True)
@@ -59,12 +64,15 @@ class StageContext:
     stages publish measurements for others (the gate's offload policy reads its branches' figures there).
     ``signals_changed``, callable from any thread, asks the worker to publish the stage's :meth:`Stage.signals`
     within a few milliseconds: for figures that change while no request runs (a remote stand-in's pings).
+    ``withdrawable`` lists the output ports whose held copies (:attr:`Outcome.spare`) this worker can withdraw: the
+    stage that makes them moot (a ``select`` merge) runs in the same process.
     """
 
     name: str
     consumers: Mapping[str, tuple[str, ...]]
     board: Any = None
     signals_changed: Callable[[], None] = lambda: None
+    withdrawable: frozenset[str] = frozenset()
 
 
 class Stage:
@@ -99,6 +107,10 @@ class Stage:
         """What the worker calls per request. Stages that need the request's metadata (the gate reads X from it
         when the app sets X per request) override this; the rest implement :meth:`process`."""
         return self.process(inputs)
+
+    def withdrawn(self, spare: Hashable) -> None:
+        """A spare copy this stage held back (:attr:`Outcome.spare` = ``spare``) was dropped unsent: the request
+        was answered before it was due. Called in the worker's loop; the stage may undo what it counted for it."""
 
     def signals(self) -> dict[str, Any]:
         """Extra figures to publish on the signal board next to the worker's own (processed, service time...)."""

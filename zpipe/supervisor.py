@@ -80,7 +80,9 @@ class Supervisor:
                                for consumer, tensors in topology.routes(name).items())
                 slots.append(StageSlot(name=name, stage_blob=cloudpickle.dumps(_stage_to_run(topology, spec)),
                                        inputs=spec.inputs, outputs=spec.outputs, endpoint=endpoints.get(name, ""),
-                                       routes=routes, consumers=_consumers(topology, spec)))
+                                       routes=routes, consumers=_consumers(topology, spec),
+                                       joins=tuple((t, j) for t in spec.tensors_out()
+                                                   if (j := topology.join_of(t)) is not None)))
             plan = WorkerPlan(group=group, stages=tuple(slots), control=control, hwm=topology.hwm,
                               join_timeout_s=topology.effective_join_timeout_s, sys_path=tuple(sys.path),
                               parent_pid=os.getpid(), board_dir=self.board_dir,

@@ -204,6 +204,31 @@ class Topology:
             out[SINK] = to_sink
         return out
 
+    def join_of(self, tensor: str) -> str | None:
+        """The stage that makes a held copy of ``tensor`` moot once it ran for a request: the one stage joining
+        gated branches that may run before all its inputs arrived (a ``select`` merge: Stage.accepts_skipped and
+        Stage.runnable) that is the only way out of the stages reading ``tensor``, which take nothing from
+        elsewhere but its producer. None when there is no such stage (the branch reaches a pipeline output,
+        another such stage, or reads other stages' tensors)."""
+        source = self.producer(tensor)
+        branch: set[str] = set()
+        joins: set[str] = set()
+        todo = [s.name for s in self.stages if tensor in s.tensors_in()]
+        while todo:
+            name = todo.pop()
+            spec = self.stage(name)
+            if spec.stage.accepts_skipped and type(spec.stage).runnable is not Stage.runnable:
+                joins.add(name)
+            elif name not in branch:
+                branch.add(name)
+                if any(t in self.outputs for t in spec.tensors_out()):
+                    return None
+                todo += [s.name for s in self.stages if set(spec.tensors_out()) & set(s.tensors_in())]
+        if len(joins) != 1 or any(self.producer(t) not in branch | {source}
+                                  for name in branch for t in self.stage(name).tensors_in()):
+            return None
+        return joins.pop()
+
     def host(self, name: str) -> HostSpec:
         for host in self.hosts:
             if host.name == name:

@@ -35,7 +35,7 @@ import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Hashable, Mapping
 
 import cloudpickle
 import numpy as np
@@ -70,6 +70,7 @@ class StageSlot:
     endpoint: str  # where its PULL binds; "" when every producer is in the same group (inputs arrive in memory)
     routes: tuple[tuple[str, str, tuple[str, ...]], ...]  # (consumer, endpoint, tensors it needs)
     consumers: tuple[tuple[str, tuple[str, ...]], ...] = ()  # output port -> stages reading it
+    joins: tuple[tuple[str, str], ...] = ()  # output tensor -> the stage that makes a held copy moot (Topology.join_of)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,6 +170,11 @@ class _Worker:
         self.waker = Waker()
         self.held: list[tuple[float, int, tuple[str, str, Message]]] = []  # heap: (release time, seq, delivery)
         self._held_seq = itertools.count()
+        # Held spare copies (Outcome.spare) and the stage in this process that makes them moot once it ran for the
+        # request: (that stage, request id) -> their seqs; seq -> (that key, the stage that held it, its token).
+        self.spares: dict[tuple[str, int], list[int]] = {}
+        self.spare_of: dict[int, tuple[tuple[str, int], _Runner, Hashable]] = {}
+        self.dropped: set[int] = set()  # seqs of held copies withdrawn: skipped when due
 
     def run(self) -> None:
         plan = self.plan
@@ -342,14 +348,45 @@ class _Worker:
         self.done.put((runner, rid, future))
         self.waker.wake()
 
-    def deliver_later(self, delay_s: float, item: tuple[str, str, Message]) -> None:
-        """:meth:`deliver` ``item`` in ``delay_s`` seconds (from the loop: see _release_held)."""
-        heapq.heappush(self.held, (time.monotonic() + delay_s, next(self._held_seq), item))
+    def deliver_later(self, delay_s: float, item: tuple[str, str, Message]) -> int:
+        """:meth:`deliver` ``item`` in ``delay_s`` seconds (from the loop: see _release_held); returns its seq."""
+        seq = next(self._held_seq)
+        heapq.heappush(self.held, (time.monotonic() + delay_s, seq, item))
+        return seq
+
+    def hold_spare(self, join: str, rid: int, seq: int, producer: "_Runner", token: Hashable) -> None:
+        """Held copy ``seq`` of request ``rid`` is a spare: withdrawn if stage ``join`` runs for the request first."""
+        self.spares.setdefault((join, rid), []).append(seq)
+        self.spare_of[seq] = ((join, rid), producer, token)
+
+    def answered(self, join: str, rid: int) -> None:
+        """Stage ``join`` ran for request ``rid`` before all its inputs came: the spare copies held for it are moot.
+        Drop them unsent, count them, and tell each stage that held one (once per copy, however many messages)."""
+        tokens: dict[tuple[str, Hashable], _Runner] = {}
+        for seq in self.spares.pop((join, rid), ()):
+            _, producer, token = self.spare_of.pop(seq)
+            self.dropped.add(seq)
+            tokens[(producer.name, token)] = producer
+        for (_, token), producer in tokens.items():
+            producer.counts["withdrawn"] += 1
+            try:
+                producer.stage.withdrawn(token)
+            except Exception:
+                log.exception("stage %r: withdrawn() raised", producer.name)
 
     def _release_held(self) -> None:
         now = time.monotonic()
         while self.held and self.held[0][0] <= now:
-            consumer, endpoint, message = item = heapq.heappop(self.held)[2]
+            _, seq, item = heapq.heappop(self.held)
+            if seq in self.dropped:
+                self.dropped.discard(seq)
+                continue
+            key = self.spare_of.pop(seq, (None,))[0]
+            if key is not None:
+                self.spares[key].remove(seq)
+                if not self.spares[key]:
+                    del self.spares[key]
+            consumer, endpoint, message = item
             try:
                 self.deliver([item])
             except Exception as exc:  # (checked when held: not expected) the consumer learns why, nothing hangs
@@ -430,6 +467,7 @@ class _Runner:
         self.running: dict[int, tuple[dict[str, Any], float]] = {}  # asynchronous runs awaiting their Future
         self.parked: collections.deque[Message] = collections.deque()  # in-memory work waiting for has_room()
         self.is_async = bool(getattr(stage, "asynchronous", False))
+        self.moot_after = dict(slot.joins)  # output tensor -> the stage whose early run makes a held copy moot
         self.live = type(stage).signals is not Stage.signals  # publishes figures that change while idle
         self.service = Ewma(0.2)  # smoothed processing time, published on the board
         self.measured_at: float | None = None
@@ -443,8 +481,11 @@ class _Runner:
         self.worker.waker.wake()
 
     def setup(self) -> None:
+        withdrawable = frozenset(port for port, tensor in self.slot.outputs
+                                 if self.moot_after.get(tensor) in self.worker.runners)
         self.stage.context = StageContext(name=self.name, consumers=dict(self.slot.consumers),
-                                          board=self.worker.board, signals_changed=self.signals_changed)
+                                          board=self.worker.board, signals_changed=self.signals_changed,
+                                          withdrawable=withdrawable)
         self.stage.setup()
 
     def has_room(self) -> bool:
@@ -531,6 +572,7 @@ class _Runner:
         self.finished[rid] = None
         if len(self.finished) > _FAILED_MEMORY:
             self.finished_floor = max(self.finished_floor, self.finished.popitem(last=False)[0])
+        self.worker.answered(self.name, rid)  # spare copies on their way here are moot now
         return True
 
     def _join_timeout_s(self) -> float:
@@ -598,17 +640,18 @@ class _Runner:
             self._fail(rid, type(exc).__name__, str(exc))
 
     def _finish_run(self, rid: int, result: Any, meta: dict[str, Any], start: float) -> None:
-        notes, defer = {}, {}
+        notes, defer, spare = {}, {}, None
         if isinstance(result, Outcome):
             notes = {f"{key}:{self.name}": value for key, value in result.notes.items()}
             defer = {tensor: result.defer[port] for port, tensor in self.slot.outputs if port in result.defer}
+            spare = result.spare
             result = result.outputs
         outputs = normalise_outputs(self.name, result, [p for p, _ in self.slot.outputs],
                                     allow_missing=self.stage.may_skip_outputs)
         end = time.monotonic()
         meta = {**meta, **notes, f"t:{self.name}": [start, end]}
         self._send_all(rid, {tensor: outputs[port] for port, tensor in self.slot.outputs if port in outputs}, meta,
-                       defer)
+                       defer, spare)
         self.counts["processed"] += 1
         if self.measured_at is not None and end - self.measured_at > _STALE_S:
             self.service = Ewma(0.2)  # the old figure is stale (the policy sent work elsewhere): start afresh
@@ -616,9 +659,11 @@ class _Runner:
         self.measured_at = end
 
     def _send_all(self, rid: int, by_tensor: Mapping[str, np.ndarray], meta: Mapping[str, Any],
-                  defer: Mapping[str, float] | None = None) -> None:
+                  defer: Mapping[str, float] | None = None, spare: Hashable | None = None) -> None:
         """Send each consumer the tensors it reads; tensors absent from ``by_tensor`` travel as skipped. A consumer
-        reading a tensor in ``defer`` gets its message that many seconds later."""
+        reading a tensor in ``defer`` gets its message that many seconds later; with ``spare``, those messages are
+        withdrawn if the one stage they all lead to (Topology.join_of) runs in this process and runs for the
+        request first."""
         batch, later = [], []
         for consumer, endpoint, tensors in self.slot.routes:
             missing = [t for t in tensors if t not in by_tensor]
@@ -630,8 +675,12 @@ class _Runner:
         for _, (_, _, message) in later:  # checked now: a bad output fails the request as a whole, here
             check_message(message, self.worker.plan.limits)
         self.worker.deliver([item for _, item in batch])
+        joins = {self.moot_after.get(t) for _, (_, _, message) in later for t in message.tensors}
+        join = joins.pop() if spare is not None and len(joins) == 1 else None
         for delay, item in later:
-            self.worker.deliver_later(delay, item)
+            seq = self.worker.deliver_later(delay, item)
+            if join in self.worker.runners:
+                self.worker.hold_spare(join, rid, seq, self, spare)
 
     def _fail(self, rid: int, error: str, message: str) -> None:
         # An error carries only what names the failure: bounded, whatever the request's meta held.
@@ -670,7 +719,7 @@ class _Runner:
             "failed": self.counts["failed"], "service_s": self.service.mean,
             "service_std_s": math.sqrt(self.service.var), "service_support": self.service.count,
             "measured_at": self.measured_at,
-            "running": len(self.running), **self.stage.signals()})
+            "running": len(self.running), "withdrawn": self.counts["withdrawn"], **self.stage.signals()})
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
