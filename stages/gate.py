@@ -80,6 +80,11 @@ class GateStage(Stage):
             self._cpu_load = CpuLoad()
             self._stall_clock = self._cpu_load.stall_clock  # how long the device's CPU quota has been used up
             self._local_s: float | None = None  # the local service time at the last policy decision
+            local_ports = {p for p in (self.context.consumers if self.context else {}) if p.startswith("else.")}
+            # A held local copy can be withdrawn once the remote answer is in: the select joining the branches
+            # runs in this process (see stage.Outcome.spare)
+            self._spare_copies = bool(local_ports) and local_ports <= (self.context.withdrawable if self.context
+                                                                      else frozenset())
 
     @property
     def switches(self) -> int:
@@ -119,6 +124,7 @@ class GateStage(Stage):
             signals = self._signals()
             self._local_s = signals.local_service_s
             decision = self._policy.decide(signals)
+            self._spare = decision.spare
             return decision.offload, f"policy: {decision.reason}", decision.hedge, decision.defer_s
         else:
             raise StageError(f"gate: the request carries no meta {self.meta_key!r} and no control input")
@@ -127,15 +133,20 @@ class GateStage(Stage):
         raise StageError(f"gate {where} is {value!r}; X must be 0 (local branch) or 1 (remote branch)")
 
     def handle(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Outcome:
+        self._spare = False
         offload, why, hedge, defer_s = self.decide(inputs, meta)
         branches = _BRANCHES if hedge else ("then" if offload else "else",)
         later = "else" if offload else "then"  # a hedge's deferred copy: the branch other than X's
+        spare = None
         if self._policy is not None:
             for branch in branches:
                 self._sent[branch == "then"] += 1
             if "else" in branches:
-                self._local_sent_at.append(time.monotonic() + (defer_s if later == "else" else 0.0))
+                sent_at = time.monotonic() + (defer_s if later == "else" else 0.0)
+                self._local_sent_at.append(sent_at)
                 self._load_at_local_send = self._load[1]  # (read for this decision: before the copy computes)
+                if self._spare and later == "else" and defer_s > 0:
+                    spare = sent_at  # its token: withdrawn() takes it back out of the counts
         outputs = {f"{branch}.{port}": array for branch in branches
                    for port, array in inputs.items() if port != self.control}
         defer = {port: defer_s for port in outputs if port.startswith(later + ".")} if hedge and defer_s > 0 else {}
@@ -148,7 +159,15 @@ class GateStage(Stage):
                 notes["overlap_s"] = round(self._local_s, 4)
                 if defer:
                     notes["overlap_after_s"] = round(defer_s, 4)
-        return Outcome(outputs, notes, defer)
+        return Outcome(outputs, notes, defer, spare)
+
+    def withdrawn(self, spare: float) -> None:
+        """A spare local copy was dropped unsent (the remote answer came first): the local branch never sees it."""
+        self._sent[False] = max(0, self._sent[False] - 1)
+        try:
+            self._local_sent_at.remove(spare)
+        except ValueError:  # (fell out of the bounded record already)
+            pass
 
     def process(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.handle(inputs, {}).outputs
@@ -192,7 +211,8 @@ class GateStage(Stage):
             remote_oldest_age_s=max((now - v["oldest_sent_at"] for v in remote if v.get("oldest_sent_at")),
                                     default=0.0),
             remote_error_rate=max((v.get("error_rate", 0.0) for v in remote), default=0.0),
-            remote_up=all(v.get("up", True) for v in remote))
+            remote_up=all(v.get("up", True) for v in remote),
+            spare_copies=self._spare_copies)
 
     def _local_done(self, local: list[dict[str, Any]]) -> int:
         """Requests the local branch finished since this gate counted them: the slowest local stage's count

@@ -460,6 +460,56 @@ def test_the_gate_holds_a_busy_device_load_through_a_short_dip(tmp_path):
     assert seen == [1.0, 1.0, 1.0, 1.0, 1.0, 0.3, 0.2, 0.2, 0.2], seen
 
 
+def test_a_close_call_for_remote_holds_its_local_copy_as_a_spare_until_the_answer_is_overdue():
+    """Where the gate's process can withdraw a held local copy, a remote request hedged on a close call sends its
+    local copy only when the remote answer is overdue (its estimate plus one more spread); with a late ping the
+    link may have slowed by any amount, and the copy leaves at once, as it does where no copy can be withdrawn."""
+    s = dict(local_measured_at=0.0, remote_measured_at=0.0, spare_copies=True)
+    p = LatencyPolicy(min_dwell_s=0, probe_interval_s=0)
+    assert p.decide(Signals(now=1.0, local_service_s=0.100, remote_rtt_s=0.050, **s)).offload
+    d = p.decide(Signals(now=2.0, local_service_s=0.100, remote_rtt_s=0.080, remote_rtt_std_s=0.005, **s))
+    assert d.offload and d.hedge and d.spare and d.defer_s == pytest.approx(0.090), d
+    assert d.reason.endswith("hedged, spare local copy after 90 ms"), d
+    late = p.decide(Signals(now=3.0, local_service_s=0.100, remote_rtt_s=0.080, remote_ping_late_s=0.01, **s))
+    assert late.offload and late.hedge and not late.spare and late.defer_s == 0, late
+    s["spare_copies"] = False
+    d = p.decide(Signals(now=4.0, local_service_s=0.100, remote_rtt_s=0.080, remote_rtt_std_s=0.005, **s))
+    assert d.offload and d.hedge and not d.spare and d.defer_s == 0, d
+    s["spare_copies"] = True  # a local request's remote copy costs the device little: it leaves at once
+    assert not p.decide(Signals(now=5.0, local_service_s=0.040, remote_rtt_s=0.100, **s)).offload
+    d = p.decide(Signals(now=6.0, local_service_s=0.090, remote_rtt_s=0.095, **s))
+    assert not d.offload and d.hedge and not d.spare and d.defer_s == 0, d
+
+
+def test_the_gate_takes_a_withdrawn_spare_out_of_its_local_backlog(tmp_path):
+    from stages.gate import GateStage
+    from zpipe.board import Board
+    from zpipe.stage import StageContext
+
+    board = Board(tmp_path)
+    gate = GateStage(policy="latency", policy_options={"min_dwell_s": 0, "probe_interval_s": 0})
+    gate.context = StageContext(name="gate", consumers={"then.h": ("edge",), "else.h": ("local",)}, board=board,
+                                withdrawable=frozenset({"then.h", "else.h"}))
+    gate.setup()
+    gate._cpu_load = lambda: 0.0  # this test's device is idle, whatever the machine running it is doing
+    now = time.monotonic()
+    board.publish("local", {"service_s": 0.1, "measured_at": now, "processed": 0, "pid": 1})
+    board.publish("edge", {"rtt_s": 0.08, "rtt_std_s": 0.005, "measured_at": now})
+    gate._policy.state.offload = True
+    out = gate.handle({"h": np.ones(4, np.float32)}, {})
+    assert set(out.outputs) == {"then.h", "else.h"} and out.defer == {"else.h": pytest.approx(0.09)}, out
+    assert out.spare is not None and gate._signals().local_backlog == 1
+    gate.withdrawn(out.spare)
+    assert gate._signals().local_backlog == 0 and len(gate._local_sent_at) == 0
+    # Where the select runs in another process, nothing can be withdrawn: the copy leaves at once, as before.
+    gate.context = StageContext(name="gate", consumers={"then.h": ("edge",), "else.h": ("local",)}, board=board)
+    gate.setup()
+    gate._cpu_load = lambda: 0.0
+    gate._policy.state.offload = True
+    out = gate.handle({"h": np.ones(4, np.float32)}, {})
+    assert set(out.outputs) == {"then.h", "else.h"} and out.defer == {} and out.spare is None, out
+
+
 def test_a_local_probe_while_offloading_sends_its_local_copy_when_the_remote_answer_is_due(tmp_path):
     from stages.gate import GateStage
     from zpipe.board import Board

@@ -72,6 +72,7 @@ class Signals:
     remote_oldest_age_s: float = 0.0  # how long the oldest request still in flight to the server has been out
     remote_error_rate: float = 0.0  # smoothed share of remote requests that failed
     remote_up: bool = True  # connected, and the circuit breaker is closed
+    spare_copies: bool = False  # a held local copy can be withdrawn once the remote answer is in (stage.Outcome.spare)
 
 
 _LATE_FACTOR, _LATE_MARGIN_S = 1.5, 0.005  # a ping out longer than this is late (see late_by)
@@ -140,6 +141,7 @@ class Decision:
     reason: str
     hedge: bool = False  # run on both sides, the first answer wins (a probe, or a request the policy is unsure of)
     defer_s: float = 0.0  # a hedged probe: the probed side's copy starts this much later
+    spare: bool = False  # the deferred copy only guards: withdrawn, never run, if the other side answers first
 
 
 class _Hysteresis:
@@ -317,9 +319,18 @@ class LatencyPolicy:
         local_one_sample = (not decision.offload and s.local_service_support is not None
                             and s.local_service_support < 2)
         doubtful = local_one_sample or (decision.offload and late > 0 and local < 2 * chosen)
+        # - A remote request's local copy, unless a ping is late, is a spare where the gate's process can withdraw
+        #   it: it starts only when the remote answer is overdue (its estimate plus one more spread), and is
+        #   dropped unsent if the answer came first. So a close call costs the device nothing when remote answers
+        #   on time; a local copy computing alongside slowed the handling of that answer on a device with little
+        #   CPU (session 9: run 12, 123 ms against always-remote's p99 of 74). With a late ping the link may have
+        #   slowed by any amount: the copy starts at once.
         if self.hedge and (doubtful or not chosen < other * (1 - self.hysteresis)):
             if decision.offload and s.device_load >= _SATURATED_LOAD:
                 return Decision(True, f"{decision.reason} (device load {s.device_load:.0%}: not hedged)")
+            if decision.offload and s.spare_copies and not late:
+                return Decision(True, f"{decision.reason}: hedged, spare local copy after {chosen * 1000:.0f} ms",
+                                hedge=True, defer_s=chosen, spare=True)
             return Decision(decision.offload, f"{decision.reason}: hedged", hedge=True)
         return decision
 
