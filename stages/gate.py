@@ -29,6 +29,7 @@ tell the remote stand-in how long the device computes the request alongside its 
 from __future__ import annotations
 
 import collections
+import heapq
 import time
 from typing import Any, Mapping, Sequence
 
@@ -71,7 +72,8 @@ class GateStage(Stage):
             self._remote = sorted({c for p, cs in consumers.items() if p.startswith("then.") for c in cs})
             self._local = sorted({c for p, cs in consumers.items() if p.startswith("else.") for c in cs})
             self._sent = {True: 0, False: 0}
-            self._local_sent_at: collections.deque[float] = collections.deque(maxlen=1024)  # newest last
+            # When each local copy left or leaves (a held one: a deferred probe's, a spare), in the order decided
+            self._local_sent_at: collections.deque[float] = collections.deque(maxlen=1024)
             self._epochs: dict[str, tuple[int, int]] = {}  # local stage -> (its pid, its count when we saw it)
             self._load = (0.0, 0.0)  # (measured at, value)
             self._loads: collections.deque[tuple[float, float]] = collections.deque()  # (read at, value), recent
@@ -80,11 +82,12 @@ class GateStage(Stage):
             self._cpu_load = CpuLoad()
             self._stall_clock = self._cpu_load.stall_clock  # how long the device's CPU quota has been used up
             self._local_s: float | None = None  # the local service time at the last policy decision
-            local_ports = {p for p in (self.context.consumers if self.context else {}) if p.startswith("else.")}
             # A held local copy can be withdrawn once the remote answer is in: the select joining the branches
             # runs in this process (see stage.Outcome.spare)
-            self._spare_copies = bool(local_ports) and local_ports <= (self.context.withdrawable if self.context
-                                                                      else frozenset())
+            joins = self.context.joins if self.context else {}
+            local_ports = [p for p in (self.context.consumers if self.context else {}) if p.startswith("else.")]
+            self._spare_copies = bool(local_ports) and len({joins.get(p) for p in local_ports} - {None}) == 1 \
+                and all(p in joins for p in local_ports)
 
     @property
     def switches(self) -> int:
@@ -190,10 +193,11 @@ class GateStage(Stage):
         clock = self._stall_clock()
         remote = [_as_of(v, now, clock) for v in remote]
         rtts = [v for v in remote if v.get("rtt_s") is not None]
-        backlog = max(0, self._sent[False] - local_done)
-        # The local branch takes its requests in order: the oldest unfinished one is the backlog-th newest sent.
-        oldest = self._local_sent_at[-min(backlog, len(self._local_sent_at))] if backlog and self._local_sent_at \
-            else now
+        # The local branch takes its copies in the order they leave: the unfinished ones left last. Those still
+        # held here are not its backlog (a spare, most likely, never leaves).
+        unfinished = heapq.nlargest(max(0, self._sent[False] - local_done), self._local_sent_at)
+        out = [t for t in unfinished if t <= now]
+        backlog, oldest = len(out), min(out, default=now)
         return Signals(
             now=now, local_service_s=slowest.get("service_s"), local_service_std_s=slowest.get("service_std_s", 0.0),
             local_service_support=slowest.get("service_support"),

@@ -23,8 +23,8 @@ def timed_sleep(inputs):
 
 class SpareHedge(Stage):
     """Sends each request down both branches of a select, the else copy ``defer_s`` later as a spare
-    (zpipe.stage.Outcome.spare); publishes how many of those it was told were withdrawn and which of its ports its
-    worker can withdraw."""
+    (zpipe.stage.Outcome.spare); publishes how many of those it was told were withdrawn and, for each of its ports,
+    the stage in its process that would make a held copy moot."""
 
     may_skip_outputs = True
 
@@ -44,4 +44,4 @@ class SpareHedge(Stage):
         self.withdrawals.add(spare)
 
     def signals(self):
-        return {"withdrawals": len(self.withdrawals), "withdrawable": sorted(self.context.withdrawable)}
+        return {"withdrawals": len(self.withdrawals), "joins": dict(self.context.joins)}

@@ -475,6 +475,11 @@ def test_a_close_call_for_remote_holds_its_local_copy_as_a_spare_until_the_answe
     s["spare_copies"] = False
     d = p.decide(Signals(now=4.0, local_service_s=0.100, remote_rtt_s=0.080, remote_rtt_std_s=0.005, **s))
     assert d.offload and d.hedge and not d.spare and d.defer_s == 0, d
+    s["spare_copies"] = True  # the dwell time holds remote while local looks faster: its copy leaves at once
+    held = LatencyPolicy(min_dwell_s=10, probe_interval_s=0)
+    assert held.decide(Signals(now=1.0, local_service_s=0.100, remote_rtt_s=0.050, **s)).offload
+    d = held.decide(Signals(now=2.0, local_service_s=0.060, remote_rtt_s=0.080, **s))
+    assert d.offload and d.reason.startswith("dwell") and d.hedge and not d.spare and d.defer_s == 0, d
     s["spare_copies"] = True  # a local request's remote copy costs the device little: it leaves at once
     assert not p.decide(Signals(now=5.0, local_service_s=0.040, remote_rtt_s=0.100, **s)).offload
     d = p.decide(Signals(now=6.0, local_service_s=0.090, remote_rtt_s=0.095, **s))
@@ -489,7 +494,7 @@ def test_the_gate_takes_a_withdrawn_spare_out_of_its_local_backlog(tmp_path):
     board = Board(tmp_path)
     gate = GateStage(policy="latency", policy_options={"min_dwell_s": 0, "probe_interval_s": 0})
     gate.context = StageContext(name="gate", consumers={"then.h": ("edge",), "else.h": ("local",)}, board=board,
-                                withdrawable=frozenset({"then.h", "else.h"}))
+                                joins={"then.h": "select", "else.h": "select"})
     gate.setup()
     gate._cpu_load = lambda: 0.0  # this test's device is idle, whatever the machine running it is doing
     now = time.monotonic()

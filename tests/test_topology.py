@@ -169,3 +169,102 @@ def test_join_of_names_the_select_that_makes_a_held_copy_moot():
                           'kind = "merge"\nop = "add"\ninputs = ["h@else", "h"]\noutputs = ["y@else"]')
     assert mixed != GATED
     assert gated(mixed).join_of("h@else") is None
+
+
+def test_join_of_passes_through_a_select_fed_from_within_and_refuses_two_ways_out():
+    from test_gate import GATED, gated
+
+    # The local branch holds a second gate with its own select: the first gate's copy leads to the outer select.
+    nested = GATED.replace('''[stages.local_branch]
+kind = "zpipe.testing:Scale"
+factor = -1.0
+inputs = { x = "h@else" }
+outputs = { out = "y@else" }''', '''[stages.inner]
+kind = "gate"
+control = "ctl"
+inputs = { ctl = "ctl", h = "h@else" }
+outputs = { "then.h" = "g@then", "else.h" = "g@else" }
+
+[stages.inner_a]
+kind = "zpipe.testing:Scale"
+inputs = { x = "g@then" }
+outputs = { out = "k@then" }
+
+[stages.inner_b]
+kind = "zpipe.testing:Scale"
+factor = -1.0
+inputs = { x = "g@else" }
+outputs = { out = "k@else" }
+
+[stages.inner_select]
+kind = "merge"
+op = "select"
+inputs = ["k@then", "k@else"]
+outputs = ["y@else"]''')
+    assert nested != GATED
+    topology = gated(nested)
+    assert topology.join_of("h@else") == "select" and topology.join_of("g@else") == "inner_select"
+    # A branch whose result also goes past the select (to a stage after it) has two ways out.
+    past = GATED.replace('inputs = { x = "y" }\noutputs = { out = "z" }',
+                         'inputs = ["y", "y@else"]\noutputs = ["z"]').replace(
+        '[stages.post]\nkind = "zpipe.testing:Scale"\noffset = 0.5', '[stages.post]\nkind = "merge"\nop = "add"')
+    assert past != GATED and gated(past).join_of("h@else") is None and gated(past).join_of("h@then") == "select"
+    assert gated().join_of("z") is None  # a pipeline output leads nowhere
+
+
+def test_the_select_of_a_gate_runs_in_the_gates_process():
+    """Even where its producers' lowest lane is another one: the gate's process withdraws its spare copies when
+    the select runs there (zpipe.stage.Outcome.spare)."""
+    topology = Topology.from_toml(textwrap.dedent("""
+        [pipeline]
+        inputs = ["x", "ctl"]
+        outputs = ["z"]
+        max_groups = 2
+
+        [stages.a]
+        kind = "zpipe.testing:Scale"
+        inputs = ["x"]
+        outputs = { out = "a" }
+
+        [stages.b1]
+        kind = "zpipe.testing:Scale"
+        inputs = ["x"]
+        outputs = { out = "b1" }
+
+        [stages.b2]
+        kind = "zpipe.testing:Scale"
+        inputs = { x = "b1" }
+        outputs = { out = "b2" }
+
+        [stages.gate]
+        kind = "gate"
+        control = "ctl"
+        inputs = { ctl = "ctl", h = "a" }
+        outputs = { "then.h" = "h@then", "else.h" = "h@else" }
+
+        [stages.light_branch]
+        kind = "merge"
+        op = "pass"
+        inputs = ["h@then"]
+        outputs = ["y@then"]
+
+        [stages.local_branch]
+        kind = "zpipe.testing:Scale"
+        inputs = { x = "h@else" }
+        outputs = { out = "y@else" }
+
+        [stages.select]
+        kind = "merge"
+        op = "select"
+        inputs = ["y@then", "y@else"]
+        outputs = ["y"]
+
+        [stages.last]
+        kind = "merge"
+        op = "add"
+        inputs = ["y", "b2"]
+        outputs = ["z"]
+        """))
+    groups = {stage: group for group, stages in topology.grouping().groups.items() for stage in stages}
+    assert groups["b1"] != groups["gate"] and groups["local_branch"] != groups["gate"], groups
+    assert groups["select"] == groups["gate"] == groups["light_branch"], groups

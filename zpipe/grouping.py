@@ -20,7 +20,8 @@ How stages are grouped:
      stand-ins: no local compute) stay on the fork's lane;
    - the compute branches after a gate run on lanes other than the gate's: the gate then keeps routing while they
      compute, and sees their backlog (its policy's "device busy" signal) instead of a queue in front of itself;
-   - a join takes the lowest lane among its producers.
+   - a join takes the lowest lane among its producers, except the ``select`` joining a gate's branches, which
+     takes the gate's lane (there it can withdraw the gate's spare copies: zpipe.stage.Outcome.spare).
 
    There are as many lanes as the widest fork has compute branches (plus one after a gate), capped at
    ``max_groups`` (default: this machine's CPU count), because more processes than cores add memory but no speed.
@@ -152,6 +153,10 @@ def _lanes(topology: "Topology", names: list[str], cap: int, costs: Mapping[str,
                 for parent in [None, *names])
     count = max(1, min(cap, width))
     lane: dict[str, int] = {}
+    # The select joining a gate's branches goes where the gate is: there it can withdraw the gate's spare copies
+    # (zpipe.stage.Outcome.spare) when the other branch answers first.
+    gate_of = {join: gate for gate in names if is_gate(gate) for t in topology.stage(gate).tensors_out()
+               if (join := topology.join_of(t)) in inside}
 
     def spread(branches: list[str], base: int, *, avoid_base: bool) -> None:
         load = [0.0] * count
@@ -170,7 +175,9 @@ def _lanes(topology: "Topology", names: list[str], cap: int, costs: Mapping[str,
         if name in lane:
             continue
         parents = producers[name]
-        if len(parents) > 1:
+        if name in gate_of and gate_of[name] in lane:
+            lane[name] = lane[gate_of[name]]
+        elif len(parents) > 1:
             lane[name] = min(lane[p] for p in parents)
         else:
             parent = parents[0] if parents else None

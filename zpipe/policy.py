@@ -140,7 +140,7 @@ class Decision:
     offload: bool
     reason: str
     hedge: bool = False  # run on both sides, the first answer wins (a probe, or a request the policy is unsure of)
-    defer_s: float = 0.0  # a hedged probe: the probed side's copy starts this much later
+    defer_s: float = 0.0  # a hedged request: the copy on the side other than X's starts this much later
     spare: bool = False  # the deferred copy only guards: withdrawn, never run, if the other side answers first
 
 
@@ -319,8 +319,9 @@ class LatencyPolicy:
         local_one_sample = (not decision.offload and s.local_service_support is not None
                             and s.local_service_support < 2)
         doubtful = local_one_sample or (decision.offload and late > 0 and local < 2 * chosen)
-        # - A remote request's local copy, unless a ping is late, is a spare where the gate's process can withdraw
-        #   it: it starts only when the remote answer is overdue (its estimate plus one more spread), and is
+        # - A remote request's local copy, unless a ping is late or local looks faster (the dwell time holds
+        #   remote), is a spare where the gate's process can withdraw it: it starts only when the remote answer is
+        #   overdue (its estimate plus one more spread), and is
         #   dropped unsent if the answer came first. So a close call costs the device nothing when remote answers
         #   on time; a local copy computing alongside slowed the handling of that answer on a device with little
         #   CPU (session 9: run 12, 123 ms against always-remote's p99 of 74). With a late ping the link may have
@@ -328,7 +329,7 @@ class LatencyPolicy:
         if self.hedge and (doubtful or not chosen < other * (1 - self.hysteresis)):
             if decision.offload and s.device_load >= _SATURATED_LOAD:
                 return Decision(True, f"{decision.reason} (device load {s.device_load:.0%}: not hedged)")
-            if decision.offload and s.spare_copies and not late:
+            if decision.offload and s.spare_copies and not late and local >= remote:
                 return Decision(True, f"{decision.reason}: hedged, spare local copy after {chosen * 1000:.0f} ms",
                                 hedge=True, defer_s=chosen, spare=True)
             return Decision(decision.offload, f"{decision.reason}: hedged", hedge=True)

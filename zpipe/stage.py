@@ -44,7 +44,7 @@ class Outcome:
     holds output ports back: their consumers get them that many seconds later (checked now, delivered by the
     worker's loop, which serves other requests meanwhile). With ``spare`` (any hashable token but None), the held
     ports are a spare copy: if the request is answered before they are due (the ``select`` merge they would reach
-    ran for it: see StageContext.withdrawable), the worker drops them unsent and calls
+    ran for it in the same process: see StageContext.joins), the worker drops them unsent and calls
     :meth:`Stage.withdrawn` with the token.
     """
 
@@ -64,15 +64,16 @@ class StageContext:
     stages publish measurements for others (the gate's offload policy reads its branches' figures there).
     ``signals_changed``, callable from any thread, asks the worker to publish the stage's :meth:`Stage.signals`
     within a few milliseconds: for figures that change while no request runs (a remote stand-in's pings).
-    ``withdrawable`` lists the output ports whose held copies (:attr:`Outcome.spare`) this worker can withdraw: the
-    stage that makes them moot (a ``select`` merge) runs in the same process.
+    ``joins`` maps an output port to the stage that makes a held copy of it moot (a ``select`` merge: see
+    Topology.join_of) when that stage runs in the same process: there the worker can withdraw a spare copy
+    (:attr:`Outcome.spare`) whose ports all lead to the same one.
     """
 
     name: str
     consumers: Mapping[str, tuple[str, ...]]
     board: Any = None
     signals_changed: Callable[[], None] = lambda: None
-    withdrawable: frozenset[str] = frozenset()
+    joins: Mapping[str, str] = field(default_factory=dict)
 
 
 class Stage:

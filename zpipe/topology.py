@@ -205,29 +205,48 @@ class Topology:
         return out
 
     def join_of(self, tensor: str) -> str | None:
-        """The stage that makes a held copy of ``tensor`` moot once it ran for a request: the one stage joining
-        gated branches that may run before all its inputs arrived (a ``select`` merge: Stage.accepts_skipped and
-        Stage.runnable) that is the only way out of the stages reading ``tensor``, which take nothing from
-        elsewhere but its producer. None when there is no such stage (the branch reaches a pipeline output,
-        another such stage, or reads other stages' tensors)."""
-        source = self.producer(tensor)
-        branch: set[str] = set()
-        joins: set[str] = set()
-        todo = [s.name for s in self.stages if tensor in s.tensors_in()]
-        while todo:
-            name = todo.pop()
-            spec = self.stage(name)
-            if spec.stage.accepts_skipped and type(spec.stage).runnable is not Stage.runnable:
-                joins.add(name)
-            elif name not in branch:
-                branch.add(name)
-                if any(t in self.outputs for t in spec.tensors_out()):
-                    return None
-                todo += [s.name for s in self.stages if set(spec.tensors_out()) & set(s.tensors_in())]
-        if len(joins) != 1 or any(self.producer(t) not in branch | {source}
-                                  for name in branch for t in self.stage(name).tensors_in()):
+        """The stage that makes a held copy of ``tensor`` moot once it ran for a request, or None.
+
+        That is the one stage joining gated branches that may run before all its inputs arrived (a ``select``
+        merge: Stage.accepts_skipped and Stage.runnable) among those ``tensor`` leads to, that also takes an input
+        from outside them (the other branch; a select fed only from within, say behind a second gate, is passed
+        through), provided the stages before it on the way take nothing from elsewhere but ``tensor``'s producer and
+        give nothing to anything else (a pipeline output, a stage after the join).
+        """
+        if tensor in self.outputs:
             return None
-        return joins.pop()
+        source = self.producer(tensor)
+        tensors = {t for spec in self.stages for t in spec.tensors_out()} | set(self.inputs)
+        readers = {t: [s.name for s in self.stages if t in s.tensors_in()] for t in tensors}
+
+        def ahead(starts: list[str], stop: str | None = None) -> set[str]:
+            seen: set[str] = set()
+            todo = list(starts)
+            while todo:
+                name = todo.pop()
+                if name == stop or name in seen:
+                    continue
+                seen.add(name)
+                todo += [r for t in self.stage(name).tensors_out() for r in readers.get(t, ())]
+            return seen
+
+        starts = readers.get(tensor, [])
+        reach = ahead(starts)
+        joins = [name for name in reach if self._may_answer_early(name)
+                 and any(self.producer(t) not in reach | {source} for t in self.stage(name).tensors_in())]
+        if len(joins) != 1:
+            return None
+        branch = ahead(starts, stop=joins[0])
+        for name in branch:
+            spec = self.stage(name)
+            if any(self.producer(t) not in branch | {source} for t in spec.tensors_in()) or any(
+                    t in self.outputs or not set(readers[t]) <= branch | {joins[0]} for t in spec.tensors_out()):
+                return None
+        return joins[0]
+
+    def _may_answer_early(self, name: str) -> bool:
+        stage = self.stage(name).stage
+        return stage.accepts_skipped and type(stage).runnable is not Stage.runnable
 
     def host(self, name: str) -> HostSpec:
         for host in self.hosts:

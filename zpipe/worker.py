@@ -354,17 +354,27 @@ class _Worker:
         heapq.heappush(self.held, (time.monotonic() + delay_s, seq, item))
         return seq
 
-    def hold_spare(self, join: str, rid: int, seq: int, producer: "_Runner", token: Hashable) -> None:
-        """Held copy ``seq`` of request ``rid`` is a spare: withdrawn if stage ``join`` runs for the request first."""
+    def hold_spare(self, join: str, rid: int, seq: int, producer: "_Runner", token: Hashable,
+                   item: tuple[str, str, Message]) -> None:
+        """Held copy ``seq`` (``item``) of request ``rid`` is a spare: withdrawn if stage ``join`` runs for the
+        request first."""
         self.spares.setdefault((join, rid), []).append(seq)
-        self.spare_of[seq] = ((join, rid), producer, token)
+        self.spare_of[seq] = ((join, rid), producer, token, item)
+
+    def hurry(self, join: str, rid: int) -> None:
+        """Stage ``join`` holds a branch's failure of request ``rid`` while another branch may still answer: the
+        spare copies held for it are that answer now. They leave at once (no longer spares)."""
+        for seq in self.spares.pop((join, rid), ()):
+            item = self.spare_of.pop(seq)[3]
+            self.dropped.add(seq)
+            heapq.heappush(self.held, (time.monotonic(), next(self._held_seq), item))  # (see _release_held)
 
     def answered(self, join: str, rid: int) -> None:
         """Stage ``join`` ran for request ``rid`` before all its inputs came: the spare copies held for it are moot.
         Drop them unsent, count them, and tell each stage that held one (once per copy, however many messages)."""
         tokens: dict[tuple[str, Hashable], _Runner] = {}
         for seq in self.spares.pop((join, rid), ()):
-            _, producer, token = self.spare_of.pop(seq)
+            _, producer, token, _ = self.spare_of.pop(seq)
             self.dropped.add(seq)
             tokens[(producer.name, token)] = producer
         for (_, token), producer in tokens.items():
@@ -471,7 +481,7 @@ class _Runner:
         self.live = type(stage).signals is not Stage.signals  # publishes figures that change while idle
         self.service = Ewma(0.2)  # smoothed processing time, published on the board
         self.measured_at: float | None = None
-        self.published_at, self.published_progress = 0.0, (-1, 0, 0)
+        self.published_at, self.published_progress = 0.0, (-1, 0, 0, 0)
         self._changes = itertools.count(1)
         self.signal_changes = 0  # set by the stage's signals_changed(), from any thread
 
@@ -481,11 +491,11 @@ class _Runner:
         self.worker.waker.wake()
 
     def setup(self) -> None:
-        withdrawable = frozenset(port for port, tensor in self.slot.outputs
-                                 if self.moot_after.get(tensor) in self.worker.runners)
+        joins = {port: self.moot_after[tensor] for port, tensor in self.slot.outputs
+                 if self.moot_after.get(tensor) in self.worker.runners}
         self.stage.context = StageContext(name=self.name, consumers=dict(self.slot.consumers),
                                           board=self.worker.board, signals_changed=self.signals_changed,
-                                          withdrawable=withdrawable)
+                                          joins=joins)
         self.stage.setup()
 
     def has_room(self) -> bool:
@@ -546,6 +556,7 @@ class _Runner:
         join.lost.update(t for t in tensors if isinstance(t, str))
         join.error = join.error or dict(error)
         if self._may_answer(join):
+            self.worker.hurry(self.name, rid)  # a spare copy on its way here is the answer now
             return True
         del self.joins[rid]
         return False
@@ -680,7 +691,7 @@ class _Runner:
         for delay, item in later:
             seq = self.worker.deliver_later(delay, item)
             if join in self.worker.runners:
-                self.worker.hold_spare(join, rid, seq, self, spare)
+                self.worker.hold_spare(join, rid, seq, self, spare, item)
 
     def _fail(self, rid: int, error: str, message: str) -> None:
         # An error carries only what names the failure: bounded, whatever the request's meta held.
@@ -698,8 +709,9 @@ class _Runner:
                              for consumer, endpoint, tensors in self.slot.routes])
 
     # -- the signal board ------------------------------------------------------------------------------------------
-    def _progress(self) -> tuple[int, int, int]:
-        return self.counts["processed"] + self.counts["failed"], len(self.running), self.signal_changes
+    def _progress(self) -> tuple[int, int, int, int]:
+        return (self.counts["processed"] + self.counts["failed"], len(self.running), self.signal_changes,
+                self.counts["withdrawn"])
 
     def unpublished(self) -> bool:
         return self._progress() != self.published_progress
