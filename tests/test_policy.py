@@ -503,9 +503,13 @@ def test_the_gate_takes_a_withdrawn_spare_out_of_its_local_backlog(tmp_path):
     gate._policy.state.offload = True
     out = gate.handle({"h": np.ones(4, np.float32)}, {})
     assert set(out.outputs) == {"then.h", "else.h"} and out.defer == {"else.h": pytest.approx(0.09)}, out
-    assert out.spare is not None and gate._signals().local_backlog == 1
+    assert out.spare is not None and gate._signals().local_backlog == 0  # held here: not the local branch's yet
     gate.withdrawn(out.spare)
-    assert gate._signals().local_backlog == 0 and len(gate._local_sent_at) == 0
+    assert gate._sent[False] == 0 and len(gate._local_sent_at) == 0
+    out = gate.handle({"h": np.ones(4, np.float32)}, {})
+    assert out.spare is not None and gate._signals().local_backlog == 0
+    time.sleep(0.1)  # past its due time: it left, and the local branch has not finished it
+    assert gate._signals().local_backlog == 1
     # Where the select runs in another process, nothing can be withdrawn: the copy leaves at once, as before.
     gate.context = StageContext(name="gate", consumers={"then.h": ("edge",), "else.h": ("local",)}, board=board)
     gate.setup()

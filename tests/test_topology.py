@@ -181,8 +181,8 @@ factor = -1.0
 inputs = { x = "h@else" }
 outputs = { out = "y@else" }''', '''[stages.inner]
 kind = "gate"
-control = "ctl"
-inputs = { ctl = "ctl", h = "h@else" }
+meta_key = "inner_x"
+inputs = { h = "h@else" }
 outputs = { "then.h" = "g@then", "else.h" = "g@else" }
 
 [stages.inner_a]
@@ -204,6 +204,10 @@ outputs = ["y@else"]''')
     assert nested != GATED
     topology = gated(nested)
     assert topology.join_of("h@else") == "select" and topology.join_of("g@else") == "inner_select"
+    # Not if the inner gate also reads the request's control tensor: it would wait for the withdrawn copy.
+    wired = nested.replace('meta_key = "inner_x"\ninputs = { h = "h@else" }',
+                           'control = "ctl"\ninputs = { ctl = "ctl", h = "h@else" }')
+    assert wired != nested and gated(wired).join_of("h@else") is None
     # A branch whose result also goes past the select (to a stage after it) has two ways out.
     past = GATED.replace('inputs = { x = "y" }\noutputs = { out = "z" }',
                          'inputs = ["y", "y@else"]\noutputs = ["z"]').replace(

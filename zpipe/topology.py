@@ -230,19 +230,19 @@ class Topology:
                 todo += [r for t in self.stage(name).tensors_out() for r in readers.get(t, ())]
             return seen
 
+        def only_way_out(join: str) -> bool:  # the stages before it take from and give to nothing else
+            branch = ahead(starts, stop=join)
+            return not branch & set(joins) and all(
+                all(self.producer(t) in branch | {source} for t in self.stage(name).tensors_in())
+                and all(t not in self.outputs and set(readers[t]) <= branch | {join}
+                        for t in self.stage(name).tensors_out()) for name in branch)
+
         starts = readers.get(tensor, [])
         reach = ahead(starts)
         joins = [name for name in reach if self._may_answer_early(name)
                  and any(self.producer(t) not in reach | {source} for t in self.stage(name).tensors_in())]
-        if len(joins) != 1:
-            return None
-        branch = ahead(starts, stop=joins[0])
-        for name in branch:
-            spec = self.stage(name)
-            if any(self.producer(t) not in branch | {source} for t in spec.tensors_in()) or any(
-                    t in self.outputs or not set(readers[t]) <= branch | {joins[0]} for t in spec.tensors_out()):
-                return None
-        return joins[0]
+        found = [join for join in joins if only_way_out(join)]
+        return found[0] if len(found) == 1 else None
 
     def _may_answer_early(self, name: str) -> bool:
         stage = self.stage(name).stage
