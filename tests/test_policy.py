@@ -460,10 +460,11 @@ def test_the_gate_holds_a_busy_device_load_through_a_short_dip(tmp_path):
     assert seen == [1.0, 1.0, 1.0, 1.0, 1.0, 0.3, 0.2, 0.2, 0.2], seen
 
 
-def test_a_close_call_for_remote_holds_its_local_copy_as_a_spare_until_the_answer_is_overdue():
+def test_a_remote_request_holds_its_local_copy_as_a_spare_until_the_answer_is_overdue():
     """Where the gate's process can withdraw a held local copy, a remote request hedged on a close call sends its
-    local copy only when the remote answer is overdue (its estimate plus one more spread); with a late ping the
-    link may have slowed by any amount, and the copy leaves at once, as it does where no copy can be withdrawn."""
+    local copy only when the remote answer is overdue (its estimate plus one more spread), a clear remote choice
+    at 1.5x its estimate; with a late ping the link may have slowed by any amount, and the copy leaves at once, as
+    it does where no copy can be withdrawn."""
     s = dict(local_measured_at=0.0, remote_measured_at=0.0, spare_copies=True)
     p = LatencyPolicy(min_dwell_s=0, probe_interval_s=0)
     assert p.decide(Signals(now=1.0, local_service_s=0.100, remote_rtt_s=0.050, **s)).offload
@@ -480,7 +481,13 @@ def test_a_close_call_for_remote_holds_its_local_copy_as_a_spare_until_the_answe
     assert held.decide(Signals(now=1.0, local_service_s=0.100, remote_rtt_s=0.050, **s)).offload
     d = held.decide(Signals(now=2.0, local_service_s=0.060, remote_rtt_s=0.080, **s))
     assert d.offload and d.reason.startswith("dwell") and d.hedge and not d.spare and d.defer_s == 0, d
-    s["spare_copies"] = True  # a local request's remote copy costs the device little: it leaves at once
+    s["spare_copies"] = True  # a clear remote choice: a spare too, due at 1.5x its estimate (none at the quota)
+    d = p.decide(Signals(now=4.5, local_service_s=0.100, remote_rtt_s=0.040, **s))
+    assert d.offload and d.hedge and d.spare and d.defer_s == pytest.approx(0.060), d
+    assert d.reason == "local 100.0 ms vs remote 40.0 ms (spare local copy after 60 ms)", d
+    d = p.decide(Signals(now=4.6, local_service_s=0.100, remote_rtt_s=0.040, device_load=0.95, **s))
+    assert d.offload and not d.hedge and not d.spare and d.defer_s == 0, d
+    # a local request's remote copy costs the device little: it leaves at once
     assert not p.decide(Signals(now=5.0, local_service_s=0.040, remote_rtt_s=0.100, **s)).offload
     d = p.decide(Signals(now=6.0, local_service_s=0.090, remote_rtt_s=0.095, **s))
     assert not d.offload and d.hedge and not d.spare and d.defer_s == 0, d
