@@ -37,7 +37,8 @@ import numpy as np
 
 from zpipe.board import CpuLoad
 from zpipe.errors import StageError, TopologyError
-from zpipe.policy import Signals, device_stalls_left_out, expected_rtt, late_by, link_delay, make_policy
+from zpipe.policy import (Signals, device_stalls_left_out, expected_rtt, late_by, link_delay, make_policy,
+                          spare_wanted)
 from zpipe.stage import Outcome, Stage
 
 __all__ = ["GateStage"]
@@ -163,6 +164,10 @@ class GateStage(Stage):
                 if defer:
                     notes["overlap_after_s"] = round(defer_s, 4)
         return Outcome(outputs, notes, defer, spare)
+
+    def spare_due(self, spare: float) -> bool:
+        """A spare local copy whose remote answer is overdue leaves unless the device is at its CPU quota now."""
+        return spare_wanted(self._device_load(time.monotonic()))
 
     def withdrawn(self, spare: float) -> None:
         """A spare local copy was dropped unsent (the remote answer came first): the local branch never sees it."""

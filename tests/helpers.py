@@ -28,8 +28,9 @@ class SpareHedge(Stage):
 
     may_skip_outputs = True
 
-    def __init__(self, *, defer_s: float) -> None:
+    def __init__(self, *, defer_s: float, call_off: bool = False) -> None:
         self.defer_s = defer_s
+        self.call_off = call_off
 
     def setup(self) -> None:
         self.sent = 0
@@ -38,6 +39,9 @@ class SpareHedge(Stage):
     def handle(self, inputs, meta):
         self.sent += 1
         return Outcome({"then.h": inputs["h"], "else.h": inputs["h"]}, {}, {"else.h": self.defer_s}, self.sent)
+
+    def spare_due(self, spare) -> bool:
+        return not self.call_off
 
     def withdrawn(self, spare) -> None:
         assert spare not in self.withdrawals, f"copy {spare} withdrawn twice"

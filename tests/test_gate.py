@@ -175,6 +175,7 @@ groups = "{groups}"
 [stages.hedge]
 kind = "helpers:SpareHedge"
 defer_s = {defer_s}
+call_off = {call_off}
 {front}
 inputs = {{ h = "x" }}
 outputs = {{ "then.h" = "h@then", "else.h" = "h@else" }}
@@ -200,12 +201,13 @@ outputs = ["y"]
 """
 
 
-def spare(groups="auto", defer_s=0.5, then_kind="zpipe.testing:FailOn", then_options="value = 3.0") -> Topology:
+def spare(groups="auto", defer_s=2.0, then_kind="zpipe.testing:FailOn", then_options="value = 3.0",
+          call_off=False) -> Topology:
     """The hedge and the select share a process (as a gate and its select do when grouped automatically, the
     remote stand-in with them), unless every stage has its own."""
     front = 'group = "front"' if groups == "auto" else ""
     return gated(SPARE.format(groups=groups, defer_s=defer_s, then_kind=then_kind, then_options=then_options,
-                              front=front))
+                              front=front, call_off=str(call_off).lower()))
 
 
 def _settle(pipe, stage, key, want, within_s=3.0):
@@ -242,6 +244,19 @@ def test_a_spare_copy_runs_when_it_is_due_before_the_answer():
             np.testing.assert_allclose(result.outputs["y"], -x)  # the local copy answered first
         assert _settle(pipe, "local_branch", "processed", 3) == 3
         assert pipe.signals("hedge")["withdrawals"] == 0
+
+
+def test_a_spare_copy_its_stage_calls_off_when_due_never_goes_out():
+    """Stage.spare_due says no (the gate: the device is at its CPU quota): the request waits for its remote answer."""
+    topology = spare(defer_s=0.05, then_kind="zpipe.testing:Sleep", then_options="seconds = 0.3", call_off=True)
+    with Pipeline(topology) as pipe:
+        xs = [np.full(4, float(i), np.float32) for i in range(3)]
+        for x in xs:
+            result = pipe.submit({"x": x}).result(timeout=20)
+            np.testing.assert_allclose(result.outputs["y"], x)  # the remote branch's answer
+            assert "local_branch" not in result.stage_times
+        assert _settle(pipe, "hedge", "withdrawals", 3) == 3
+        assert pipe.signals("hedge")["called_off"] == 3 and pipe.signals("local_branch").get("processed", 0) == 0
 
 
 def test_a_spare_copy_goes_out_when_its_select_runs_in_another_process():

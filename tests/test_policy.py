@@ -517,6 +517,10 @@ def test_the_gate_takes_a_withdrawn_spare_out_of_its_local_backlog(tmp_path):
     assert out.spare is not None and gate._signals().local_backlog == 0
     time.sleep(0.1)  # past its due time: it left, and the local branch has not finished it
     assert gate._signals().local_backlog == 1
+    assert gate.spare_due(out.spare)  # an idle device sends a spare that came due; one at its CPU quota does not
+    gate._cpu_load = lambda: 1.0
+    time.sleep(0.11)  # (a new load reading)
+    assert not gate.spare_due(out.spare)
     # Where the select runs in another process, nothing can be withdrawn: the copy leaves at once, as before.
     gate.context = StageContext(name="gate", consumers={"then.h": ("edge",), "else.h": ("local",)}, board=board)
     gate.setup()

@@ -47,7 +47,7 @@ from typing import Any, Mapping, Sequence
 from .errors import TopologyError, did_you_mean
 
 __all__ = ["Signals", "Decision", "LatencyPolicy", "ThresholdPolicy", "make_policy", "expected_rtt", "link_delay",
-           "late_by", "device_stalls_left_out", "stalled"]
+           "late_by", "device_stalls_left_out", "stalled", "spare_wanted"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +82,15 @@ def _late_after(mean: float) -> float:
     """How long a ping to a link with smoothed ping ``mean`` may be out before it is late (not a late thread on a
     busy device)."""
     return _LATE_FACTOR * mean + _LATE_MARGIN_S
+
+
+def spare_wanted(device_load: float) -> bool:
+    """Whether a spare local copy (Decision.spare) whose remote answer is overdue should leave: not from a device
+    at its CPU quota. There the answer is likely late because the device is (it has no CPU to handle it), and a
+    local copy would be later still and slow the requests after it (session 10, runs 6-10: the first request
+    after a CPU hog started sent its spare, and it and the next two took 200-300 ms against always-remote's
+    100-190)."""
+    return device_load < _SATURATED_LOAD
 
 
 def stalled(then: Sequence[float] | None, now: Sequence[float] | None) -> float:

@@ -45,7 +45,7 @@ class Outcome:
     worker's loop, which serves other requests meanwhile). With ``spare`` (any hashable token but None), the held
     ports are a spare copy: if the request is answered before they are due (the ``select`` merge they would reach
     ran for it in the same process: see StageContext.joins), the worker drops them unsent and calls
-    :meth:`Stage.withdrawn` with the token.
+    :meth:`Stage.withdrawn` with the token; when they come due, :meth:`Stage.spare_due` may still call them off.
     """
 
     outputs: Any
@@ -108,6 +108,11 @@ class Stage:
         """What the worker calls per request. Stages that need the request's metadata (the gate reads X from it
         when the app sets X per request) override this; the rest implement :meth:`process`."""
         return self.process(inputs)
+
+    def spare_due(self, spare: Hashable) -> bool:
+        """A spare copy this stage held back (:attr:`Outcome.spare` = ``spare``) is due and its request not yet
+        answered: True sends it, False withdraws it (then :meth:`withdrawn` is called). Called in the worker's loop."""
+        return True
 
     def withdrawn(self, spare: Hashable) -> None:
         """A spare copy this stage held back (:attr:`Outcome.spare` = ``spare``) was dropped unsent: the request

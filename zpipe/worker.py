@@ -372,8 +372,11 @@ class _Worker:
     def answered(self, join: str, rid: int) -> None:
         """Stage ``join`` ran for request ``rid`` before all its inputs came: the spare copies held for it are moot.
         Drop them unsent, count them, and tell each stage that held one (once per copy, however many messages)."""
+        self._withdraw(self.spares.pop((join, rid), ()))
+
+    def _withdraw(self, seqs: list[int]) -> None:
         tokens: dict[tuple[str, Hashable], _Runner] = {}
-        for seq in self.spares.pop((join, rid), ()):
+        for seq in seqs:
             _, producer, token, _ = self.spare_of.pop(seq)
             self.dropped.add(seq)
             tokens[(producer.name, token)] = producer
@@ -391,11 +394,21 @@ class _Worker:
             if seq in self.dropped:
                 self.dropped.discard(seq)
                 continue
-            key = self.spare_of.pop(seq, (None,))[0]
-            if key is not None:
-                self.spares[key].remove(seq)
-                if not self.spares[key]:
-                    del self.spares[key]
+            if seq in self.spare_of:  # a spare: its stage may still call it off (Stage.spare_due), all of it
+                key, producer, token, _ = self.spare_of[seq]
+                seqs = self.spares.pop(key)
+                try:
+                    wanted = bool(producer.stage.spare_due(token))
+                except Exception:
+                    log.exception("stage %r: spare_due() raised; the copy goes out", producer.name)
+                    wanted = True
+                if not wanted:
+                    producer.counts["called_off"] += 1
+                    self._withdraw(seqs)
+                    self.dropped.discard(seq)  # (out of the heap already)
+                    continue
+                for other in seqs:  # the rest of it goes out when due, as plain held messages
+                    self.spare_of.pop(other)
             consumer, endpoint, message = item
             try:
                 self.deliver([item])
@@ -731,7 +744,8 @@ class _Runner:
             "failed": self.counts["failed"], "service_s": self.service.mean,
             "service_std_s": math.sqrt(self.service.var), "service_support": self.service.count,
             "measured_at": self.measured_at,
-            "running": len(self.running), "withdrawn": self.counts["withdrawn"], **self.stage.signals()})
+            "running": len(self.running), "withdrawn": self.counts["withdrawn"],
+            "called_off": self.counts["called_off"], **self.stage.signals()})
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
