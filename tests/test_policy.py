@@ -460,6 +460,47 @@ def test_the_gate_holds_a_busy_device_load_through_a_short_dip(tmp_path):
     assert seen == [1.0, 1.0, 1.0, 1.0, 1.0, 0.3, 0.2, 0.2, 0.2], seen
 
 
+def test_the_gate_leaves_the_local_branchs_own_compute_out_of_the_device_load(tmp_path):
+    """On a small quota a local request uses it up by itself: a reading over a time the local branch computed
+    (a copy out, or its last sample ended since the reading before) is left out, and the figure before stands."""
+    from stages.gate import GateStage
+    from zpipe.board import Board
+    from zpipe.stage import StageContext
+
+    gate = GateStage(policy="latency")
+    gate.context = StageContext(name="gate", consumers={"then.x": ("edge",), "else.x": ("local",)},
+                                board=Board(tmp_path))
+    gate.setup()
+    readings = iter([0.2, 1.0, 1.0, 1.0, 0.2])
+    gate._cpu_load = lambda: next(readings)
+    assert gate._device_load(10.0) == 0.2
+    gate._local_active_at = 10.1  # a local sample ended within the next reading's window
+    assert gate._device_load(10.2) == 0.2
+    gate._local_active_at = 10.4  # a copy out at the next reading
+    assert gate._device_load(10.4) == 0.2
+    gate._local_active_at = 10.3  # nothing local since the last reading: a busy device shows
+    assert gate._device_load(10.6) == 1.0
+    assert gate._device_load(11.2) == 0.2  # (and the hold of 0.5 s ends)
+    # Through the gate's own signals: a copy out, then its sample, make the readings over them the branch's own.
+    board = gate.context.board
+    gate._cpu_load = lambda: 0.0
+    gate._load = (0.0, 0.0)
+    gate._loads.clear()
+    gate._local_active_at = None
+    board.publish("local", {"service_s": 0.1, "measured_at": time.monotonic() - 5, "processed": 0, "pid": 1})
+    assert gate._signals().device_load == 0.0  # (the local stage's count seen first)
+    gate._sent[False] = 1  # one local copy sent, not finished
+    gate._local_sent_at.append(time.monotonic())
+    gate._cpu_load = lambda: 1.0
+    time.sleep(0.11)
+    assert gate._signals().device_load == 0.0
+    board.publish("local", {"service_s": 0.1, "measured_at": time.monotonic(), "processed": 1, "pid": 1})
+    time.sleep(0.11)
+    assert gate._signals().device_load == 0.0  # its sample ended since the reading before
+    time.sleep(0.11)
+    assert gate._signals().device_load == 1.0
+
+
 def test_a_remote_request_holds_its_local_copy_as_a_spare_until_the_answer_is_overdue():
     """Where the gate's process can withdraw a held local copy, a remote request hedged on a close call sends its
     local copy only when the remote answer is overdue (its estimate plus one more spread), a clear remote choice

@@ -10,7 +10,11 @@ and asks a policy for a :class:`Decision`. Two policies:
   flight, which shows a slower link (or a device that just got busy) before any reply does. Then
   pick the smaller, switching only when the other side is better by ``hysteresis`` and the last switch is at least
   ``min_dwell_s`` old (a side more than twice as fast wins at once); a request whose side is not better than the
-  other by the hysteresis runs on both sides (hedged). A ping out clearly longer than usual (a link that just
+  other by the hysteresis runs on both sides (hedged). Where the gate's process can withdraw a held copy
+  (``Signals.spare_copies``), a remote request's local copy is a *spare*: it leaves only when the remote answer is
+  overdue (a close call: the estimate plus one more spread; a clear choice: 1.5x the estimate), and is dropped
+  unsent if the answer came first (zpipe.stage.Outcome.spare), or when it comes due on a device at its CPU quota
+  (spare_wanted). A ping out clearly longer than usual (a link that just
   slowed, or a device slow to handle the answer) counts in the choice only up to the age at which it is late;
   the rest counts against remote in that hedging test. Under a CPU quota, the time the device's quota was used
   up (no thread of it ran) is left out of a ping's time (see device_stalls_left_out). A switch by less than that
