@@ -420,27 +420,34 @@ def test_the_gate_keeps_the_device_load_each_local_sample_was_measured_at(tmp_pa
     gate.setup()
     loads = iter([0.2, 0.95, 0.95])
     gate._cpu_load = lambda: next(loads)
+
+    def read_afresh():  # a new load reading at the next decision, over a window no local sample ended in
+        gate._load = (time.monotonic() - 0.2, 0.0)
+
     now = time.monotonic()
-    board.publish("local", {"service_s": 0.1, "measured_at": now})
+    board.publish("local", {"service_s": 0.1, "measured_at": now - 5})
+    read_afresh()
     assert gate._signals().local_load_then == 0.2
-    gate._load = (0.0, 0.0)  # read the load afresh: the device is at its quota now
+    read_afresh()  # the device is at its quota now
     assert gate._signals().local_load_then == 0.2  # the same sample: measured at 20 %
     time.sleep(0.003)  # past the board's read cache
-    board.publish("local", {"service_s": 0.3, "measured_at": now + 1})
-    gate._load = (0.0, 0.0)
+    board.publish("local", {"service_s": 0.3, "measured_at": now - 4})
+    read_afresh()
     assert gate._signals().local_load_then == 0.95
     # A sample of a local copy the gate sent counts at the load when it was sent: by the time it is in, its own
     # compute has the device at 100 % (a quota under one CPU), which says nothing about the device before it.
     loads = iter([0.1, 1.0, 1.0])
     gate._cpu_load = lambda: next(loads)
-    gate._load, gate._loads = (0.0, 0.0), type(gate._loads)()
+    gate._loads.clear()
+    read_afresh()
     sent = gate.handle({"data": np.ones(4, np.float32)}, {})  # no server figures yet: a hedged probe
     assert "else.data" in sent.outputs, sent
-    gate._load = (0.0, 0.0)
+    read_afresh()
     time.sleep(0.003)
-    board.publish("local", {"service_s": 0.2, "measured_at": now + 2})
+    board.publish("local", {"service_s": 0.2, "measured_at": now - 3})
     seen = gate._signals()
-    assert seen.device_load == 1.0 and seen.local_load_then == 0.1, seen
+    # (the reading over the copy's own compute is left out too: the next test)
+    assert seen.device_load == 0.1 and seen.local_load_then == 0.1, seen
 
 
 def test_the_gate_holds_a_busy_device_load_through_a_short_dip(tmp_path):
