@@ -28,9 +28,10 @@ class SpareHedge(Stage):
 
     may_skip_outputs = True
 
-    def __init__(self, *, defer_s: float, call_off: bool = False) -> None:
+    def __init__(self, *, defer_s: float, call_off: bool = False, follow: bool = False) -> None:
         self.defer_s = defer_s
         self.call_off = call_off
+        self.follow = follow  # not a spare: the else copy leaves once the request is answered (after_answer)
 
     def setup(self) -> None:
         self.sent = 0
@@ -38,7 +39,8 @@ class SpareHedge(Stage):
 
     def handle(self, inputs, meta):
         self.sent += 1
-        return Outcome({"then.h": inputs["h"], "else.h": inputs["h"]}, {}, {"else.h": self.defer_s}, self.sent)
+        return Outcome({"then.h": inputs["h"], "else.h": inputs["h"]}, {}, {"else.h": self.defer_s},
+                       None if self.follow else self.sent, after_answer=self.follow)
 
     def spare_due(self, spare) -> bool:
         return not self.call_off

@@ -176,6 +176,7 @@ groups = "{groups}"
 kind = "helpers:SpareHedge"
 defer_s = {defer_s}
 call_off = {call_off}
+follow = {follow}
 {front}
 inputs = {{ h = "x" }}
 outputs = {{ "then.h" = "h@then", "else.h" = "h@else" }}
@@ -202,12 +203,12 @@ outputs = ["y"]
 
 
 def spare(groups="auto", defer_s=2.0, then_kind="zpipe.testing:FailOn", then_options="value = 3.0",
-          call_off=False) -> Topology:
+          call_off=False, follow=False) -> Topology:
     """The hedge and the select share a process (as a gate and its select do when grouped automatically, the
     remote stand-in with them), unless every stage has its own."""
     front = 'group = "front"' if groups == "auto" else ""
     return gated(SPARE.format(groups=groups, defer_s=defer_s, then_kind=then_kind, then_options=then_options,
-                              front=front, call_off=str(call_off).lower()))
+                              front=front, call_off=str(call_off).lower(), follow=str(follow).lower()))
 
 
 def _settle(pipe, stage, key, want, within_s=3.0):
@@ -243,6 +244,19 @@ def test_a_spare_copy_runs_when_it_is_due_before_the_answer():
             result = pipe.submit({"x": x}).result(timeout=20)
             np.testing.assert_allclose(result.outputs["y"], -x)  # the local copy answered first
         assert _settle(pipe, "local_branch", "processed", 3) == 3
+        assert pipe.signals("hedge")["withdrawals"] == 0
+
+
+def test_a_held_copy_that_follows_the_answer_leaves_when_the_answer_is_in():
+    """Outcome.after_answer: a probe's copy due in 2 s leaves as soon as the other branch answered (it measures
+    that branch without competing with the answer), and it is not withdrawn."""
+    with Pipeline(spare(follow=True, then_kind="zpipe.testing:Sleep", then_options="seconds = 0.05")) as pipe:
+        xs = [np.full(4, float(i), np.float32) for i in range(3)]
+        started = time.monotonic()
+        for x in xs:
+            np.testing.assert_allclose(pipe.submit({"x": x}).result(timeout=20).outputs["y"], x)  # remote answered
+        assert _settle(pipe, "local_branch", "processed", 3, within_s=1.5) == 3
+        assert time.monotonic() - started < 2.0  # not when they were due (2 s after each request)
         assert pipe.signals("hedge")["withdrawals"] == 0
 
 

@@ -54,6 +54,9 @@ class Outcome:
     defer: Mapping[str, float] = field(default_factory=dict)
     #: Marks the held ports as a spare copy, withdrawn unsent if the request is answered first (None: never).
     spare: Hashable | None = None
+    #: The held ports (not a spare) leave as soon as the request is answered, if that comes before they are due: a
+    #: copy that measures (a gate's probe) and should not compete with the answer for the device's CPU.
+    after_answer: bool = False
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,10 @@ class _Worker:
         # request: (that stage, request id) -> their seqs; seq -> (that key, the stage that held it, its token).
         self.spares: dict[tuple[str, int], list[int]] = {}
         self.spare_of: dict[int, tuple[tuple[str, int], _Runner, Hashable]] = {}
-        self.dropped: set[int] = set()  # seqs of held copies withdrawn: skipped when due
+        self.dropped: set[int] = set()  # seqs of held copies withdrawn or sent early: skipped when due
+        # Held copies that leave as soon as their request is answered (Outcome.after_answer), keyed the same way.
+        self.followers: dict[tuple[str, int], list[int]] = {}
+        self.follower_item: dict[int, tuple[tuple[str, int], tuple[str, str, Message]]] = {}
 
     def run(self) -> None:
         plan = self.plan
@@ -361,18 +364,33 @@ class _Worker:
         self.spares.setdefault((join, rid), []).append(seq)
         self.spare_of[seq] = ((join, rid), producer, token, item)
 
+    def hold_follower(self, join: str, rid: int, seq: int, item: tuple[str, str, Message]) -> None:
+        """Held copy ``seq`` (``item``) of request ``rid`` leaves as soon as stage ``join`` runs for it, if that
+        comes before it is due."""
+        self.followers.setdefault((join, rid), []).append(seq)
+        self.follower_item[seq] = ((join, rid), item)
+
     def hurry(self, join: str, rid: int) -> None:
         """Stage ``join`` holds a branch's failure of request ``rid`` while another branch may still answer: the
-        spare copies held for it are that answer now. They leave at once (no longer spares)."""
+        copies held for it are that answer now. They leave at once (spares are spares no longer)."""
         for seq in self.spares.pop((join, rid), ()):
-            item = self.spare_of.pop(seq)[3]
-            self.dropped.add(seq)
-            heapq.heappush(self.held, (time.monotonic(), next(self._held_seq), item))  # (see _release_held)
+            self._send_now(seq, self.spare_of.pop(seq)[3])
+        self._send_followers(join, rid)
 
     def answered(self, join: str, rid: int) -> None:
         """Stage ``join`` ran for request ``rid`` before all its inputs came: the spare copies held for it are moot.
-        Drop them unsent, count them, and tell each stage that held one (once per copy, however many messages)."""
+        Drop them unsent, count them, and tell each stage that held one (once per copy, however many messages).
+        Copies that wait for the answer (Outcome.after_answer) leave now."""
         self._withdraw(self.spares.pop((join, rid), ()))
+        self._send_followers(join, rid)
+
+    def _send_followers(self, join: str, rid: int) -> None:
+        for seq in self.followers.pop((join, rid), ()):
+            self._send_now(seq, self.follower_item.pop(seq)[1])
+
+    def _send_now(self, seq: int, item: tuple[str, str, Message]) -> None:
+        self.dropped.add(seq)
+        heapq.heappush(self.held, (time.monotonic(), next(self._held_seq), item))  # (see _release_held)
 
     def _withdraw(self, seqs: list[int]) -> None:
         tokens: dict[tuple[str, Hashable], _Runner] = {}
@@ -394,6 +412,11 @@ class _Worker:
             if seq in self.dropped:
                 self.dropped.discard(seq)
                 continue
+            if seq in self.follower_item:  # due before its request was answered: no longer waits for that
+                key = self.follower_item.pop(seq)[0]
+                self.followers[key].remove(seq)
+                if not self.followers[key]:
+                    del self.followers[key]
             if seq in self.spare_of:  # a spare: its stage may still call it off (Stage.spare_due), all of it
                 key, producer, token, _ = self.spare_of[seq]
                 seqs = self.spares.pop(key)
@@ -664,18 +687,18 @@ class _Runner:
             self._fail(rid, type(exc).__name__, str(exc))
 
     def _finish_run(self, rid: int, result: Any, meta: dict[str, Any], start: float) -> None:
-        notes, defer, spare = {}, {}, None
+        notes, defer, spare, after_answer = {}, {}, None, False
         if isinstance(result, Outcome):
             notes = {f"{key}:{self.name}": value for key, value in result.notes.items()}
             defer = {tensor: result.defer[port] for port, tensor in self.slot.outputs if port in result.defer}
-            spare = result.spare
+            spare, after_answer = result.spare, result.after_answer
             result = result.outputs
         outputs = normalise_outputs(self.name, result, [p for p, _ in self.slot.outputs],
                                     allow_missing=self.stage.may_skip_outputs)
         end = time.monotonic()
         meta = {**meta, **notes, f"t:{self.name}": [start, end]}
         self._send_all(rid, {tensor: outputs[port] for port, tensor in self.slot.outputs if port in outputs}, meta,
-                       defer, spare)
+                       defer, spare, after_answer)
         self.counts["processed"] += 1
         if self.measured_at is not None and end - self.measured_at > _STALE_S:
             self.service = Ewma(0.2)  # the old figure is stale (the policy sent work elsewhere): start afresh
@@ -683,11 +706,12 @@ class _Runner:
         self.measured_at = end
 
     def _send_all(self, rid: int, by_tensor: Mapping[str, np.ndarray], meta: Mapping[str, Any],
-                  defer: Mapping[str, float] | None = None, spare: Hashable | None = None) -> None:
+                  defer: Mapping[str, float] | None = None, spare: Hashable | None = None,
+                  after_answer: bool = False) -> None:
         """Send each consumer the tensors it reads; tensors absent from ``by_tensor`` travel as skipped. A consumer
         reading a tensor in ``defer`` gets its message that many seconds later; with ``spare``, those messages are
         withdrawn if the one stage they all lead to (Topology.join_of) runs in this process and runs for the
-        request first."""
+        request first; with ``after_answer``, they leave then."""
         batch, later = [], []
         for consumer, endpoint, tensors in self.slot.routes:
             missing = [t for t in tensors if t not in by_tensor]
@@ -700,11 +724,13 @@ class _Runner:
             check_message(message, self.worker.plan.limits)
         self.worker.deliver([item for _, item in batch])
         joins = {self.moot_after.get(t) for _, (_, _, message) in later for t in message.tensors}
-        join = joins.pop() if spare is not None and len(joins) == 1 else None
+        join = joins.pop() if (spare is not None or after_answer) and len(joins) == 1 else None
         for delay, item in later:
             seq = self.worker.deliver_later(delay, item)
-            if join in self.worker.runners:
+            if join in self.worker.runners and spare is not None:
                 self.worker.hold_spare(join, rid, seq, self, spare, item)
+            elif join in self.worker.runners:
+                self.worker.hold_follower(join, rid, seq, item)
 
     def _fail(self, rid: int, error: str, message: str) -> None:
         # An error carries only what names the failure: bounded, whatever the request's meta held.
