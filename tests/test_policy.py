@@ -598,6 +598,7 @@ def test_a_local_probe_while_offloading_sends_its_local_copy_when_the_remote_ans
     # The device computes the request alongside its remote copy for ~100 ms, from 40 ms on.
     assert out.notes["overlap_s"] == 0.1 and out.notes["overlap_after_s"] == pytest.approx(0.04), out.notes
     assert set(out.outputs) == {"then.h", "else.h"} and out.defer == {"else.h": pytest.approx(0.04)}, out
+    assert out.after_answer and out.spare is None  # or as soon as the remote answer is in: it is there to measure
     assert gate._local_sent_at[-1] >= now + 0.04  # its age counts from when it leaves
     out = gate.handle({"h": h}, {})  # the next request: offloaded, nothing held
     assert set(out.outputs) == {"then.h"} and out.defer == {}, out
