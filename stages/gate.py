@@ -172,7 +172,7 @@ class GateStage(Stage):
 
     def spare_due(self, spare: float) -> bool:
         """A spare local copy whose remote answer is overdue leaves unless the device is at its CPU quota now."""
-        return spare_wanted(self._device_load(time.monotonic()))
+        return spare_wanted(self._signals().device_load)  # (which knows whether the local branch ran since)
 
     def withdrawn(self, spare: float) -> None:
         """A spare local copy was dropped unsent (the remote answer came first): the local branch never sees it."""
@@ -253,7 +253,7 @@ class GateStage(Stage):
         if now - read_at > 0.1:  # (CpuLoad keeps its window open for at least one quota period)
             reading = self._cpu_load()
             local_ran = self._local_active_at is not None and self._local_active_at > read_at
-            if not local_ran:
+            if not local_ran or reading < value:  # (low despite local compute: others are not using it up)
                 self._loads.append((now, reading))
             while self._loads and self._loads[0][0] < now - _LOAD_HOLD_S:
                 self._loads.popleft()

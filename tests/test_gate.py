@@ -247,6 +247,25 @@ def test_a_spare_copy_runs_when_it_is_due_before_the_answer():
         assert pipe.signals("hedge")["withdrawals"] == 0
 
 
+def test_a_spare_called_off_still_answers_when_the_other_branch_fails_later():
+    """Called off when due, the spare waits: the remote branch failing afterwards (x = 3, after 0.3 s) sends it,
+    and it answers; answered requests drop it."""
+    text = SPARE.replace('kind = "{then_kind}"\n{then_options}\ninputs = {{ x = "h@then" }}\noutputs = {{ out = "y@then" }}',
+                         'kind = "zpipe.testing:Sleep"\nseconds = 0.3\ninputs = {{ x = "h@then" }}\n'
+                         'outputs = {{ out = "s@then" }}\n\n[stages.remote_check]\nkind = "zpipe.testing:FailOn"\n'
+                         'value = 3.0\ninputs = {{ x = "s@then" }}\noutputs = {{ out = "y@then" }}')
+    assert text != SPARE
+    topology = gated(text.format(groups="auto", defer_s=0.05, call_off="true", follow="false",
+                                 front='group = "front"'))
+    with Pipeline(topology) as pipe:
+        xs = [np.full(4, v, np.float32) for v in (1.0, 3.0, 4.0)]
+        for x in xs:
+            result = pipe.submit({"x": x}).result(timeout=20)
+            np.testing.assert_allclose(result.outputs["y"], -x if x[0] == 3 else x)
+        assert _settle(pipe, "hedge", "withdrawals", 2) == 2
+        assert pipe.signals("hedge")["called_off"] == 3 and pipe.signals("local_branch")["processed"] == 1
+
+
 def test_a_held_copy_that_follows_the_answer_leaves_when_the_answer_is_in():
     """Outcome.after_answer: a probe's copy due in 2 s leaves as soon as the other branch answered (it measures
     that branch without competing with the answer), and it is not withdrawn."""

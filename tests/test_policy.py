@@ -565,6 +565,8 @@ def test_the_gate_takes_a_withdrawn_spare_out_of_its_local_backlog(tmp_path):
     assert out.spare is not None and gate._signals().local_backlog == 0
     time.sleep(0.1)  # past its due time: it left, and the local branch has not finished it
     assert gate._signals().local_backlog == 1
+    gate._sent[False] = 0  # (nothing local out: a reading over a local copy's compute would be left out)
+    gate._local_sent_at.clear()
     assert gate.spare_due(out.spare)  # an idle device sends a spare that came due; one at its CPU quota does not
     gate._cpu_load = lambda: 1.0
     time.sleep(0.11)  # (a new load reading)

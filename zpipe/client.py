@@ -327,7 +327,7 @@ class RemoteClient:
                         unsent = None if unsent is not None and unsent.request_id == rid else unsent
                         state = "connected" if self._direct_up else "no connection established"
                         outcomes[rid] = PeerTimeout(f"server {self.endpoint} did not answer request {rid} ({what}) "
-                                                    f"within {deadline - start:g}s ({state})", request_id=rid,
+                                                    f"within {deadline - start:.3g}s ({state})", request_id=rid,
                                                     stage=what, reason="timeout")
                 continue
             poller.modify(sock, zmq.POLLIN | (zmq.POLLOUT if unsent is not None else 0))
@@ -560,7 +560,7 @@ class RemoteClient:
                 state = "connected" if self.connected else "no connection established"
                 self._finish(rid, exc=PeerTimeout(
                     f"server {self.endpoint} did not answer request {rid} ({pending.what}) within "
-                    f"{pending.deadline - pending.sent:g}s ({state})", request_id=rid, stage=pending.what,
+                    f"{pending.deadline - pending.sent:.3g}s ({state})", request_id=rid, stage=pending.what,
                     reason="timeout"))
 
     def _fail_all(self, cls: type, text: str, *, reason: str = "closed") -> None:

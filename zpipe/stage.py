@@ -54,8 +54,9 @@ class Outcome:
     defer: Mapping[str, float] = field(default_factory=dict)
     #: Marks the held ports as a spare copy, withdrawn unsent if the request is answered first (None: never).
     spare: Hashable | None = None
-    #: The held ports (not a spare) leave as soon as the request is answered, if that comes before they are due: a
-    #: copy that measures (a gate's probe) and should not compete with the answer for the device's CPU.
+    #: The held ports (not a spare: ``spare`` wins) leave as soon as the request is answered, if that comes before
+    #: they are due and the select they lead to runs in this process: a copy that measures (a gate's probe) and
+    #: should not compete with the answer for the device's CPU.
     after_answer: bool = False
 
 
@@ -114,7 +115,8 @@ class Stage:
 
     def spare_due(self, spare: Hashable) -> bool:
         """A spare copy this stage held back (:attr:`Outcome.spare` = ``spare``) is due and its request not yet
-        answered: True sends it, False withdraws it (then :meth:`withdrawn` is called). Called in the worker's loop."""
+        answered: True sends it, False holds it further: it goes out only if the other branch fails, and is
+        withdrawn (:meth:`withdrawn`) when the answer comes. Called in the worker's loop."""
         return True
 
     def withdrawn(self, spare: Hashable) -> None:

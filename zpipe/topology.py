@@ -207,7 +207,7 @@ class Topology:
     def join_of(self, tensor: str) -> str | None:
         """The stage that makes a held copy of ``tensor`` moot once it ran for a request, or None.
 
-        That is the one stage joining gated branches that may run before all its inputs arrived (a ``select``
+        That is the nearest stage joining gated branches that may run before all its inputs arrived (a ``select``
         merge: Stage.accepts_skipped and Stage.runnable) among those ``tensor`` leads to, that also takes an input
         from outside them (the other branch; a select fed only from within, say behind a second gate, is passed
         through), provided the stages before it on the way take nothing from elsewhere but ``tensor``'s producer and

@@ -171,9 +171,12 @@ class _Worker:
         self.held: list[tuple[float, int, tuple[str, str, Message]]] = []  # heap: (release time, seq, delivery)
         self._held_seq = itertools.count()
         # Held spare copies (Outcome.spare) and the stage in this process that makes them moot once it ran for the
-        # request: (that stage, request id) -> their seqs; seq -> (that key, the stage that held it, its token).
+        # request: (that stage, request id) -> their seqs; seq -> (that key, the stage that held it, its token, the
+        # delivery). Spares their stage called off when due wait in `parked` for the answer (dropped then) or for
+        # the other branch's failure (sent then).
         self.spares: dict[tuple[str, int], list[int]] = {}
-        self.spare_of: dict[int, tuple[tuple[str, int], _Runner, Hashable]] = {}
+        self.spare_of: dict[int, tuple[tuple[str, int], _Runner, Hashable, tuple[str, str, Message]]] = {}
+        self.parked: dict[tuple[str, int], list[tuple[_Runner, Hashable, tuple[str, str, Message]]]] = {}
         self.dropped: set[int] = set()  # seqs of held copies withdrawn or sent early: skipped when due
         # Held copies that leave as soon as their request is answered (Outcome.after_answer), keyed the same way.
         self.followers: dict[tuple[str, int], list[int]] = {}
@@ -375,6 +378,8 @@ class _Worker:
         copies held for it are that answer now. They leave at once (spares are spares no longer)."""
         for seq in self.spares.pop((join, rid), ()):
             self._send_now(seq, self.spare_of.pop(seq)[3])
+        for _, _, item in self.parked.pop((join, rid), ()):
+            heapq.heappush(self.held, (time.monotonic(), next(self._held_seq), item))
         self._send_followers(join, rid)
 
     def answered(self, join: str, rid: int) -> None:
@@ -382,6 +387,7 @@ class _Worker:
         Drop them unsent, count them, and tell each stage that held one (once per copy, however many messages).
         Copies that wait for the answer (Outcome.after_answer) leave now."""
         self._withdraw(self.spares.pop((join, rid), ()))
+        self._tell_withdrawn([(producer, token) for producer, token, _ in self.parked.pop((join, rid), ())])
         self._send_followers(join, rid)
 
     def _send_followers(self, join: str, rid: int) -> None:
@@ -393,11 +399,15 @@ class _Worker:
         heapq.heappush(self.held, (time.monotonic(), next(self._held_seq), item))  # (see _release_held)
 
     def _withdraw(self, seqs: list[int]) -> None:
-        tokens: dict[tuple[str, Hashable], _Runner] = {}
+        pairs = []
         for seq in seqs:
             _, producer, token, _ = self.spare_of.pop(seq)
             self.dropped.add(seq)
-            tokens[(producer.name, token)] = producer
+            pairs.append((producer, token))
+        self._tell_withdrawn(pairs)
+
+    def _tell_withdrawn(self, pairs: list[tuple["_Runner", Hashable]]) -> None:
+        tokens = {(producer.name, token): producer for producer, token in pairs}
         for (_, token), producer in tokens.items():
             producer.counts["withdrawn"] += 1
             try:
@@ -425,10 +435,15 @@ class _Worker:
                 except Exception:
                     log.exception("stage %r: spare_due() raised; the copy goes out", producer.name)
                     wanted = True
-                if not wanted:
+                if not wanted:  # parked: sent after all if the other branch fails (hurry), else dropped
                     producer.counts["called_off"] += 1
-                    self._withdraw(seqs)
-                    self.dropped.discard(seq)  # (out of the heap already)
+                    kept = []
+                    for other in seqs:
+                        _, other_producer, other_token, other_item = self.spare_of.pop(other)
+                        if other != seq:
+                            self.dropped.add(other)  # (still in the heap)
+                        kept.append((other_producer, other_token, other_item))
+                    self.parked[key] = kept
                     continue
                 for other in seqs:  # the rest of it goes out when due, as plain held messages
                     self.spare_of.pop(other)
