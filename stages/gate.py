@@ -87,9 +87,8 @@ class GateStage(Stage):
             # A held local copy can be withdrawn once the remote answer is in: the select joining the branches
             # runs in this process (see stage.Outcome.spare)
             joins = self.context.joins if self.context else {}
-            local_ports = [p for p in (self.context.consumers if self.context else {}) if p.startswith("else.")]
-            self._spare_copies = bool(local_ports) and len({joins.get(p) for p in local_ports} - {None}) == 1 \
-                and all(p in joins for p in local_ports)
+            targets = {joins.get(p) for p in (self.context.consumers if self.context else {}) if p.startswith("else.")}
+            self._spare_copies = len(targets) == 1 and None not in targets
 
     @property
     def switches(self) -> int:

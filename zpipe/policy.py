@@ -13,8 +13,8 @@ and asks a policy for a :class:`Decision`. Two policies:
   other by the hysteresis runs on both sides (hedged). Where the gate's process can withdraw a held copy
   (``Signals.spare_copies``), a remote request's local copy is a *spare*: it leaves only when the remote answer is
   overdue (a close call: the estimate plus one more spread; a clear choice: 1.5x the estimate), and is dropped
-  unsent if the answer came first (zpipe.stage.Outcome.spare), or when it comes due on a device at its CPU quota
-  (spare_wanted). A ping out clearly longer than usual (a link that just
+  unsent if the answer came first (zpipe.stage.Outcome.spare); one that comes due on a device at its CPU quota is
+  held further (spare_wanted), and goes out only if the remote side then fails. A ping out clearly longer than usual (a link that just
   slowed, or a device slow to handle the answer) counts in the choice only up to the age at which it is late;
   the rest counts against remote in that hedging test. Under a CPU quota, the time the device's quota was used
   up (no thread of it ran) is left out of a ping's time (see device_stalls_left_out). A switch by less than that
@@ -335,9 +335,8 @@ class LatencyPolicy:
         doubtful = local_one_sample or (decision.offload and late > 0 and local < 2 * chosen)
         # - A remote request's local copy, unless a ping is late or local looks faster (the dwell time holds
         #   remote), is a spare where the gate's process can withdraw it: it starts only when the remote answer is
-        #   overdue (its estimate plus one more spread), and is
-        #   dropped unsent if the answer came first. So a close call costs the device nothing when remote answers
-        #   on time; a local copy computing alongside slowed the handling of that answer on a device with little
+        #   overdue (its estimate plus one more spread), and is dropped unsent if the answer came first. So a close
+        #   call costs the device nothing when remote answers on time; a local copy computing alongside slowed the handling of that answer on a device with little
         #   CPU (session 9: run 12, 123 ms against always-remote's p99 of 74). With a late ping the link may have
         #   slowed by any amount: the copy starts at once.
         if self.hedge and (doubtful or not chosen < other * (1 - self.hysteresis)):
