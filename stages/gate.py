@@ -112,10 +112,11 @@ class GateStage(Stage):
                 raise TopologyError(f"gate {name!r} routes nothing to its {branch!r} branch; add a "
                                     f"'{branch}.<input>' output")
 
-    def decide(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> tuple[bool, str, bool, float]:
-        """(offload, why, hedge, defer_s): offload is True for the then-branch (X == 1); hedge (the policy's only)
-        sends the request down both branches, the other one's copy ``defer_s`` later. X the request brings wins
-        over the policy."""
+    def decide(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]
+               ) -> tuple[bool, str, bool, float, bool]:
+        """(offload, why, hedge, defer_s, spare): offload is True for the then-branch (X == 1); hedge (the policy's
+        only) sends the request down both branches, the other one's copy ``defer_s`` later, a spare if ``spare``
+        (policy.Decision.spare). X the request brings wins over the policy."""
         if self.meta_key is not None and self.meta_key in meta:
             value, where = meta[self.meta_key], f"meta {self.meta_key!r}"
         elif self.control in inputs and inputs[self.control] is not None:
@@ -128,17 +129,15 @@ class GateStage(Stage):
             signals = self._signals()
             self._local_s = signals.local_service_s
             decision = self._policy.decide(signals)
-            self._spare = decision.spare
-            return decision.offload, f"policy: {decision.reason}", decision.hedge, decision.defer_s
+            return decision.offload, f"policy: {decision.reason}", decision.hedge, decision.defer_s, decision.spare
         else:
             raise StageError(f"gate: the request carries no meta {self.meta_key!r} and no control input")
         if isinstance(value, bool) or value in (0, 1):
-            return bool(value), f"given by {where}", False, 0.0
+            return bool(value), f"given by {where}", False, 0.0, False
         raise StageError(f"gate {where} is {value!r}; X must be 0 (local branch) or 1 (remote branch)")
 
     def handle(self, inputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Outcome:
-        self._spare = False
-        offload, why, hedge, defer_s = self.decide(inputs, meta)
+        offload, why, hedge, defer_s, spare_copy = self.decide(inputs, meta)
         branches = _BRANCHES if hedge else ("then" if offload else "else",)
         later = "else" if offload else "then"  # a hedge's deferred copy: the branch other than X's
         spare = None
@@ -149,7 +148,7 @@ class GateStage(Stage):
                 sent_at = time.monotonic() + (defer_s if later == "else" else 0.0)
                 self._local_sent_at.append(sent_at)
                 self._load_at_local_send = self._load[1]  # (read for this decision: before the copy computes)
-                if self._spare and later == "else" and defer_s > 0:
+                if spare_copy and later == "else" and defer_s > 0:
                     spare = sent_at  # its token: withdrawn() takes it back out of the counts
         outputs = {f"{branch}.{port}": array for branch in branches
                    for port, array in inputs.items() if port != self.control}

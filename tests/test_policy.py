@@ -243,7 +243,7 @@ def test_the_gate_ages_a_ping_still_out_to_the_moment_it_decides(tmp_path):
     assert excess(t0) <= later.remote_ping_late_s <= excess(t1), (excess(t0), later, excess(t1))
     # The choice counts the late pings only up to late (87 ms against 200: remote), and a ping that late makes
     # the remote request doubtful: it runs on both sides.
-    offload, why, hedge, _ = gate.decide({"h": np.zeros(1, np.float32)}, {})
+    offload, why, hedge, _, _ = gate.decide({"h": np.zeros(1, np.float32)}, {})
     assert offload and hedge and re.search(r"remote 86.7 ms \(ping late by \d+ ms\): hedged$", why), why
 
 

@@ -215,9 +215,7 @@ class Topology:
         """
         if tensor in self.outputs:
             return None
-        source = self.producer(tensor)
-        tensors = {t for spec in self.stages for t in spec.tensors_out()} | set(self.inputs)
-        readers = {t: [s.name for s in self.stages if t in s.tensors_in()] for t in tensors}
+        source, readers = self.producer(tensor), self._readers
 
         def ahead(starts: list[str], stop: str | None = None) -> set[str]:
             seen: set[str] = set()
@@ -367,6 +365,11 @@ class Topology:
                 raise TopologyError(f"{who} {tensor!r} is not connected: no stage reads it and it is not a pipeline "
                                     "output; wire it or remove it")
         object.__setattr__(self, "_order", self._toposort(producers))
+        readers: dict[str, list[str]] = {tensor: [] for tensor in producers}  # tensor -> the stages reading it
+        for spec in self.stages:
+            for tensor in dict.fromkeys(spec.tensors_in()):
+                readers[tensor].append(spec.name)
+        object.__setattr__(self, "_readers", readers)
 
     def _toposort(self, producers: Mapping[str, str]) -> tuple[str, ...]:
         deps = {s.name: {producers[t] for t in s.tensors_in()} - {REQUEST} for s in self.stages}
