@@ -26,8 +26,9 @@ and asks a policy for a :class:`Decision`. Two policies:
   exploring costs the probed request little latency (the probe's branch still reports its timing). A local probe
   always is hedged (its estimate is the old one): when local looks worse, its local copy starts only when the
   remote answer is due, so that it does not slow the device's handling of that answer, and when it looks better
-  or about as fast the request is local's, with a remote copy in case the device got busy (not on a device at
-  its CPU quota: there local is the slower side whatever its old estimate says, and remote leads). A remote probe is
+  or about as fast the request is local's, with a remote copy in case the device got busy. On a device at its CPU
+  quota local's old estimate is at best a lower bound: no local probe while it is slower than remote, and one
+  every 8 probe intervals, remote leading, while it is faster. A remote probe is
   hedged when remote looks worse by more than the hysteresis, rests on a single sample or a ping is late (a
   remote side about as fast is probed on its own: the same request computing on the device would slow its reply
   and mis-measure it). Pings that show a link 1.5× faster than at the last remote sample make a remote probe due
@@ -258,13 +259,14 @@ class LatencyPolicy:
             # starts only when the remote answer is due, so that on a device with little CPU it does not slow the
             # handling of that answer (a late answer still has the local copy coming); when it looks better or
             # about as fast, the request is local's, with a remote copy in case the device got busy.
-            # On a device at its CPU quota, local probes come only every _MAX_BACKOFF probe intervals, with remote
-            # leading: the local side is the slower one there whatever its estimate says, and the probe's compute
-            # slows the remote requests around it (run 59: a local-led probe 2 s into the CPU hog took 410 ms;
-            # session 9, run 6: the four requests after a deferred one took 210-230 ms against 140-170). The
-            # device's load says when it has CPU again; the probe is due then.
+            # On a device at its CPU quota the local side is the slower one whatever its estimate says (that is at
+            # best a lower bound), and a probe's compute slows the remote requests around it (run 59: a local-led
+            # probe 2 s into the CPU hog took 410 ms; session 10, run 26: the request after a deferred one took
+            # 299 ms against always-remote's p99 of 215). So no local probe there while even that lower bound is
+            # slower than remote; the device's load says when it has CPU again, and the probe is due then. While
+            # the lower bound beats remote, a look every _MAX_BACKOFF probe intervals, remote leading.
             saturated = s.device_load >= _SATURATED_LOAD
-            if self.state.offload and stale_local and self._probe_due(
+            if self.state.offload and stale_local and not (saturated and local >= remote) and self._probe_due(
                     "local", s.now, _MAX_BACKOFF * self.probe_interval_s if saturated else None):
                 if saturated:
                     return self._probe("local", f"device load {s.device_load:.0%}", defer_s=remote)
