@@ -931,6 +931,42 @@ def test_a_round_trip_measured_before_the_move_to_a_fresh_connection_is_replaced
     assert after["rtt_measured_s"] < 0.05, after  # averaged in, it would still be over 0.8 x 120 ms
 
 
+def test_the_first_slow_ping_after_a_link_slows_counts_in_full(affine_server):
+    """The smoothed ping moves half way at one slow ping; the link's delay is the newest ping when that is slower,
+    so the first request after a link slowed is not sent remote on half the jump. A faster ping moves it by the
+    smoothing only (one quick ping on a slow link is not news)."""
+    from zpipe.stages.remote import RemoteStage
+
+    def answers(stage, n):  # the board's link delay just after each of the next n ping answers
+        seen, was_out, until = [], False, time.monotonic() + 5
+        while len(seen) < n and time.monotonic() < until:
+            values = stage.signals()
+            out = values["pings"][0][1] if values.get("pings") else None
+            if out is None and was_out:
+                seen.append(values["ping_s"])
+            was_out = out is not None
+            time.sleep(0.002)
+        return seen
+
+    with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(affine_server.endpoint), delay_ms=15) as link:
+        stage = RemoteStage(endpoint=f"tcp://127.0.0.1:{link.port}", model="affine", ping_s=0.2)
+        stage.setup()
+        try:
+            fast = answers(stage, 6)
+            link.set(delay_ms=80)  # a ping now takes ~160 ms (one sent just before may take ~95)
+            slow = answers(stage, 3)
+            link.set(delay_ms=15)
+            back = answers(stage, 2)
+        finally:
+            stage.teardown()
+    assert len(fast) == 6 and fast[-1] < 0.045, fast
+    # At the second answer at the latest (the first may have been sent before the change) the figure is the whole
+    # ~160 ms; smoothed, it would be under 130 ms there (a half way step from ~31 ms, then another).
+    assert len(slow) == 3 and slow[1] > 0.14 and slow[2] > 0.14, slow
+    # Back on the fast link, a fast ping halves the figure (the smoothing): it does not drop to ~31 ms at once.
+    assert len(back) == 2 and back[0] > 0.09 and back[1] > 0.055, back
+
+
 def test_a_ping_sent_or_answered_is_on_the_board_within_a_few_ms(affine_server):
     """The gate ages a ping still out up to its decision, which is right only if the stand-in's worker publishes
     each ping sent and each answer at once (an idle worker otherwise publishes every 200 ms)."""

@@ -36,7 +36,7 @@ __all__ = ["Supervisor"]
 log = logging.getLogger(__name__)
 
 _STABLE_S = 60.0  # a worker that ran this long before dying gets its restart budget back
-AUTO_PING_S = 0.1  # a remote stand-in pings its servers this often when a gate has an offload policy
+AUTO_PING_S = 0.05  # a remote stand-in pings its servers this often when a gate has an offload policy
 
 
 @dataclass
