@@ -149,7 +149,7 @@ class GateStage(Stage):
                 self._local_sent_at.append(sent_at)
                 self._load_at_local_send = self._load[1]  # (read for this decision: before the copy computes)
                 if spare_copy and later == "else" and defer_s > 0:
-                    spare = sent_at  # its token: withdrawn() takes it back out of the counts
+                    spare = _Spare(sent_at, defer_s)  # its token: withdrawn() takes it back out of the counts
         outputs = {f"{branch}.{port}": array for branch in branches
                    for port, array in inputs.items() if port != self.control}
         defer = {port: defer_s for port in outputs if port.startswith(later + ".")} if hedge and defer_s > 0 else {}
@@ -168,15 +168,25 @@ class GateStage(Stage):
         # just as that answer came: 131 and 159 ms against always-remote's p99 of 78-79).
         return Outcome(outputs, notes, defer, spare, after_answer=bool(defer) and spare is None)
 
-    def spare_due(self, spare: float) -> bool:
-        """A spare local copy whose remote answer is overdue leaves unless the device is at its CPU quota now."""
-        return spare_wanted(self._signals().device_load)  # (which knows whether the local branch ran since)
+    def spare_due(self, spare: _Spare) -> bool | float:
+        """A spare local copy whose remote answer is overdue leaves, waits longer or is called off: see
+        policy.spare_wanted. Held longer, it is not the local branch's backlog until it leaves."""
+        now = time.monotonic()
+        wanted = spare_wanted(self._signals(), spare.due_s, now - spare.due_at)
+        if wanted is not True and wanted is not False:
+            self._forget(spare)
+            spare.leaves_at = now + wanted
+            self._local_sent_at.append(spare.leaves_at)
+        return wanted
 
-    def withdrawn(self, spare: float) -> None:
+    def withdrawn(self, spare: _Spare) -> None:
         """A spare local copy was dropped unsent (the remote answer came first): the local branch never sees it."""
         self._sent[False] = max(0, self._sent[False] - 1)
+        self._forget(spare)
+
+    def _forget(self, spare: _Spare) -> None:
         try:
-            self._local_sent_at.remove(spare)
+            self._local_sent_at.remove(spare.leaves_at)
         except ValueError:  # (fell out of the bounded record already)
             pass
 
@@ -258,6 +268,16 @@ class GateStage(Stage):
             value = max((v for _, v in self._loads), default=value)
             self._load = (now, value)
         return value
+
+
+class _Spare:
+    """A spare local copy's token (stage.Outcome.spare): when it came due (``due_s`` after its decision), and when
+    it leaves if it does (later if held longer: its entry in the gate's record of when local copies leave)."""
+
+    __slots__ = ("due_at", "due_s", "leaves_at")
+
+    def __init__(self, due_at: float, due_s: float) -> None:
+        self.due_at, self.due_s, self.leaves_at = due_at, due_s, due_at
 
 
 def _as_of(values: dict[str, Any], now: float, stall_clock: tuple[float, float] | None) -> dict[str, Any]:

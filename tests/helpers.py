@@ -28,21 +28,26 @@ class SpareHedge(Stage):
 
     may_skip_outputs = True
 
-    def __init__(self, *, defer_s: float, call_off: bool = False, follow: bool = False) -> None:
+    def __init__(self, *, defer_s: float, call_off: bool = False, follow: bool = False, hold_s: float = 0.0) -> None:
         self.defer_s = defer_s
         self.call_off = call_off
         self.follow = follow  # not a spare: the else copy leaves once the request is answered (after_answer)
+        self.hold_s = hold_s  # a spare due is held this much longer, then sent (spare_due's number)
 
     def setup(self) -> None:
         self.sent = 0
         self.withdrawals: set[int] = set()
+        self.asked: dict[int, int] = {}  # spare -> how often spare_due was asked
 
     def handle(self, inputs, meta):
         self.sent += 1
         return Outcome({"then.h": inputs["h"], "else.h": inputs["h"]}, {}, {"else.h": self.defer_s},
                        None if self.follow else self.sent, after_answer=self.follow)
 
-    def spare_due(self, spare) -> bool:
+    def spare_due(self, spare) -> bool | float:
+        self.asked[spare] = self.asked.get(spare, 0) + 1
+        if self.hold_s and self.asked[spare] == 1:
+            return self.hold_s
         return not self.call_off
 
     def withdrawn(self, spare) -> None:
@@ -50,4 +55,5 @@ class SpareHedge(Stage):
         self.withdrawals.add(spare)
 
     def signals(self):
-        return {"withdrawals": len(self.withdrawals), "joins": dict(self.context.joins)}
+        return {"withdrawals": len(self.withdrawals), "joins": dict(self.context.joins),
+                "asked": sum(self.asked.values())}

@@ -177,6 +177,7 @@ kind = "helpers:SpareHedge"
 defer_s = {defer_s}
 call_off = {call_off}
 follow = {follow}
+hold_s = {hold_s}
 {front}
 inputs = {{ h = "x" }}
 outputs = {{ "then.h" = "h@then", "else.h" = "h@else" }}
@@ -203,12 +204,13 @@ outputs = ["y"]
 
 
 def spare(groups="auto", defer_s=2.0, then_kind="zpipe.testing:FailOn", then_options="value = 3.0",
-          call_off=False, follow=False) -> Topology:
+          call_off=False, follow=False, hold_s=0.0) -> Topology:
     """The hedge and the select share a process (as a gate and its select do when grouped automatically, the
     remote stand-in with them), unless every stage has its own."""
     front = 'group = "front"' if groups == "auto" else ""
     return gated(SPARE.format(groups=groups, defer_s=defer_s, then_kind=then_kind, then_options=then_options,
-                              front=front, call_off=str(call_off).lower(), follow=str(follow).lower()))
+                              front=front, call_off=str(call_off).lower(), follow=str(follow).lower(),
+                              hold_s=hold_s))
 
 
 def _settle(pipe, stage, key, want, within_s=3.0):
@@ -255,7 +257,7 @@ def test_a_spare_called_off_still_answers_when_the_other_branch_fails_later():
                          'outputs = {{ out = "s@then" }}\n\n[stages.remote_check]\nkind = "zpipe.testing:FailOn"\n'
                          'value = 3.0\ninputs = {{ x = "s@then" }}\noutputs = {{ out = "y@then" }}')
     assert text != SPARE
-    topology = gated(text.format(groups="auto", defer_s=0.05, call_off="true", follow="false",
+    topology = gated(text.format(groups="auto", defer_s=0.05, call_off="true", follow="false", hold_s=0.0,
                                  front='group = "front"'))
     with Pipeline(topology) as pipe:
         xs = [np.full(4, v, np.float32) for v in (1.0, 3.0, 4.0)]
@@ -290,6 +292,26 @@ def test_a_spare_copy_its_stage_calls_off_when_due_never_goes_out():
             assert "local_branch" not in result.stage_times
         assert _settle(pipe, "hedge", "withdrawals", 3) == 3
         assert pipe.signals("hedge")["called_off"] == 3 and pipe.signals("local_branch").get("processed", 0) == 0
+
+
+def test_a_spare_copy_its_stage_holds_longer_when_due_is_asked_again():
+    """Stage.spare_due returns seconds (the gate: the link's figures still say the answer is due, so it is late for
+    another reason): the spare waits that long and is asked again. An answer meanwhile withdraws it unsent."""
+    remote = dict(then_kind="zpipe.testing:Sleep", then_options="seconds = 0.3")
+    with Pipeline(spare(defer_s=0.05, hold_s=0.6, **remote)) as pipe:  # held to 0.65 s: the answer comes first
+        for x in [np.full(4, float(i), np.float32) for i in range(3)]:
+            result = pipe.submit({"x": x}).result(timeout=20)
+            np.testing.assert_allclose(result.outputs["y"], x)
+        assert _settle(pipe, "hedge", "withdrawals", 3) == 3
+        time.sleep(0.7)
+        assert pipe.signals("local_branch").get("processed", 0) == 0 and pipe.signals("hedge")["asked"] == 3
+        assert pipe.signals("hedge").get("called_off", 0) == 0
+    with Pipeline(spare(defer_s=0.05, hold_s=0.1, **remote)) as pipe:  # asked again at 0.15 s: it goes then
+        for x in [np.full(4, float(i), np.float32) for i in range(3)]:
+            result = pipe.submit({"x": x}).result(timeout=20)
+            np.testing.assert_allclose(result.outputs["y"], -x)  # the spare answered, before the remote branch
+            assert 0.14 < result.latency_s < 0.3, result.latency_s
+        assert pipe.signals("hedge")["asked"] == 6 and pipe.signals("hedge")["withdrawals"] == 0
 
 
 def test_a_spare_copy_goes_out_when_its_select_runs_in_another_process():

@@ -13,10 +13,11 @@ and asks a policy for a :class:`Decision`. Two policies:
   other by the hysteresis runs on both sides (hedged). Where the gate's process can withdraw a held copy
   (``Signals.spare_copies``), a remote request's local copy is a *spare*: it leaves only when the remote answer is
   overdue (a close call: the estimate plus one more spread; a clear choice: 1.5x the estimate), and is dropped
-  unsent if the answer came first (zpipe.stage.Outcome.spare); one that comes due on a device at its CPU quota is
-  held further (spare_wanted), and goes out only if the remote side then fails. A ping out clearly longer than usual (a link that just
-  slowed, or a device slow to handle the answer) counts in the choice only up to the age at which it is late;
-  the rest counts against remote in that hedging test. Under a CPU quota, the time the device's quota was used
+  unsent if the answer came first (zpipe.stage.Outcome.spare); one that comes due while the link's figures still
+  say the answer is due waits up to one local service time more, and one that comes due on a device at its CPU
+  quota is held further, going out only if the remote side then fails (spare_wanted). A ping out clearly longer
+  than usual (a link that just slowed, or a device slow to handle the answer) counts in the choice only up to the
+  age at which it is late; the rest counts against remote in that hedging test. Under a CPU quota, the time the device's quota was used
   up (no thread of it ran) is left out of a ping's time (see device_stalls_left_out). A switch by less than that
   clear margin to a side last measured over 0.5 s ago is looked at first: one hedged probe of it, and the switch
   waits for its sample (see ``_confirm``); so is a switch to local by any margin on a local estimate measured
@@ -27,8 +28,8 @@ and asks a policy for a :class:`Decision`. Two policies:
   always is hedged (its estimate is the old one): when local looks worse, its local copy starts only when the
   remote answer is due, so that it does not slow the device's handling of that answer, and when it looks better
   or about as fast the request is local's, with a remote copy in case the device got busy. On a device at its CPU
-  quota local's old estimate is at best a lower bound: no local probe while it is slower than remote, and one
-  every 8 probe intervals, remote leading, while it is faster. A remote probe is
+  quota local's old estimate is at best a lower bound: no local probe there (one is due when the load drops). A
+  remote probe is
   hedged when remote looks worse by more than the hysteresis, rests on a single sample or a ping is late (a
   remote side about as fast is probed on its own: the same request computing on the device would slow its reply
   and mis-measure it). Pings that show a link 1.5× faster than at the last remote sample make a remote probe due
@@ -89,13 +90,27 @@ def _late_after(mean: float) -> float:
     return _LATE_FACTOR * mean + _LATE_MARGIN_S
 
 
-def spare_wanted(device_load: float) -> bool:
-    """Whether a spare local copy (Decision.spare) whose remote answer is overdue should leave: not from a device
-    at its CPU quota. There the answer is likely late because the device is (it has no CPU to handle it), and a
-    local copy would be later still and slow the requests after it (session 10, runs 6-10: the first request
-    after a CPU hog started sent its spare, and it and the next two took 200-300 ms against always-remote's
-    100-190)."""
-    return device_load < _SATURATED_LOAD
+def spare_wanted(s: Signals, due_s: float, waited_s: float) -> bool | float:
+    """Whether a spare local copy (Decision.spare), due ``due_s`` after its decision and overdue by ``waited_s``,
+    should leave now: True; not yet (a number of seconds to wait before asking again); never (False: it goes out
+    only if the remote side fails).
+    - Never from a device at its CPU quota. There the answer is likely late because the device is (it has no CPU to
+      handle it), and a local copy would be later still and slow the requests after it (session 10, runs 6-10: the
+      first request after a CPU hog started sent its spare, and it and the next two took 200-300 ms against
+      always-remote's 100-190).
+    - Not yet while the link's figures still have the answer due before ``due_s`` (no ping late, the round trip
+      with the link's delay now below it), up to one local service time: the answer is late for another reason
+      (a hiccup of the server or the device: always-remote has a few requests of 120-180 ms in a phase whose p50
+      is ~67), and a local copy starting now answers later than that and slows the handling of the remote answer
+      on a device with little CPU (sessions 10-11: five baseline requests of 179-274 ms). Asked again every
+      _SPARE_RECHECK_S, so a ping that shows the link slowed sends it then. Without pings nothing tells: it
+      leaves."""
+    if s.device_load >= _SATURATED_LOAD:
+        return False
+    if s.remote_ping_s is None or s.remote_rtt_s is None or s.remote_ping_late_s or s.remote_rtt_s >= due_s:
+        return True
+    left = (s.local_service_s or 0.0) - waited_s
+    return min(_SPARE_RECHECK_S, left) if left > 0 else True
 
 
 def stalled(then: Sequence[float] | None, now: Sequence[float] | None) -> float:
@@ -184,6 +199,7 @@ _FASTER_LINK, _FASTER_MARGIN_S = 1.5, 0.005  # pings this much faster than at th
 _SATURATED_LOAD = 0.9  # a device this busy gets no local copies of remote requests (see LatencyPolicy.decide)
 _LOCAL_AGE_CAP = 4  # the local age raises the local estimate at most this many times
 _SPARE_LATE = 1.5  # a clear remote choice's spare local copy leaves when the answer is this much later than expected
+_SPARE_RECHECK_S = 0.025  # a spare held on past its due time (see spare_wanted) is asked about again this often
 _CONFIRM_AGE_S = 0.5  # a switch to a side last measured longer ago than this (and not clearly better) probes it first
 
 
@@ -260,16 +276,15 @@ class LatencyPolicy:
             # handling of that answer (a late answer still has the local copy coming); when it looks better or
             # about as fast, the request is local's, with a remote copy in case the device got busy.
             # On a device at its CPU quota the local side is the slower one whatever its estimate says (that is at
-            # best a lower bound), and a probe's compute slows the remote requests around it (run 59: a local-led
-            # probe 2 s into the CPU hog took 410 ms; session 10, run 26: the request after a deferred one took
-            # 299 ms against always-remote's p99 of 215). So no local probe there while even that lower bound is
-            # slower than remote; the device's load says when it has CPU again, and the probe is due then. While
-            # the lower bound beats remote, a look every _MAX_BACKOFF probe intervals, remote leading.
+            # best a lower bound: in session 11's runs 1 and 4, one local sample there put it at 240-490 ms against
+            # ~120 before), and a probe's compute slows the remote requests around it (run 59: a local-led probe 2 s
+            # into the CPU hog took 410 ms; session 11, runs 1 and 4: the two requests after a deferred one took
+            # 200-230 ms against always-remote's p99 of 214-222). So no local probe there; the device's load says
+            # when it has CPU again (readings over local compute are left out, see the gate), and the probe is due
+            # then. A remote side clearly slower than even that lower bound is a switch, which looks at local first
+            # (_confirm).
             saturated = s.device_load >= _SATURATED_LOAD
-            if self.state.offload and stale_local and not (saturated and local >= remote) and self._probe_due(
-                    "local", s.now, _MAX_BACKOFF * self.probe_interval_s if saturated else None):
-                if saturated:
-                    return self._probe("local", f"device load {s.device_load:.0%}", defer_s=remote)
+            if self.state.offload and stale_local and not saturated and self._probe_due("local", s.now):
                 if local > (1 + self.hysteresis) * remote:
                     return self._probe("local", defer_s=remote)
                 return self._probe("local", lead=True)

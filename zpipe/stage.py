@@ -45,7 +45,8 @@ class Outcome:
     worker's loop, which serves other requests meanwhile). With ``spare`` (any hashable token but None), the held
     ports are a spare copy: if the request is answered before they are due (the ``select`` merge they would reach
     ran for it in the same process: see StageContext.joins), the worker drops them unsent and calls
-    :meth:`Stage.withdrawn` with the token; when they come due, :meth:`Stage.spare_due` may still call them off.
+    :meth:`Stage.withdrawn` with the token; when they come due, :meth:`Stage.spare_due` may still hold them
+    longer or call them off.
     """
 
     outputs: Any
@@ -113,10 +114,11 @@ class Stage:
         when the app sets X per request) override this; the rest implement :meth:`process`."""
         return self.process(inputs)
 
-    def spare_due(self, spare: Hashable) -> bool:
+    def spare_due(self, spare: Hashable) -> bool | float:
         """A spare copy this stage held back (:attr:`Outcome.spare` = ``spare``) is due and its request not yet
-        answered: True sends it, False holds it further: it goes out only if the other branch fails, and is
-        withdrawn (:meth:`withdrawn`) when the answer comes. Called in the worker's loop."""
+        answered: True sends it; a number of seconds > 0 holds it that much longer, then asks again; False holds
+        it for good: it goes out only if the other branch fails. Held, it is withdrawn (:meth:`withdrawn`) when the
+        answer comes. Called in the worker's loop."""
         return True
 
     def withdrawn(self, spare: Hashable) -> None:

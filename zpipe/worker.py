@@ -394,6 +394,19 @@ class _Worker:
         for seq in self.followers.pop((join, rid), ()):
             self._send_now(seq, self.follower_item.pop(seq)[1])
 
+    def _hold_longer(self, key: tuple[str, int], due: int, until: float) -> None:
+        """Spare ``key`` (its copy ``due`` just taken off the heap) waits until ``until``: each of its copies goes
+        back on the heap under a new seq (one still on it is skipped when it comes up)."""
+        moved = []
+        for seq in self.spares[key]:
+            entry = self.spare_of.pop(seq)
+            if seq != due:
+                self.dropped.add(seq)
+            moved.append(next(self._held_seq))
+            self.spare_of[moved[-1]] = entry
+            heapq.heappush(self.held, (until, moved[-1], entry[3]))
+        self.spares[key] = moved
+
     def _send_now(self, seq: int, item: tuple[str, str, Message]) -> None:
         self.dropped.add(seq)
         heapq.heappush(self.held, (time.monotonic(), next(self._held_seq), item))  # (see _release_held)
@@ -427,14 +440,17 @@ class _Worker:
                 self.followers[key].remove(seq)
                 if not self.followers[key]:
                     del self.followers[key]
-            if seq in self.spare_of:  # a spare: its stage may still call it off (Stage.spare_due), all of it
+            if seq in self.spare_of:  # a spare: its stage may hold it longer or call it off (Stage.spare_due)
                 key, producer, token, _ = self.spare_of[seq]
-                seqs = self.spares.pop(key)
                 try:
-                    wanted = bool(producer.stage.spare_due(token))
+                    wanted = producer.stage.spare_due(token)
                 except Exception:
                     log.exception("stage %r: spare_due() raised; the copy goes out", producer.name)
                     wanted = True
+                if not isinstance(wanted, bool) and isinstance(wanted, (int, float)) and wanted > 0:
+                    self._hold_longer(key, seq, now + wanted)  # asked again then, all of it
+                    continue
+                seqs = self.spares.pop(key)
                 if not wanted:  # parked: sent after all if the other branch fails (hurry), else dropped
                     producer.counts["called_off"] += 1
                     kept = []
