@@ -372,7 +372,7 @@ def test_on_a_device_at_its_cpu_quota_local_is_probed_when_the_device_has_cpu_ag
                 for i in range(80)]
         assert all(d.offload and not d.reason.startswith("probe") for d in busy), (local_s, busy)
     # A remote side clearly slower than that lower bound: a switch, which looks at local first (remote leading).
-    d = p.decide(Signals(now=31.0, device_load=0.95, **{**s, "remote_rtt_s": 0.250}))
+    d = p.decide(Signals(now=31.0, device_load=0.95, local_load_then=0.2, **{**s, "remote_rtt_s": 0.250}))
     assert d.reason.startswith("probe local (confirm before switching") and d.offload and d.hedge, d
     assert d.defer_s == pytest.approx(0.250), d
     # A switch to local by a small margin, confirmed first by a probe: same rule.
