@@ -291,6 +291,20 @@ def test_no_worker_outlives_the_pipeline():
     assert not alive
 
 
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm here")
+def test_the_signal_board_and_sockets_live_in_memory_and_go_with_the_pipeline():
+    """The board is rewritten within ms of each change (20 pings a second with a policy): in /dev/shm, not on disk."""
+    pipe = Pipeline(chain3()).start()
+    try:
+        pipe.infer({"x": np.ones((2, 2), np.float32)})
+        rundir = pipe._rundir
+        assert rundir.startswith("/dev/shm/zpipe-"), rundir
+        assert {"a.json", "b.json", "c.json"} <= set(os.listdir(os.path.join(rundir, "board")))
+    finally:
+        pipe.close()
+    assert not os.path.exists(rundir)
+
+
 def test_sigterm_to_a_worker_is_accounted():
     topo = Topology(inputs=["x"], outputs=["y"], stages=[
         StageSpec(name="victim", stage=Sleep(seconds=0.5), inputs=["x"], outputs={"out": "y"})])

