@@ -43,10 +43,12 @@ __all__ = ["Pipeline", "Result"]
 log = logging.getLogger(__name__)
 
 def _run_root() -> str | None:
-    """Where a pipeline keeps its ipc sockets and signal board: /dev/shm (memory) where there is one, else the
-    temporary directory. The board is rewritten within ms of every change (a stand-in's pings: 20 a second); on
-    this machine's ext4 a publish cost ~210 us of CPU, on tmpfs ~45 us, and pings every 50 ms cost the idle
-    device 3.1 % of a CPU with the board on disk (session 11)."""
+    """Where a pipeline keeps its ipc sockets and signal board: $ZPIPE_RUNDIR if set, else /dev/shm (memory) where
+    there is one, else the temporary directory. The board is rewritten within ms of every change (a stand-in's
+    pings: 20 a second); on this machine's ext4 a publish cost ~210 us of CPU, on tmpfs ~45 us (bench/ping_cost.py
+    has what that does to a device's idle CPU)."""
+    if os.environ.get("ZPIPE_RUNDIR"):
+        return os.environ["ZPIPE_RUNDIR"]
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK | os.X_OK) else None
 
 
