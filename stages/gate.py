@@ -284,9 +284,10 @@ def _as_of(values: dict[str, Any], now: float, stall_clock: tuple[float, float] 
     """A remote stand-in's figures as of ``now``. A ping still out is older than when its stage published: its
     delay counts as of now, up to late (how much longer it has been out goes apart, see policy.late_by), less the
     time the device's CPU quota has been used up since it was sent (``stall_clock`` is now's, see
-    policy.device_stalls_left_out): its answer may be in, waiting for a thread to run."""
+    policy.device_stalls_left_out): its answer may be in, waiting for a thread to run. A ping that came back later
+    than late is a warning too, until the next one (``late_answer_s``, added to ``late_s``)."""
     if not values.get("pings"):
         return values
     pings = device_stalls_left_out(values["pings"], stall_clock)
     return {**values, "rtt_s": expected_rtt(pings, values.get("beyond_ping_s"), values.get("rtt_s"), now),
-            "ping_s": link_delay(pings, now), "late_s": late_by(pings, now)}
+            "ping_s": link_delay(pings, now), "late_s": late_by(pings, now) + values.get("late_answer_s", 0.0)}

@@ -53,7 +53,7 @@ import numpy as np
 
 from zpipe.board import CpuLoad, Ewma
 from zpipe.errors import ArtifactError, PeerTimeout, StageError
-from zpipe.policy import device_stalls_left_out, expected_rtt, link_delay, stalled
+from zpipe.policy import device_stalls_left_out, expected_rtt, late_after, link_delay, stalled
 from zpipe.stage import Outcome, Stage
 
 __all__ = ["RemoteStage"]
@@ -87,7 +87,7 @@ class _Link:
         self.up = True
         self.down_reason = ""
         self.ping = Ewma(0.5)  # heartbeat round trips
-        self.last_ping: float | None = None  # the newest one (as counted, see RemoteStage._pinged)
+        self.late_answer = 0.0  # how much later than late (by the smoothed ping before it) the newest ping came
         self.ping_out: float | None = None  # when the ping still unanswered was sent
         self.ping_stall_clock: tuple[float, float] | None = None  # the device's stall clock then (see board)
         self.best_ping = math.inf  # the lowest smoothed ping seen
@@ -395,11 +395,11 @@ class RemoteStage(Stage):
                     else:
                         self._support += 1
                     if link.ping.mean is not None and self._beyond_ping.mean is not None:
-                        self._beyond_ping.cap(max(0.0, rtt - _delay(link)))
+                        self._beyond_ping.cap(max(0.0, rtt - link.ping.mean))
                 elif 0 < rtt - overlap_s <= self._rtt.mean:
                     self._support += 1  # a range with a low end (not just an upper bound) agrees with the estimate
                 if rtt - overlap_s <= self._rtt.mean:
-                    self._measured_at, self._ping_then = time.monotonic(), _delay(link)
+                    self._measured_at, self._ping_then = time.monotonic(), link.ping.mean
                     return
                 rtt -= overlap_s  # slower than thought by at least this
             if stale or (self._bounds_only and not overlap_s):
@@ -409,8 +409,8 @@ class RemoteStage(Stage):
             self._support += 1
             self._rtt.add(rtt)
             if link.ping.mean is not None:
-                self._beyond_ping.add(max(0.0, rtt - _delay(link)))
-            self._measured_at, self._ping_then = time.monotonic(), _delay(link)
+                self._beyond_ping.add(max(0.0, rtt - link.ping.mean))
+            self._measured_at, self._ping_then = time.monotonic(), link.ping.mean
 
     def _failed(self, link: _Link, reason: str, text: str) -> None:
         with self._lock:
@@ -442,7 +442,7 @@ class RemoteStage(Stage):
                     with self._lock:
                         link.up, link.failures, link.down_reason = True, 0, ""
                         # what it measured before it went down says nothing now
-                        link.ping, link.last_ping = Ewma(0.5), None
+                        link.ping, link.late_answer = Ewma(0.5), 0.0
                     self._signals_changed()
 
     def _signals_changed(self) -> None:
@@ -494,8 +494,10 @@ class RemoteStage(Stage):
                     self._stalled_pings += 1
                 else:
                     counted = rtt if mean is None or rtt <= mean else rtt - device_stall
+                    # A ping back later than late is a warning like one still out that long (see policy.late_by),
+                    # until the next one: its smoothed figure moves half way.
+                    link.late_answer = 0.0 if mean is None else max(0.0, counted - late_after(mean))
                     link.ping.add(counted)
-                    link.last_ping = counted
                     if _spell_over(link, counted):
                         if link.up and link.moving is None and not self._stop.is_set() \
                                 and now - link.fresh_at >= _FRESH_EVERY_S:
@@ -582,9 +584,15 @@ class RemoteStage(Stage):
         return [link for link in self._links if _usable(link) and link.ping.mean is not None]
 
     def _pings(self) -> list[tuple[float, float | None, tuple[float, float] | None]]:
-        """Each usable link's (delay, when its ping still out was sent or None, the device's stall clock then or
-        None): see _delay and policy.device_stalls_left_out. Call with the lock held."""
-        return [(_delay(link), link.ping_out, link.ping_stall_clock) for link in self._pinged_links()]
+        """Each usable link's (smoothed ping, when its ping still out was sent or None, the device's stall clock
+        then or None): see policy.device_stalls_left_out. Call with the lock held."""
+        return [(link.ping.mean, link.ping_out, link.ping_stall_clock) for link in self._pinged_links()]
+
+    def _late_answer(self) -> float:
+        """How much later than late the usable links' newest pings came back, over the links (see _pinged); call
+        with the lock held."""
+        links = self._pinged_links()
+        return sum(link.late_answer for link in links) / len(links) if links else 0.0
 
     def _ping_var(self) -> float:
         """The usable links' mean ping variance; call with the lock held."""
@@ -606,6 +614,7 @@ class RemoteStage(Stage):
                     "rtt_std_s": (self._rtt.var + self._ping_var()) ** 0.5,
                     "rtt_measured_s": self._rtt.mean, "rtt_support": self._support, "ping_s": link_delay(pairs, now),
                     "pings": pings, "beyond_ping_s": self._beyond_ping.mean,
+                    "late_answer_s": self._late_answer(),
                     "measured_at": self._measured_at, "ping_then_s": self._ping_then,
                     "inflight": sum(link.inflight for link in self._links),
                     # Requests sent before one that already finished are stragglers (a lost reply, a retransmit),
@@ -631,16 +640,6 @@ class RemoteStage(Stage):
     def _clients(self) -> list[Any]:
         """Every open client: the links' and those left for a fresh connection. Call with the lock held."""
         return [link.client for link in self._links] + self._retiring
-
-
-def _delay(link: _Link) -> float | None:
-    """The link's delay as the policy counts it: its smoothed ping, or its newest ping if that is slower. A link that
-    just got slower shows in full at its first slow ping, not half of it (the smoothing's weight): policy runs
-    12, 15, 21, 24 and 25 of session 10 sent the first request after the link slowed remote on half the jump and
-    took 242-281 ms against always-local's p99 of ~160. A faster one moves the figure by the smoothing, as before."""
-    if link.ping.mean is None or link.last_ping is None:
-        return link.ping.mean
-    return max(link.ping.mean, link.last_ping)
 
 
 def _spell_over(link: _Link, ping: float) -> bool:

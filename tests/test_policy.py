@@ -965,19 +965,19 @@ def test_a_round_trip_measured_before_the_move_to_a_fresh_connection_is_replaced
     assert after["rtt_measured_s"] < 0.05, after  # averaged in, it would still be over 0.8 x 120 ms
 
 
-def test_the_first_slow_ping_after_a_link_slows_counts_in_full(affine_server):
-    """The smoothed ping moves half way at one slow ping; the link's delay is the newest ping when that is slower,
-    so the first request after a link slowed is not sent remote on half the jump. A faster ping moves it by the
-    smoothing only (one quick ping on a slow link is not news)."""
+def test_a_ping_back_later_than_late_is_a_warning_until_the_next_one(affine_server):
+    """The smoothed ping moves half way at one slow ping. A ping that came back later than late (by the smoothed
+    ping before it) warns like one still out that long, until the next one comes back: the gate hedges the
+    request at once, and one slow ping (a hiccup) does not count in full as the link's delay."""
     from zpipe.stages.remote import RemoteStage
 
-    def answers(stage, n):  # the board's link delay just after each of the next n ping answers
+    def answers(stage, n):  # the board's figures just after each of the next n ping answers
         seen, was_out, until = [], False, time.monotonic() + 5
         while len(seen) < n and time.monotonic() < until:
             values = stage.signals()
             out = values["pings"][0][1] if values.get("pings") else None
             if out is None and was_out:
-                seen.append(values["ping_s"])
+                seen.append((values["ping_s"], values["late_answer_s"]))
             was_out = out is not None
             time.sleep(0.002)
         return seen
@@ -988,17 +988,21 @@ def test_the_first_slow_ping_after_a_link_slows_counts_in_full(affine_server):
         try:
             fast = answers(stage, 6)
             link.set(delay_ms=80)  # a ping now takes ~160 ms (one sent just before may take ~95)
-            slow = answers(stage, 3)
+            slow = answers(stage, 4)
             link.set(delay_ms=15)
-            back = answers(stage, 2)
+            back = answers(stage, 3)
         finally:
             stage.teardown()
-    assert len(fast) == 6 and fast[-1] < 0.045, fast
-    # At the second answer at the latest (the first may have been sent before the change) the figure is the whole
-    # ~160 ms; smoothed, it would be under 130 ms there (a half way step from ~31 ms, then another).
-    assert len(slow) == 3 and slow[1] > 0.14 and slow[2] > 0.14, slow
-    # Back on the fast link, a fast ping halves the figure (the smoothing): it does not drop to ~31 ms at once.
-    assert len(back) == 2 and back[0] > 0.07 and back[1] > 0.045, back
+    assert len(fast) == 6 and fast[-1][0] < 0.045 and fast[-1][1] == 0.0, fast
+    # The first fully slow answer (the first or the second): ~160 ms against late at ~52 ms (1.5 x 31 + 5): a
+    # warning of ~100 ms (~60 after a ~95 ms one), while the smoothed figure is half way. The answers after it warn less
+    # and less (late grows with the smoothed figure) until none.
+    assert len(slow) == 4, slow
+    first = max(range(2), key=lambda i: slow[i][1])
+    assert slow[first][1] > 0.05 and slow[first][0] < 0.13, slow
+    assert slow[-1][1] < slow[first][1] and slow[-1][0] > 0.13, slow
+    # Back on the fast link: no warning, and the smoothed figure comes down by halves.
+    assert len(back) == 3 and all(late == 0.0 for _, late in back) and back[0][0] > 0.07, back
 
 
 def test_a_ping_sent_or_answered_is_on_the_board_within_a_few_ms(affine_server):

@@ -53,7 +53,7 @@ from typing import Any, Mapping, Sequence
 from .errors import TopologyError, did_you_mean
 
 __all__ = ["Signals", "Decision", "LatencyPolicy", "ThresholdPolicy", "make_policy", "expected_rtt", "link_delay",
-           "late_by", "device_stalls_left_out", "stalled", "spare_wanted"]
+           "late_by", "late_after", "device_stalls_left_out", "stalled", "spare_wanted"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,7 +69,8 @@ class Signals:
     device_load: float = 0.0  # CPU use of this device, 0..1 (of its CPU quota if it has one: see board.CpuLoad)
     remote_rtt_s: float | None = None  # smoothed round trip of the remote branch (None: never measured)
     remote_ping_s: float | None = None  # the link's delay from pings (None: no pings; see stages/remote.py)
-    remote_ping_late_s: float = 0.0  # how long pings have been out past late, left out of remote_rtt_s (late_by)
+    remote_ping_late_s: float = 0.0  # how long pings have been out past late, left out of remote_rtt_s (late_by),
+    # plus how much later than late the newest ones came back (a warning until the next: the smoothing moves half way)
     remote_ping_then_s: float | None = None  # the smoothed ping when the remote round trip was last measured
     remote_rtt_std_s: float = 0.0
     remote_rtt_support: int | None = None  # samples behind remote_rtt_s since it started afresh (None: unknown)
@@ -84,7 +85,7 @@ class Signals:
 _LATE_FACTOR, _LATE_MARGIN_S = 1.5, 0.005  # a ping out longer than this is late (see late_by)
 
 
-def _late_after(mean: float) -> float:
+def late_after(mean: float) -> float:
     """How long a ping to a link with smoothed ping ``mean`` may be out before it is late (not a late thread on a
     busy device)."""
     return _LATE_FACTOR * mean + _LATE_MARGIN_S
@@ -140,7 +141,7 @@ def link_delay(pings: Sequence[Sequence[float | None]], now: float) -> float | N
     stand-in publishes within a few ms of one), up to the age at which the ping is late (see late_by)."""
     if not pings:
         return None
-    return sum(mean if out is None else min(max(mean, now - out), _late_after(mean))
+    return sum(mean if out is None else min(max(mean, now - out), late_after(mean))
                for mean, out in pings) / len(pings)
 
 
@@ -150,7 +151,7 @@ def late_by(pings: Sequence[Sequence[float | None]], now: float) -> float:
     not a measurement: see LatencyPolicy.decide."""
     if not pings:
         return 0.0
-    return sum(max(0.0, now - out - _late_after(mean)) for mean, out in pings if out is not None) / len(pings)
+    return sum(max(0.0, now - out - late_after(mean)) for mean, out in pings if out is not None) / len(pings)
 
 
 def expected_rtt(pings: Sequence[Sequence[float | None]], beyond_ping_s: float | None, rtt_s: float | None,
