@@ -17,8 +17,9 @@ and asks a policy for a :class:`Decision`. Two policies:
   say the answer is due waits up to one local service time more, and one that comes due on a device at its CPU
   quota is held further, going out only if the remote side then fails (spare_wanted). A ping out clearly longer
   than usual (a link that just slowed, or a device slow to handle the answer) counts in the choice only up to the
-  age at which it is late; the rest counts against remote in that hedging test. Under a CPU quota, the time the device's quota was used
-  up (no thread of it ran) is left out of a ping's time (see device_stalls_left_out). A switch by less than that
+  age at which it is late; the rest counts against remote in that hedging test, as does how much later than late
+  the newest ping came back, until the next one. Under a CPU quota, the time the device's quota was used up (no
+  thread of it ran) is left out of a ping's time (see device_stalls_left_out). A switch by less than that
   clear margin to a side last measured over 0.5 s ago is looked at first: one hedged probe of it, and the switch
   waits for its sample (see ``_confirm``); so is a switch to local by any margin on a local estimate measured
   before the device reached its CPU quota. A side that has not been measured for
@@ -103,7 +104,7 @@ def spare_wanted(s: Signals, due_s: float, waited_s: float) -> bool | float:
       with the link's delay now below it), up to one local service time: the answer is late for another reason
       (a hiccup of the server or the device: always-remote has a few requests of 120-180 ms in a phase whose p50
       is ~67), and a local copy starting now answers later than that and slows the handling of the remote answer
-      on a device with little CPU (sessions 10-11: five baseline requests of 179-274 ms). Asked again every
+      on a device with little CPU (session 10: seven baseline requests of 179-274 ms in 26 runs). Asked again every
       _SPARE_RECHECK_S, so a ping that shows the link slowed sends it then. Without pings nothing tells: it
       leaves."""
     if s.device_load >= _SATURATED_LOAD:
@@ -354,9 +355,9 @@ class LatencyPolicy:
         # - A remote request's local copy, unless a ping is late or local looks faster (the dwell time holds
         #   remote), is a spare where the gate's process can withdraw it: it starts only when the remote answer is
         #   overdue (its estimate plus one more spread), and is dropped unsent if the answer came first. So a close
-        #   call costs the device nothing when remote answers on time; a local copy computing alongside slowed the handling of that answer on a device with little
-        #   CPU (session 9: run 12, 123 ms against always-remote's p99 of 74). With a late ping the link may have
-        #   slowed by any amount: the copy starts at once.
+        #   call costs the device nothing when remote answers on time; a local copy computing alongside slowed the
+        #   handling of that answer on a device with little CPU (session 9: run 12, 123 ms against always-remote's
+        #   p99 of 74). With a late ping the link may have slowed by any amount: the copy starts at once.
         if self.hedge and (doubtful or not chosen < other * (1 - self.hysteresis)):
             if decision.offload and s.device_load >= _SATURATED_LOAD:
                 return Decision(True, f"{decision.reason} (device load {s.device_load:.0%}: not hedged)")
