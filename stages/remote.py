@@ -139,7 +139,7 @@ class RemoteStage(Stage):
         self._lock = threading.Lock()
         self._cpu = CpuLoad()  # a ping answered while the device had no CPU says little about the link
         self._stalled_pings = 0
-        self._ping_every_s = ping_s  # the pace now (slower at the device's CPU quota, see _ping_loop)
+        self._ping_every_s = self.ping_s  # the pace now (slower at the device's CPU quota, see _ping_loop)
         self._fresh_connections = 0
         self._rtt_stale = False  # the round trip was measured on a connection since replaced (see _reconnect)
         self._retiring: list = []  # clients left for a fresh connection, closed when their requests are done
