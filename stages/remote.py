@@ -458,9 +458,9 @@ class RemoteStage(Stage):
     def _ping_loop(self) -> None:
         """Every ping_s, a heartbeat to each server that is up and has none out; every 4 x ping_s while the device
         is at its CPU quota. There a ping's CPU (sent and answered by this stand-in, both published on the board:
-        ~1.2 ms, bench/ping_cost.py) is taken from the requests (session 11: in the busy phase the policy's remote
-        requests had a p50 ~8 % over always-remote's, which sends no pings), and what it shows is mostly the
-        device's own stalls, which are left out anyway (see _pinged)."""
+        ~1.2 ms, bench/ping_cost.py) is taken from the requests, and what it shows is mostly the device's own
+        stalls, which are left out anyway (see _pinged). (Session 11: the policy's remote requests in the busy
+        phase had a p50 ~7 % over always-remote's, which sends no pings, before and after this change alike.)"""
         load = CpuLoad()  # this loop's own reading: each call measures since the one before
         while not self._stop.wait(self._ping_every_s):
             at_quota = self._cpu.stall_clock() is not None and load() >= _QUOTA_LOAD  # (no quota: never)
