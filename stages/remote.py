@@ -73,9 +73,6 @@ _HEDGE_MIN_S = 0.02
 # more than 2x). It is over at a ping within _RECOVERED x best + 2 ms.
 _SPELL_FACTOR, _SPELL_MARGIN_S, _RECOVERED = 2.0, 0.005, 1.25
 _FRESH_EVERY_S = 5.0  # at most one fresh connection per link this often (a link whose delay swings all the time)
-# On a device at its CPU quota (this share of its periods used up, as the gate's policy counts it) pings go this many
-# times less often (see _ping_loop).
-_QUOTA_LOAD, _QUOTA_PING_FACTOR = 0.9, 4
 
 
 class _Link:
@@ -139,7 +136,6 @@ class RemoteStage(Stage):
         self._lock = threading.Lock()
         self._cpu = CpuLoad()  # a ping answered while the device had no CPU says little about the link
         self._stalled_pings = 0
-        self._ping_every_s = self.ping_s  # the pace now (slower at the device's CPU quota, see _ping_loop)
         self._fresh_connections = 0
         self._rtt_stale = False  # the round trip was measured on a connection since replaced (see _reconnect)
         self._retiring: list = []  # clients left for a fresh connection, closed when their requests are done
@@ -456,15 +452,8 @@ class RemoteStage(Stage):
             self.context.signals_changed()
 
     def _ping_loop(self) -> None:
-        """Every ping_s, a heartbeat to each server that is up and has none out; every 4 x ping_s while the device
-        is at its CPU quota. There a ping's CPU (sent and answered by this stand-in, both published on the board:
-        ~1.2 ms, bench/ping_cost.py) is taken from the requests, and what it shows is mostly the device's own
-        stalls, which are left out anyway (see _pinged). (Session 11: the policy's remote requests in the busy
-        phase had a p50 ~7 % over always-remote's, which sends no pings, before and after this change alike.)"""
-        load = CpuLoad()  # this loop's own reading: each call measures since the one before
-        while not self._stop.wait(self._ping_every_s):
-            at_quota = self._cpu.stall_clock() is not None and load() >= _QUOTA_LOAD  # (no quota: never)
-            self._ping_every_s = self.ping_s * (_QUOTA_PING_FACTOR if at_quota else 1)
+        """Every ping_s, a heartbeat to each server that is up and has none out."""
+        while not self._stop.wait(self.ping_s):
             for link in self._links:
                 clock = self._cpu.stall_clock()
                 with self._lock:
@@ -634,7 +623,6 @@ class RemoteStage(Stage):
                                           default=None), "error_rate": self._errors.mean or 0.0,
                     "up": any(link.up for link in self._links), "fallbacks": self._fallbacks,
                     "stalled_pings": self._stalled_pings, "fresh_connections": self._fresh_connections,
-                    "ping_every_s": self._ping_every_s,
                     "requests_sent": self._retired_counts[0] + sum(c.requests_sent for c in self._clients()),
                     "bytes_sent": self._retired_counts[1] + sum(c.bytes_sent for c in self._clients()),
                     "down": [f"{link.endpoint}: {link.down_reason}" for link in self._links if not link.up]}

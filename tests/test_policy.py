@@ -818,16 +818,11 @@ STALLED_CHILD = textwrap.dedent("""
                                                 or raw.signals()["pings"][0][0] < 0.010):
         time.sleep(0.05)
     stalled, counted = stage.signals(), raw.signals()
-    paces = []  # the stand-in's ping pace while the hog runs (its own reading of the quota: 4x slower there)
-    for _ in range(10):
-        time.sleep(0.05)
-        paces.append(stage.signals()["ping_every_s"])
     hog.kill()
     stage.teardown()
     raw.teardown()
     print(json.dumps({"calm": calm["pings"][0][0], "stalled": stalled["pings"][0][0],
-                      "counted": counted["pings"][0][0], "left_out": stalled["stalled_pings"],
-                      "calm_pace": calm["ping_every_s"], "busy_paces": paces}))
+                      "counted": counted["pings"][0][0], "left_out": stalled["stalled_pings"]}))
 """)
 
 
@@ -879,8 +874,6 @@ def test_a_ping_answered_while_the_device_has_no_cpu_does_not_make_the_link_look
     result = tries[-1]
     assert held_up(result), f"the quota never held the pings up (a busy host?): {tries}"
     assert result["left_out"] >= 10 and result["stalled"] < result["counted"] / 3, result
-    # Pings go 4x less often while the device is at its quota: their CPU is taken from the requests there.
-    assert result["calm_pace"] == 0.02 and result["busy_paces"].count(0.08) >= 6, result
 
 
 def test_a_jump_in_the_pings_widens_the_published_spread(affine_server):
