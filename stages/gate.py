@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import heapq
+import math
 import time
 from typing import Any, Mapping, Sequence
 
@@ -173,25 +174,33 @@ class GateStage(Stage):
         policy.spare_wanted. It is not the local branch's backlog until it leaves: counted as such while deciding,
         the device load reading would be left out as one over local compute (see _device_load), and a CPU hog
         that started since would go unseen (session 11, run 13: the first request after the hog started sent its
-        spare, 401 ms against always-remote's p99 of 228)."""
+        spare, 401 ms against always-remote's p99 of 228). Called off, it stays "not left" until withdrawn."""
         now = time.monotonic()
-        self._forget(spare)
-        wanted = spare_wanted(self._signals(), spare.due_s, now - spare.due_at)
-        if wanted is not False:  # (called off: it leaves only if the remote side fails, uncounted)
-            spare.leaves_at = now if wanted is True else now + wanted
-            self._local_sent_at.append(spare.leaves_at)
+        self._leaves(spare, math.inf)  # (still a slot of the count: an older, finished copy must not fill it)
+        try:
+            wanted = spare_wanted(self._signals(), spare.due_s, now - spare.due_at)
+        except Exception:
+            self._leaves(spare, now)  # (the worker sends it)
+            raise
+        if wanted is not False:
+            self._leaves(spare, now if wanted is True else now + wanted)
         return wanted
 
     def withdrawn(self, spare: _Spare) -> None:
         """A spare local copy was dropped unsent (the remote answer came first): the local branch never sees it."""
         self._sent[False] = max(0, self._sent[False] - 1)
-        self._forget(spare)
-
-    def _forget(self, spare: _Spare) -> None:
         try:
             self._local_sent_at.remove(spare.leaves_at)
         except ValueError:  # (fell out of the bounded record already)
             pass
+
+    def _leaves(self, spare: _Spare, at: float) -> None:
+        """Spare ``spare`` leaves at ``at`` (math.inf: not yet known), in the record of when local copies leave."""
+        try:
+            self._local_sent_at[self._local_sent_at.index(spare.leaves_at)] = at
+        except ValueError:  # (fell out of the bounded record already)
+            pass
+        spare.leaves_at = at
 
     def process(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.handle(inputs, {}).outputs

@@ -492,6 +492,7 @@ class RemoteStage(Stage):
                 mean = link.ping.mean
                 if mean is not None and rtt > mean and rtt - device_stall <= mean:
                     self._stalled_pings += 1
+                    link.late_answer = 0.0  # (the link was within its figure: no warning stands)
                 else:
                     counted = rtt if mean is None or rtt <= mean else rtt - device_stall
                     # A ping back later than late is a warning like one still out that long (see policy.late_by),

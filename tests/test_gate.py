@@ -312,6 +312,10 @@ def test_a_spare_copy_its_stage_holds_longer_when_due_is_asked_again():
             np.testing.assert_allclose(result.outputs["y"], -x)  # the spare answered, before the remote branch
             assert 0.14 < result.latency_s and (i == 0 or result.latency_s < 0.3), result.latency_s  # (0: cold)
         assert _settle(pipe, "hedge", "asked", 6) == 6 and pipe.signals("hedge")["withdrawals"] == 0
+    with Pipeline(spare(defer_s=0.05, hold_s=float("inf"), **remote)) as pipe:  # no hold to wait out: it goes
+        for x in [np.full(4, float(i), np.float32) for i in range(2)]:
+            np.testing.assert_allclose(pipe.submit({"x": x}).result(timeout=20).outputs["y"], -x)
+        assert _settle(pipe, "hedge", "asked", 2) == 2
 
 
 def test_a_spare_copy_goes_out_when_its_select_runs_in_another_process():

@@ -42,6 +42,7 @@ __all__ = ["Pipeline", "Result"]
 
 log = logging.getLogger(__name__)
 
+
 def _run_root() -> str | None:
     """Where a pipeline keeps its ipc sockets and signal board: $ZPIPE_RUNDIR if set, else /dev/shm (memory) where
     there is one, else the temporary directory. The board is rewritten within ms of every change (a stand-in's

@@ -116,9 +116,10 @@ class Stage:
 
     def spare_due(self, spare: Hashable) -> bool | float:
         """A spare copy this stage held back (:attr:`Outcome.spare` = ``spare``) is due and its request not yet
-        answered: True sends it; a number of seconds > 0 holds it that much longer, then asks again; False holds
-        it for good: it goes out only if the other branch fails. Held, it is withdrawn (:meth:`withdrawn`) when the
-        answer comes. Called in the worker's loop."""
+        answered: True sends it; a finite number of seconds > 0 holds it that much longer (at least 1 ms, at most an
+        hour), then asks again (any other number sends it); False holds it for good: it goes out only if the other
+        branch fails. Held, it is withdrawn (:meth:`withdrawn`) when the answer comes. Called in the worker's
+        loop."""
         return True
 
     def withdrawn(self, spare: Hashable) -> None:

@@ -25,6 +25,7 @@ import itertools
 import logging
 import math
 import mmap
+import numbers
 import os
 import pickle
 import queue
@@ -447,9 +448,12 @@ class _Worker:
                 except Exception:
                     log.exception("stage %r: spare_due() raised; the copy goes out", producer.name)
                     wanted = True
-                if not isinstance(wanted, bool) and isinstance(wanted, (int, float)) and wanted > 0:
-                    self._hold_longer(key, seq, now + wanted)  # asked again then, all of it
-                    continue
+                if not isinstance(wanted, bool) and isinstance(wanted, numbers.Real):
+                    wait = float(wanted)
+                    if wait > 0 and math.isfinite(wait):  # asked again then, all of it (within an hour, >= 1 ms)
+                        self._hold_longer(key, seq, now + min(max(wait, 0.001), 3600.0))
+                        continue
+                    wanted = True  # (0, negative, NaN, inf: no hold to wait out)
                 seqs = self.spares.pop(key)
                 if not wanted:  # parked: sent after all if the other branch fails (hurry), else dropped
                     producer.counts["called_off"] += 1
