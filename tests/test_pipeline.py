@@ -306,6 +306,18 @@ def test_the_signal_board_and_sockets_live_in_memory_and_go_with_the_pipeline():
     assert not os.path.exists(rundir)
 
 
+def test_a_run_directory_that_is_not_there_is_named(monkeypatch, tmp_path):
+    from zpipe.errors import ZpipeError
+
+    monkeypatch.setenv("ZPIPE_RUNDIR", str(tmp_path / "missing"))
+    with pytest.raises(ZpipeError, match="ZPIPE_RUNDIR=.*missing.* is not a writable directory"):
+        Pipeline(chain3()).start()
+    monkeypatch.setenv("ZPIPE_RUNDIR", str(tmp_path))
+    with Pipeline(chain3()) as pipe:
+        assert pipe._rundir.startswith(str(tmp_path))
+        np.testing.assert_array_equal(pipe.infer({"x": np.ones((2, 2), np.float32)})["y"], -np.full((2, 2), 3.0))
+
+
 def test_sigterm_to_a_worker_is_accounted():
     topo = Topology(inputs=["x"], outputs=["y"], stages=[
         StageSpec(name="victim", stage=Sleep(seconds=0.5), inputs=["x"], outputs={"out": "y"})])

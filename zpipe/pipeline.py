@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 import zmq
 
-from .errors import Busy, PeerTimeout, PipelineClosed, RequestFailed, TopologyError
+from .errors import Busy, PeerTimeout, PipelineClosed, RequestFailed, TopologyError, ZpipeError
 from .framing import Kind, Message, check_tensor
 from .supervisor import Supervisor
 from .topology import REQUEST, Topology
@@ -48,8 +48,11 @@ def _run_root() -> str | None:
     there is one, else the temporary directory. The board is rewritten within ms of every change (a stand-in's
     pings: 20 a second); on this machine's ext4 a publish cost ~210 us of CPU, on tmpfs ~45 us (bench/ping_cost.py
     has what that does to a device's idle CPU)."""
-    if os.environ.get("ZPIPE_RUNDIR"):
-        return os.environ["ZPIPE_RUNDIR"]
+    chosen = os.environ.get("ZPIPE_RUNDIR")
+    if chosen:
+        if not os.path.isdir(chosen) or not os.access(chosen, os.W_OK | os.X_OK):
+            raise ZpipeError(f"ZPIPE_RUNDIR={chosen!r} is not a writable directory; create it or unset ZPIPE_RUNDIR")
+        return chosen
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK | os.X_OK) else None
 
 
