@@ -203,6 +203,31 @@ def test_pings_showing_a_much_faster_link_make_the_remote_figure_stale_at_once()
             assert not again.reason.startswith("probe"), again
 
 
+def test_where_copies_can_be_spares_a_link_faster_probe_is_the_remote_sides():
+    """The round trip measured on the slow link says nothing about the link that recovered, and a local copy computing
+    alongside the probe would slow its reply's handling (and mis-measure it): the probe goes remote, its local copy a
+    spare due when a local answer would be in. Not so while a ping is late (the link may not have recovered: both
+    copies at once), nor on a device at its CPU quota (no local copy there: hedged as before)."""
+    s = dict(local_service_s=0.120, local_measured_at=5.0, remote_rtt_s=0.500, remote_measured_at=4.5,
+             remote_ping_s=0.020, remote_ping_then_s=0.100)
+
+    def probe(**extra):
+        p = LatencyPolicy(min_dwell_s=0, probe_interval_s=2.0)
+        p._probes = {"local": 3, "remote": 3}
+        p._probed = {"remote": 4.5, "local": 5.0}
+        return p.decide(Signals(now=5.0, **{**s, **extra}))
+
+    d = probe(spare_copies=True)
+    assert d.offload and d.hedge and d.spare and d.defer_s == pytest.approx(0.120), d
+    assert d.reason == "probe remote (link faster, spare local copy after 120 ms)", d
+    d = probe(spare_copies=True, local_backlog=1)  # due when the local answer would be in, queue included
+    assert d.spare and d.defer_s == pytest.approx(0.240), d
+    for extra in ({"spare_copies": True, "remote_ping_late_s": 0.03}, {"spare_copies": True, "device_load": 0.95},
+                  {"spare_copies": False}):
+        d = probe(**extra)
+        assert not d.offload and d.hedge and not d.spare and d.defer_s == 0, (extra, d)
+
+
 def test_the_gate_ages_a_ping_still_out_to_the_moment_it_decides(tmp_path):
     """The stand-in publishes its pings' pieces within a few ms of each ping sent or answered, and the gate works
     out the link's delay when it decides: a ping still out shows the slower link as it ages, without waiting for

@@ -34,7 +34,8 @@ and asks a policy for a :class:`Decision`. Two policies:
   hedged when remote looks worse by more than the hysteresis, rests on a single sample or a ping is late (a
   remote side about as fast is probed on its own: the same request computing on the device would slow its reply
   and mis-measure it). Pings that show a link 1.5× faster than at the last remote sample make a remote probe due
-  at once. Probes of the local side
+  at once; where copies can be spares, that probe is the remote side's, with a spare local copy due when a local
+  answer would be in. Probes of the local side
   cost the device's CPU, the scarce thing when offloading: while local keeps measuring more than
   1.2× the remote time, its probe interval doubles (up to 8×), and is back to normal as soon as local is within
   1.2× of the remote estimate again (the link slowed). Remote probes never back off, so a link that
@@ -295,8 +296,16 @@ class LatencyPolicy:
             # its reply and make it look worse than it is, and a remote side measured so would stay a little worse
             # than local for good. Unless that look rests on a single sample: on a lossy link one lucky round trip
             # among slow ones would send the next probe alone into it.
+            # A probe because the link got faster leads on the remote side, its local copy a spare due when a
+            # local answer would be in: the remote figure, measured on the slow link, says nothing now, and a local
+            # copy computing alongside would slow the reply's handling on a device with little CPU and mis-measure
+            # the link that recovered (session 11, runs 13, 21, 23: 135-205 ms, and the switch back took 1.1-1.6 s).
+            # A reply slower than local would not switch anyway, and then the request costs up to twice local.
             if not self.state.offload and (stale_remote and self._probe_due("remote", s.now)
                                            or faster and self._probe_due("remote", s.now, _WARM_INTERVAL_S)):
+                if faster and self.hedge and s.spare_copies and not s.remote_ping_late_s and not saturated:
+                    return Decision(True, f"probe remote (link faster, spare local copy after {local * 1000:.0f} "
+                                          "ms)", hedge=True, defer_s=local, spare=True)
                 one_sample = s.remote_rtt_support is not None and s.remote_rtt_support < 2
                 worse = remote > (1 + self.hysteresis) * local
                 return self._probe("remote", "link faster" if faster else "",
