@@ -1,6 +1,7 @@
 """The offload policy under changing conditions, on the two-host test bed (issue 6, "Benchmark").
 
     python3 bench/policy.py [--phase-s 12] [--rate 4] [--cpu 25] [--plot /tmp/zpipe-bench-policy.png] [--raw F]
+    python3 bench/policy.py --repeats 4 --raw F  (four runs, F.1 ... F.4, each reported, then pooled)
     python3 bench/policy.py --pool F1 F2 ...     (several runs' --raw files: each run's verdicts, then pooled)
 
 Needs root. Uses ../shared/testbed: `netpair.sh up 10 100 0` (namespaces `dev` 10.77.0.1 and `edge` 10.77.0.2),
@@ -496,12 +497,15 @@ def pool(args: argparse.Namespace, files: list[str]) -> None:
         raise SystemExit(f"--pool needs runs of all three modes ({', '.join(MODES)}); not in: {', '.join(missing)}")
     print(f"\n{len(runs)} runs pooled: " + ", ".join(files))
     pooled: dict[str, dict[str, list[float]]] = {p: {m: [] for m in MODES} for p in PHASES}
+    all_delays: list[float | None] = []
+    lost = {m: 0 for m in MODES}
     for f, result in zip(files, runs):
         analysis = analyse(args, result)
         table = analysis["table"]
         ratios = [table[p]["auto"]["p99_ms"] / min(table[p]["local"]["p99_ms"], table[p]["remote"]["p99_ms"])
                   for p in PHASES]
         delays = [s.get("delay_s") for s in analysis["switches"] if s["better_before"] != s["better_after"]]
+        all_delays += delays
         print(f"  {f}: auto p99 / best per phase " + " ".join(f"{r:.2f}" for r in ratios)
               + f" ({sum(r <= P99_TARGET for r in ratios)}/{len(ratios)} within {(P99_TARGET - 1) * 100:.0f}%); "
               + "switch delays " + ", ".join("never" if d is None else f"{d:.2f} s" for d in delays))
@@ -510,6 +514,8 @@ def pool(args: argparse.Namespace, files: list[str]) -> None:
             for rec in result[mode]["records"]:
                 if not rec["err"]:
                     pooled[PHASES[_phase_of(rec["t"], bounds)]][mode].append(rec["lat"])
+                else:
+                    lost[mode] += 1
     print(f"{'phase':<12} | {'n':>4} | " + " | ".join(f"{m + ' p50/p99 ms':>20}" for m in MODES)
           + " | auto p99 / best | target")
     met = 0
@@ -520,8 +526,10 @@ def pool(args: argparse.Namespace, files: list[str]) -> None:
         print(f"{phase:<12} | {len(pooled[phase]['auto']):>4} | "
               + " | ".join(f"{row[m][0]:>9.1f} / {row[m][1]:>8.1f}" for m in MODES)
               + f" | {ratio:14.2f} | {'ok' if ratio <= P99_TARGET else 'MISS'}")
+    in_time = sum(d is not None and d <= SWITCH_TARGET_S for d in all_delays)
     print(f"pooled: auto p99 within {(P99_TARGET - 1) * 100:.0f}% of the better fixed mode in {met}/{len(PHASES)} "
-          "phases")
+          f"phases; switches within {SWITCH_TARGET_S:g} s: {in_time}/{len(all_delays)}; lost requests: "
+          + ", ".join(f"{m} {n}" for m, n in lost.items()))
 
 
 def plot(args: argparse.Namespace, result: dict) -> None:
@@ -585,6 +593,9 @@ def main() -> None:
     parser.add_argument("--plot", default="/tmp/zpipe-bench-policy.png")
     parser.add_argument("--raw", help="also write every request's record (time, latency, X, reason) here (JSON)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the whole schedule this many times, then report them pooled (see --pool); "
+                             "with --raw F each run's records go to F.1, F.2, ...")
     parser.add_argument("--pool", nargs="+", metavar="RAW",
                         help="run nothing: report these --raw files of earlier runs, each and all together")
     parser.add_argument("--device", action="store_true", help=argparse.SUPPRESS)
@@ -598,11 +609,26 @@ def main() -> None:
         return
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces, cgroups)")
+    if args.repeats < 1:
+        raise SystemExit("--repeats needs a positive number of runs")
     started = time.monotonic()
-    result = orchestrate(args)
-    if args.raw:
-        Path(args.raw).write_text(json.dumps(result))
-    report(args, result, analyse(args, result))
+    raws = []
+    for k in range(1, args.repeats + 1):
+        if args.repeats > 1:
+            log(f"run {k} of {args.repeats}")
+        run_args = args
+        if args.repeats > 1:  # each run its own plot: F.png -> F.1.png, ...
+            stem, dot, suffix = args.plot.rpartition(".")
+            run_args = argparse.Namespace(**{**vars(args), "plot": f"{stem}.{k}.{suffix}" if dot else f"{suffix}.{k}"})
+        result = orchestrate(run_args)
+        raw = args.raw if args.repeats == 1 else (f"{args.raw}.{k}" if args.raw else
+                                                   f"{tempfile.gettempdir()}/zpipe-bench-policy.{os.getpid()}.{k}.json")
+        if raw:
+            Path(raw).write_text(json.dumps(result))
+            raws.append(raw)
+        report(run_args, result, analyse(run_args, result))
+    if args.repeats > 1:
+        pool(args, raws)
     log(f"total {time.monotonic() - started:.0f} s")
 
 
