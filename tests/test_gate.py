@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import textwrap
 import time
 
@@ -292,6 +294,24 @@ def test_a_spare_copy_its_stage_calls_off_when_due_never_goes_out():
             assert "local_branch" not in result.stage_times
         assert _settle(pipe, "hedge", "withdrawals", 3) == 3
         assert pipe.signals("hedge")["called_off"] == 3 and pipe.signals("local_branch").get("processed", 0) == 0
+
+
+def test_a_called_off_spare_is_dropped_when_its_request_expires_unanswered():
+    """The remote branch's worker is killed with the request in it: the pipeline fails the request at once, but no
+    answer and no failure ever reach the select. The spare its stage called off is dropped when the request's
+    deadline passes (its stage is told, as for a withdrawal), not kept for good."""
+    topology = spare(defer_s=0.05, then_kind="zpipe.testing:Sleep", then_options='seconds = 5.0\ngroup = "far"',
+                     call_off=True)
+    with Pipeline(topology) as pipe:
+        x = np.full(4, 1.0, np.float32)
+        future = pipe.submit({"x": x}, timeout_s=0.8)
+        assert _settle(pipe, "hedge", "called_off", 1) == 1
+        os.kill(pipe.signals("remote_branch")["pid"], signal.SIGKILL)
+        with pytest.raises(RequestFailed, match="worker of stage 'remote_branch' died"):
+            future.result(timeout=20)
+        assert _settle(pipe, "hedge", "withdrawals", 1) == 1
+        assert pipe.signals("hedge")["parked_expired"] == 1
+        assert pipe.signals("local_branch").get("processed", 0) == 0
 
 
 def test_a_spare_copy_its_stage_holds_longer_when_due_is_asked_again():

@@ -178,6 +178,9 @@ class _Worker:
         self.spares: dict[tuple[str, int], list[int]] = {}
         self.spare_of: dict[int, tuple[tuple[str, int], _Runner, Hashable, tuple[str, str, Message]]] = {}
         self.parked: dict[tuple[str, int], list[tuple[_Runner, Hashable, tuple[str, str, Message]]]] = {}
+        # (request deadline, key): a parked spare whose request's deadline passed is dropped (the pipeline failed
+        # that request; its other branch may never report, e.g. when the worker it ran in was killed).
+        self.parked_until: list[tuple[float, tuple[str, int]]] = []
         self.dropped: set[int] = set()  # seqs of held copies withdrawn or sent early: skipped when due
         # Held copies that leave as soon as their request is answered (Outcome.after_answer), keyed the same way.
         self.followers: dict[tuple[str, int], list[int]] = {}
@@ -288,8 +291,9 @@ class _Worker:
             if any(r.unpublished() for r in self.runners.values()):
                 timeout_ms = 3  # a change waits to be published
         now = time.monotonic()
-        if self.held:
-            timeout_ms = max(0, min(timeout_ms, int((self.held[0][0] - now) * 1000) + 1))
+        for heap in (self.held, self.parked_until):
+            if heap:
+                timeout_ms = max(0, min(timeout_ms, int((heap[0][0] - now) * 1000) + 1))
         for runner in self.runners.values():
             if runner.joins:
                 first = next(iter(runner.joins.values()))
@@ -431,6 +435,12 @@ class _Worker:
 
     def _release_held(self) -> None:
         now = time.monotonic()
+        while self.parked_until and self.parked_until[0][0] < now:
+            key = heapq.heappop(self.parked_until)[1]
+            expired = self.parked.pop(key, ())  # (gone already if answered or hurried)
+            if expired:
+                expired[0][0].counts["parked_expired"] += 1
+                self._tell_withdrawn([(producer, token) for producer, token, _ in expired])
         while self.held and self.held[0][0] <= now:
             _, seq, item = heapq.heappop(self.held)
             if seq in self.dropped:
@@ -464,6 +474,9 @@ class _Worker:
                             self.dropped.add(other)  # (still in the heap)
                         kept.append((other_producer, other_token, other_item))
                     self.parked[key] = kept
+                    deadline = item[2].meta.get(DEADLINE)
+                    if isinstance(deadline, (int, float)) and math.isfinite(deadline):
+                        heapq.heappush(self.parked_until, (deadline, key))
                     continue
                 for other in seqs:  # the rest of it goes out when due, as plain held messages
                     self.spare_of.pop(other)
@@ -806,7 +819,8 @@ class _Runner:
             "service_std_s": math.sqrt(self.service.var), "service_support": self.service.count,
             "measured_at": self.measured_at,
             "running": len(self.running), "withdrawn": self.counts["withdrawn"],
-            "called_off": self.counts["called_off"], **self.stage.signals()})
+            "called_off": self.counts["called_off"], "parked_expired": self.counts["parked_expired"],
+            **self.stage.signals()})
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
