@@ -238,6 +238,8 @@ class GateStage(Stage):
             remote_rtt_s=max((v["rtt_s"] for v in rtts), default=None),
             remote_ping_s=max((v["ping_s"] for v in remote if v.get("ping_s") is not None), default=None),
             remote_ping_late_s=max((v.get("late_s", 0.0) for v in remote), default=0.0),
+            remote_ping_best_s=min((v["ping_best_s"] for v in remote if v.get("ping_best_s") is not None),
+                                   default=None),
             remote_ping_then_s=max((v["ping_then_s"] for v in remote if v.get("ping_then_s") is not None),
                                    default=None),
             remote_rtt_std_s=max((v.get("rtt_std_s", 0.0) for v in rtts), default=0.0),

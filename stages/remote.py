@@ -615,6 +615,7 @@ class RemoteStage(Stage):
                     "rtt_std_s": (self._rtt.var + self._ping_var()) ** 0.5,
                     "rtt_measured_s": self._rtt.mean, "rtt_support": self._support, "ping_s": link_delay(pairs, now),
                     "pings": pings, "beyond_ping_s": self._beyond_ping.mean,
+                    "ping_best_s": min((l.best_ping for l in self._links if math.isfinite(l.best_ping)), default=None),
                     "late_answer_s": self._late_answer(),
                     "measured_at": self._measured_at, "ping_then_s": self._ping_then,
                     "inflight": sum(link.inflight for link in self._links),

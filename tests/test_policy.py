@@ -207,9 +207,10 @@ def test_where_copies_can_be_spares_a_link_faster_probe_is_the_remote_sides():
     """The round trip measured on the slow link says nothing about the link that recovered, and a local copy computing
     alongside the probe would slow its reply's handling (and mis-measure it): the probe goes remote, its local copy a
     spare due when a local answer would be in. Not so while a ping is late (the link may not have recovered: both
-    copies at once), nor on a device at its CPU quota (no local copy there: hedged as before)."""
+    copies at once), on a device at its CPU quota (no local copy there: hedged as before), nor when the pings are
+    lower than at the last sample but not back near their best (a lossy link: that sample met a retransmit)."""
     s = dict(local_service_s=0.120, local_measured_at=5.0, remote_rtt_s=0.500, remote_measured_at=4.5,
-             remote_ping_s=0.020, remote_ping_then_s=0.100)
+             remote_ping_s=0.020, remote_ping_then_s=0.100, remote_ping_best_s=0.018)
 
     def probe(**extra):
         p = LatencyPolicy(min_dwell_s=0, probe_interval_s=2.0)
@@ -223,7 +224,8 @@ def test_where_copies_can_be_spares_a_link_faster_probe_is_the_remote_sides():
     d = probe(spare_copies=True, local_backlog=1)  # due when the local answer would be in, queue included
     assert d.spare and d.defer_s == pytest.approx(0.240), d
     for extra in ({"spare_copies": True, "remote_ping_late_s": 0.03}, {"spare_copies": True, "device_load": 0.95},
-                  {"spare_copies": False}):
+                  {"spare_copies": False}, {"spare_copies": True, "remote_ping_s": 0.045, "remote_ping_then_s": 0.250},
+                  {"spare_copies": True, "remote_ping_best_s": None}):
         d = probe(**extra)
         assert not d.offload and d.hedge and not d.spare and d.defer_s == 0, (extra, d)
 

@@ -74,6 +74,7 @@ class Signals:
     remote_ping_late_s: float = 0.0  # how long pings have been out past late, left out of remote_rtt_s (late_by),
     # plus how much later than late the newest ones came back (a warning until the next: the smoothing moves half way)
     remote_ping_then_s: float | None = None  # the smoothed ping when the remote round trip was last measured
+    remote_ping_best_s: float | None = None  # the lowest smoothed ping seen (None: unknown)
     remote_rtt_std_s: float = 0.0
     remote_rtt_support: int | None = None  # samples behind remote_rtt_s since it started afresh (None: unknown)
     remote_measured_at: float | None = None
@@ -199,6 +200,7 @@ _WARM_INTERVAL_S = 0.2
 _BACKOFF_RATIO = 1.2  # local probes back off while local measures more than this times the remote time
 _MAX_BACKOFF = 8
 _FASTER_LINK, _FASTER_MARGIN_S = 1.5, 0.005  # pings this much faster than at the last remote sample make it stale
+_NEAR_BEST, _NEAR_BEST_MARGIN_S = 1.5, 0.005  # pings within this of their best: the link is as good as it gets
 _SATURATED_LOAD = 0.9  # a device this busy gets no local copies of remote requests (see LatencyPolicy.decide)
 _LOCAL_AGE_CAP = 4  # the local age raises the local estimate at most this many times
 _SPARE_LATE = 1.5  # a clear remote choice's spare local copy leaves when the answer is this much later than expected
@@ -296,14 +298,19 @@ class LatencyPolicy:
             # its reply and make it look worse than it is, and a remote side measured so would stay a little worse
             # than local for good. Unless that look rests on a single sample: on a lossy link one lucky round trip
             # among slow ones would send the next probe alone into it.
-            # A probe because the link got faster leads on the remote side, its local copy a spare due when a
-            # local answer would be in: the remote figure, measured on the slow link, says nothing now, and a local
-            # copy computing alongside would slow the reply's handling on a device with little CPU and mis-measure
-            # the link that recovered (session 11, runs 13, 21, 23: 135-205 ms, and the switch back took 1.1-1.6 s).
-            # A reply slower than local would not switch anyway, and then the request costs up to twice local.
+            # A probe because the link recovered (pings faster than at the last sample, and back near their best)
+            # leads on the remote side, its local copy a spare due when a local answer would be in: the remote
+            # figure, measured on the slow link, says nothing now, and a local copy computing alongside would slow
+            # the reply's handling on a device with little CPU and mis-measure the link that recovered (session 11,
+            # runs 13, 21, 23: 135-205 ms, and the switch back took 1.1-1.6 s). A reply slower than local would not
+            # switch anyway, and then the request costs up to twice local, so not on pings that are merely lower
+            # than at the last sample: on a lossy link that sample may have met a retransmit (session 12, run 1:
+            # three such probes into the lossy link, 250-270 ms).
             if not self.state.offload and (stale_remote and self._probe_due("remote", s.now)
                                            or faster and self._probe_due("remote", s.now, _WARM_INTERVAL_S)):
-                if faster and self.hedge and s.spare_copies and not s.remote_ping_late_s and not saturated:
+                recovered = faster and s.remote_ping_best_s is not None \
+                    and s.remote_ping_s <= _NEAR_BEST * s.remote_ping_best_s + _NEAR_BEST_MARGIN_S
+                if recovered and self.hedge and s.spare_copies and not s.remote_ping_late_s and not saturated:
                     return Decision(True, f"probe remote (link faster, spare local copy after {local * 1000:.0f} "
                                           "ms)", hedge=True, defer_s=local, spare=True)
                 one_sample = s.remote_rtt_support is not None and s.remote_rtt_support < 2
