@@ -250,6 +250,7 @@ class GateStage(Stage):
                                     default=0.0),
             remote_error_rate=max((v.get("error_rate", 0.0) for v in remote), default=0.0),
             remote_up=all(v.get("up", True) for v in remote),
+            remote_server_wait_s=max((v.get("server_wait_s") or 0.0 for v in remote), default=0.0),
             spare_copies=self._spare_copies)
 
     def _local_done(self, local: list[dict[str, Any]]) -> int:
@@ -303,5 +304,6 @@ def _as_of(values: dict[str, Any], now: float, stall_clock: tuple[float, float] 
     if not values.get("pings"):
         return values
     pings = device_stalls_left_out(values["pings"], stall_clock)
-    return {**values, "rtt_s": expected_rtt(pings, values.get("beyond_ping_s"), values.get("rtt_s"), now),
+    return {**values, "rtt_s": expected_rtt(pings, values.get("beyond_ping_s"), values.get("rtt_s"), now,
+                                            values.get("server_wait_s") or 0.0),
             "ping_s": link_delay(pings, now), "late_s": late_by(pings, now) + values.get("late_answer_s", 0.0)}

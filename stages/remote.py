@@ -95,6 +95,10 @@ class _Link:
         self.moving: list[tuple] | None = None  # while it moves to a fresh connection: the requests waiting for it
         self.spell_peak = 0.0  # the highest smoothed ping of the spell
         self.fresh_at = -math.inf  # when it last moved to a fresh connection
+        # What its newest ping answer said of the server's load from other clients (zpipe.client.Pong): requests
+        # queued or running there, and how long a new request would wait for them.
+        self.server_backlog: int | None = None
+        self.server_wait = 0.0
 
 
 class RemoteStage(Stage):
@@ -262,7 +266,7 @@ class RemoteStage(Stage):
                 return
             link.inflight += 1
             self._sent_at[key] = sent
-            client = link.client
+            client, waits = link.client, link.server_wait
         tried.add(link.endpoint)
         try:
             inner = client.submit(self.model, inputs, version=link.version, timeout_s=remaining)
@@ -284,7 +288,7 @@ class RemoteStage(Stage):
                     rtt = time.monotonic() - sent
                     seconds, after = overlap  # the device computed the same request from `after` on, so long
                     self._succeeded(link, rtt, overlap_s=min(seconds, max(0.0, rtt - after)),
-                                    measured=client is link.client)
+                                    measured=client is link.client, server_wait_s=waits)
                     _settle(outer, Outcome(f.result().outputs, {"at": f"{self.host} ({link.endpoint})"}))
                     return
                 reason = getattr(exc, "reason", "error")
@@ -373,13 +377,16 @@ class RemoteStage(Stage):
             link.last_used = time.monotonic()
             return link
 
-    def _succeeded(self, link: _Link, rtt: float, *, overlap_s: float = 0.0, measured: bool = True) -> None:
+    def _succeeded(self, link: _Link, rtt: float, *, overlap_s: float = 0.0, measured: bool = True,
+                   server_wait_s: float = 0.0) -> None:
         """Count a round trip. With ``overlap_s`` (a gate's hedged probe: the device computed the same request for
         about that long meanwhile, which on a small device slows its handling of this reply) the clean round trip
         lies between ``rtt - overlap_s`` and ``rtt``: an estimate above that range drops to the sample, one below it
         moves towards the range's low end (smoothed, or at once if the estimate is stale), one inside stays.
         (Counted as it is, a remote side probed so would look worse than it is, every time.) A request sent on a
-        connection since replaced (``measured`` false) measured that connection: it counts as a success only."""
+        connection since replaced (``measured`` false) measured that connection: it counts as a success only.
+        ``server_wait_s``: the wait for other clients' requests the server said when this one was sent, left out of
+        the rest beyond the ping (the server's wait now goes in its place, see signals)."""
         with self._lock:
             link.failures = 0
             self._errors.add(0.0)
@@ -395,7 +402,7 @@ class RemoteStage(Stage):
                     else:
                         self._support += 1
                     if link.ping.mean is not None and self._beyond_ping.mean is not None:
-                        self._beyond_ping.cap(max(0.0, rtt - link.ping.mean))
+                        self._beyond_ping.cap(max(0.0, rtt - link.ping.mean - server_wait_s))
                 elif 0 < rtt - overlap_s <= self._rtt.mean:
                     self._support += 1  # a range with a low end (not just an upper bound) agrees with the estimate
                 if rtt - overlap_s <= self._rtt.mean:
@@ -409,7 +416,7 @@ class RemoteStage(Stage):
             self._support += 1
             self._rtt.add(rtt)
             if link.ping.mean is not None:
-                self._beyond_ping.add(max(0.0, rtt - link.ping.mean))
+                self._beyond_ping.add(max(0.0, rtt - link.ping.mean - server_wait_s))
             self._measured_at, self._ping_then = time.monotonic(), link.ping.mean
 
     def _failed(self, link: _Link, reason: str, text: str) -> None:
@@ -462,7 +469,7 @@ class RemoteStage(Stage):
                     sent = time.monotonic()
                     link.ping_out, link.ping_stall_clock = sent, clock
                 try:
-                    future = link.client.ping(timeout_s=max(2.0, 10 * self.ping_s))
+                    future = link.client.ping(timeout_s=max(2.0, 10 * self.ping_s), model=self.model)
                 except Exception:  # closed or refused: the breaker deals with the link
                     with self._lock:
                         link.ping_out = None
@@ -482,7 +489,9 @@ class RemoteStage(Stage):
             device_stall = stalled(link.ping_stall_clock, clock)
             link.ping_out = None
             if exc is None:
-                rtt = future.result()
+                pong = future.result()
+                rtt = pong.rtt_s
+                link.server_backlog, link.server_wait = pong.backlog, pong.wait_s or 0.0
             elif getattr(exc, "reason", "") == "timeout":  # unanswered: the link was at least that slow
                 rtt = now - sent
             else:  # a lost connection or a closed client says nothing about delay: the breaker handles those
@@ -610,11 +619,13 @@ class RemoteStage(Stage):
             pairs = device_stalls_left_out(pings, clock)
             # rtt_s: the round trip a request would see now (see expected_rtt). Its pieces go along, so that the
             # gate works it out at its decision: a ping still out when this was published is older by then.
-            return {"rtt_s": expected_rtt(pairs, self._beyond_ping.mean, self._rtt.mean, now),
+            wait, backlog = self._server_load()
+            return {"rtt_s": expected_rtt(pairs, self._beyond_ping.mean, self._rtt.mean, now, wait),
                     # the spread of the round trips, and of the pings (a link whose delay just jumped is uncertain)
                     "rtt_std_s": (self._rtt.var + self._ping_var()) ** 0.5,
                     "rtt_measured_s": self._rtt.mean, "rtt_support": self._support, "ping_s": link_delay(pairs, now),
                     "pings": pings, "beyond_ping_s": self._beyond_ping.mean,
+                    "server_wait_s": wait, "server_backlog": backlog,
                     "ping_best_s": min((l.best_ping for l in self._links if math.isfinite(l.best_ping)), default=None),
                     "late_answer_s": self._late_answer(),
                     "measured_at": self._measured_at, "ping_then_s": self._ping_then,
@@ -628,6 +639,13 @@ class RemoteStage(Stage):
                     "requests_sent": self._retired_counts[0] + sum(c.requests_sent for c in self._clients()),
                     "bytes_sent": self._retired_counts[1] + sum(c.bytes_sent for c in self._clients()),
                     "down": [f"{link.endpoint}: {link.down_reason}" for link in self._links if not link.up]}
+
+    def _server_load(self) -> tuple[float, int | None]:
+        """The wait for other clients' requests (and how many there are) at the least busy server that is up, as
+        its newest ping answer said. Call with the lock held."""
+        up = [link for link in self._links if link.up] or self._links
+        link = min(up, key=lambda link: link.server_wait)
+        return link.server_wait, link.server_backlog
 
     def _resume(self, link: _Link) -> None:
         """Send the requests that waited for ``link``'s move (each to its deadline, as any request)."""

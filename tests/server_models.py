@@ -33,3 +33,24 @@ def add_version(repo: Path, model: str, version: int, built: Path) -> Path:
     shutil.copy(built.with_suffix(".json"), staging / built.with_suffix(".json").name)
     staging.rename(final)
     return final
+
+
+def build_busy(out_dir: Path, name: str, *, layers: int = 1) -> Path:
+    """``y = x * 2 + 1`` on float32[1, 256] after ``layers`` products of a 256 x 256 matrix made from x, whose
+    result is multiplied by zero: the affine model's answer from a model that takes a while (tens of ms on one
+    core), for tests of a busy server."""
+    from tvm.relax.frontend import nn
+    from tvm.relax.frontend.nn import op
+
+    from zpipe.compile import export_stage
+
+    class Busy(nn.Module):
+        def forward(self, x):
+            h = op.matmul(op.permute_dims(x), x)  # [256, 256]
+            for _ in range(layers):
+                h = op.tanh(op.matmul(h, h) * (1.0 / 256))
+            return x * 2.0 + 1.0 + op.sum(h, axis=[0, 1], keepdims=True) * 0.0
+
+    mod, _ = Busy().export_tvm({"forward": {"x": nn.spec.Tensor(SHAPE, "float32")}})
+    export_stage(mod, name=name, out_dir=out_dir, function="forward", input_names=["x"], output_names=["y"])
+    return Path(out_dir) / f"{name}.so"

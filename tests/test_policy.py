@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("tvm")
 
-from server_models import SHAPE, add_version, build_affine  # noqa: E402
+from server_models import SHAPE, add_version, build_affine, build_busy  # noqa: E402
 from test_server import serve  # noqa: E402,F401  (fixture)
 
 from zpipe import Pipeline, PythonStage, StageSpec, Topology  # noqa: E402
@@ -710,7 +710,7 @@ def affine_server(affine, tmp_path, serve):
 
 
 def gated_auto(endpoints: list[str], *, local_s: float, options: str = "", fallback: bool = True,
-               timeout_s: float = 2.0, host_options: str = "") -> Topology:
+               timeout_s: float = 2.0, host_options: str = "", model: str = "affine") -> Topology:
     return Topology.from_toml(textwrap.dedent(f"""
     [pipeline]
     inputs = ["x"]
@@ -731,7 +731,7 @@ def gated_auto(endpoints: list[str], *, local_s: float, options: str = "", fallb
     [stages.remote]
     kind = "zpipe.testing:Affine"
     host = "edge"
-    model = "affine"
+    model = "{model}"
     fallback = {str(fallback).lower()}
     inputs = {{ x = "x@edge" }}
     outputs = {{ y = "y@edge" }}
@@ -1054,6 +1054,97 @@ def test_a_ping_back_later_than_late_is_a_warning_until_the_next_one(affine_serv
     assert slow[-1][1] < slow[first][1] and slow[-1][0] > 0.13, slow
     # Back on the fast link: no warning, and the smoothed figure comes down by halves.
     assert len(back) == 3 and all(late == 0.0 for _, late in back) and back[0][0] > 0.07, back
+
+
+@pytest.fixture(scope="module")
+def busy_model(tmp_path_factory):
+    return build_busy(tmp_path_factory.mktemp("busy"), "busy")
+
+
+@pytest.fixture
+def busy_server(busy_model, tmp_path, serve):
+    """A zpipe serve process (one worker) whose model "busy" answers y = 2x + 1 after tens of ms of compute; and
+    that compute time, measured."""
+    from zpipe.client import RemoteClient
+
+    repo = tmp_path / "repo"
+    add_version(repo, "busy", 1, busy_model)
+    server = serve(repo)
+    with RemoteClient(server.endpoint, timeout_s=30) as client:
+        x = np.ones(SHAPE, np.float32)
+        times = [client.submit("busy", {"x": x}).result().latency_s for _ in range(5)]
+    return server, float(np.median(times[1:]))
+
+
+def test_a_server_busy_with_other_clients_says_so_in_its_ping_answers(busy_server):
+    """A ping names the model; the server answers how many requests of other clients it has queued or running for
+    it, and how long a new request would wait for them. The stand-in publishes that, and its round trip estimate
+    counts the wait now (not the one when it last measured): it shows before its own request goes into the queue,
+    and is gone as soon as the queue is."""
+    from zpipe.client import RemoteClient
+    from zpipe.stages.remote import RemoteStage
+
+    server, compute_s = busy_server
+    x = np.ones(SHAPE, np.float32)
+    stage = RemoteStage(endpoint=server.endpoint, model="busy", ping_s=0.05)
+    stage.setup()
+    try:
+        for _ in range(3):  # its own round trips, on an idle server
+            stage.handle({"x": x}, {}).result(timeout=30)
+        time.sleep(0.15)
+        idle = stage.signals()
+        with RemoteClient(server.endpoint, timeout_s=120) as other:
+            flood = [other.submit("busy", {"x": x}) for _ in range(40)]
+            time.sleep(0.2)
+            busy = stage.signals()
+            for f in flood:
+                f.result()
+            time.sleep(0.15)  # the next ping answers: nothing waits
+            after = stage.signals()
+    finally:
+        stage.teardown()
+    assert idle["server_backlog"] == 0 and idle["server_wait_s"] == 0, idle
+    # 40 requests of ~compute_s each on one worker, 0.2 s in: most still wait
+    assert busy["server_backlog"] >= 20, (busy, compute_s)
+    assert busy["server_wait_s"] == pytest.approx((busy["server_backlog"]) * compute_s, rel=0.5), (busy, compute_s)
+    # The round trip estimate is the idle one plus the wait (the ping's own part moves a little)
+    assert busy["rtt_s"] - busy["server_wait_s"] == pytest.approx(idle["rtt_s"], abs=max(0.02, compute_s)), (idle, busy)
+    assert after["server_backlog"] == 0 and after["server_wait_s"] == 0, after
+    assert after["rtt_s"] == pytest.approx(idle["rtt_s"], abs=max(0.02, compute_s)), (idle, after)
+
+
+def test_the_policy_goes_local_while_the_server_is_busy_with_other_clients(busy_server):
+    """Offloading (remote ≈ its compute time, local 3x that); another client fills the server's queue: the next
+    decision goes local, before any of this device's requests waited in that queue, and says why; once the queue is
+    empty, offloading resumes."""
+    from zpipe.client import RemoteClient
+
+    server, compute_s = busy_server
+    local_s = max(0.05, 3 * compute_s)
+    topo = gated_auto([server.endpoint], local_s=local_s, options="min_dwell_s = 0.3, probe_interval_s = 1.0",
+                      model="busy", timeout_s=30)
+    x = np.ones(SHAPE, np.float32)
+
+    def one() -> tuple[int, str, float]:
+        result = pipe.submit({"x": x}).result(timeout=60)
+        np.testing.assert_allclose(result.outputs["y"], x * 2 + 1)
+        return int(result.meta["x:gate"]), str(result.meta["why:gate"]), result.latency_s
+
+    with Pipeline(topo) as pipe:
+        before = [one() for _ in range(30)]
+        assert [x for x, _, _ in before[-10:]].count(1) >= 8, before  # offloading
+        with RemoteClient(server.endpoint, timeout_s=120) as other:
+            flood = [other.submit("busy", {"x": x}) for _ in range(40)]
+            time.sleep(0.15)  # two or three pings
+            during = [one() for _ in range(3)]
+            for f in flood:
+                f.result()
+        time.sleep(0.15)
+        after = [one() for _ in range(40)]
+    assert [x for x, _, _ in during] == [0, 0, 0], during
+    assert "server busy" in during[0][1], during
+    assert all(latency < local_s + 4 * compute_s + 0.1 for _, _, latency in during), (during, local_s)
+    assert [x for x, _, _ in after[-10:]].count(1) >= 8, after  # offloading again
 
 
 def test_a_ping_sent_or_answered_is_on_the_board_within_a_few_ms(affine_server):

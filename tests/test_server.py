@@ -605,3 +605,40 @@ def test_prometheus_metrics(built, tmp_path, serve):
     assert 'zpipe_server_request_seconds_count{model="affine"} 5.0' in text
     assert "zpipe_server_queue_depth" in text
     assert "zpipe_server_received_tensor_bytes_total" in text
+
+
+def test_a_ping_answer_with_odd_load_figures_counts_as_not_said():
+    """The load figures of a ping's answer come from the network: only a non-negative integer backlog and a wait of
+    0 to 3600 s count; anything else is "not said" (no wait), never an exception or a wild estimate."""
+    from zpipe.client import _server_load
+
+    assert _server_load({"backlog": 3, "wait_s": 0.5}) == (3, 0.5)
+    assert _server_load({"backlog": 0, "wait_s": 0}) == (0, 0.0)
+    for meta in ({}, {"backlog": -1, "wait_s": float("nan")}, {"backlog": True, "wait_s": "1"},
+                 {"backlog": 2.5, "wait_s": 1e9}, {"backlog": None, "wait_s": float("inf")}, {"wait_s": -0.1}):
+        assert _server_load(meta) == (None, None), meta
+
+
+def test_a_ping_naming_a_model_learns_the_load_of_other_clients(tmp_path, serve):
+    """Requests of other clients queued or running count in a ping's answer, the asker's own do not; a ping that
+    names no model gets no figures, one naming a model the server has not run gets none waiting."""
+    from server_models import build_busy
+
+    repo = tmp_path / "repo"
+    add_version(repo, "busy", 1, build_busy(tmp_path / "built", "busy"))
+    server = serve(repo)
+    with RemoteClient(server.endpoint, timeout_s=60) as asker, RemoteClient(server.endpoint, timeout_s=60) as other:
+        assert asker.ping(model="busy").result()[1:] == (0, 0.0)
+        assert asker.ping().result()[1:] == (None, None)
+        assert asker.ping(model="no-such-model").result()[1:] == (0, 0.0)
+        busy = np.ones(SHAPE, np.float32)
+        asker.submit("busy", {"x": busy}).result()  # (its compute time is known from here on)
+        futures = [asker.submit("busy", {"x": busy}) for _ in range(10)]
+        time.sleep(0.05)  # (they are at the server: its loop reads them at once)
+        mine, theirs = asker.ping(model="busy").result(), other.ping(model="busy").result()
+        for f in futures:
+            np.testing.assert_allclose(f.result().outputs["y"], busy * 2 + 1)
+        after = other.ping(model="busy").result()
+    assert mine.backlog == 0 and mine.wait_s == 0.0, mine  # its own requests are its own business
+    assert theirs.backlog >= 5 and theirs.wait_s > 0, theirs
+    assert after.backlog == 0 and after.wait_s == 0.0, after

@@ -209,7 +209,7 @@ def health(endpoint: str, server_key: str | None, client_key: str | None, timeou
     try:
         with RemoteClient(endpoint, server_key=server_key, client_key=client_key, timeout_s=timeout_s) as server:
             answer = server.health(timeout_s=timeout_s)
-            rtt = statistics.median(server.ping(timeout_s=timeout_s).result() for _ in range(5))
+            rtt = statistics.median(server.ping(timeout_s=timeout_s).result().rtt_s for _ in range(5))
             answer["rtt_ms"] = round(rtt * 1000, 3)
     except ZpipeError as exc:
         click.echo(json.dumps({"endpoint": endpoint, "live": False, "error": str(exc)}))

@@ -33,7 +33,7 @@ import uuid
 from concurrent.futures import Future
 from pathlib import Path
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import zmq
@@ -45,7 +45,7 @@ from .manifest import Manifest, sha256_file
 from .pipeline import Result
 from .transport import Waker, curve_client, is_loopback, make_socket, new_context, recv_message, send_message
 
-__all__ = ["RemoteClient", "ServerRefused"]
+__all__ = ["RemoteClient", "ServerRefused", "Pong"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,24 @@ def _handshake_failure(event: int, endpoint: str) -> str:
     # The connection broke off during the handshake: a cut link, a server going down, or a server key that does
     # not match.
     return f"handshake with {endpoint} broke off (link cut, server down, or wrong server key)"
+
+
+class Pong(NamedTuple):
+    """A ping's answer: the round trip, and for a ping that named a model, how busy the server is with it for other
+    clients (``backlog`` requests queued or running, a new request would wait ``wait_s`` for them; None from a
+    server that does not say)."""
+
+    rtt_s: float
+    backlog: int | None = None
+    wait_s: float | None = None
+
+
+def _server_load(meta: dict[str, Any]) -> tuple[int | None, float | None]:
+    """A ping answer's load figures, checked (they come from the network): anything odd counts as not said."""
+    backlog, wait = meta.get("backlog"), meta.get("wait_s")
+    backlog = backlog if isinstance(backlog, int) and not isinstance(backlog, bool) and backlog >= 0 else None
+    ok = isinstance(wait, (int, float)) and not isinstance(wait, bool) and 0 <= wait <= 3600
+    return backlog, float(wait) if ok else None
 
 
 class _Pending:
@@ -396,12 +414,14 @@ class RemoteClient:
         """The server's health answer: live, ready, models and their state/version/error."""
         return self._control({"op": "health"}, timeout_s)
 
-    def ping(self, timeout_s: float = 5.0) -> Future:
-        """Send a heartbeat, which the server's loop answers at once: a Future of the round trip in seconds (or a
-        PeerTimeout after ``timeout_s``). It measures the link's delay now, without running a model or moving
-        tensors; the remote stand-in pings while a gate's policy needs that (``ping_s``)."""
+    def ping(self, timeout_s: float = 5.0, *, model: str | None = None) -> Future:
+        """Send a heartbeat, which the server's loop answers at once: a Future of a :class:`Pong`, the round trip
+        in seconds and, naming ``model``, how busy the server is with it for other clients (or a PeerTimeout after
+        ``timeout_s``). It measures the link's delay now, without running a model or moving tensors; the remote
+        stand-in pings while a gate's policy needs that (``ping_s``)."""
         sent = time.monotonic()
-        reply = self._send(Message(kind=Kind.HEARTBEAT, request_id=0), timeout_s, "ping", raw=True)
+        reply = self._send(Message(kind=Kind.HEARTBEAT, request_id=0, meta={"model": model} if model else {}),
+                           timeout_s, "ping", raw=True)
         rtt: Future = Future()
         rtt.set_running_or_notify_cancel()
 
@@ -409,7 +429,7 @@ class RemoteClient:
             if f.exception() is not None:
                 rtt.set_exception(f.exception())
             else:
-                rtt.set_result(time.monotonic() - sent)
+                rtt.set_result(Pong(time.monotonic() - sent, *_server_load(f.result().meta)))
 
         reply.add_done_callback(done)
         return rtt

@@ -4,7 +4,8 @@ The gate gathers :class:`Signals` (its own counts, what the branches publish on 
 and asks a policy for a :class:`Decision`. Two policies:
 
 * :class:`LatencyPolicy` (default): estimate the local time (service time × (backlog + 1)) and the remote time
-  (smoothed round trip, which already includes transfer and server queueing), each plus ``risk`` standard
+  (smoothed round trip, which already includes transfer and server queueing; with pings, queueing as the server
+  reports it now: see expected_rtt), each plus ``risk`` standard
   deviations of its own samples: a side whose last sample jumped looks slower at once, and a steady side is not
   favoured over a noisy one by accident. Each estimate is at least the age of that side's oldest request still in
   flight, which shows a slower link (or a device that just got busy) before any reply does. Then
@@ -82,6 +83,8 @@ class Signals:
     remote_oldest_age_s: float = 0.0  # how long the oldest request still in flight to the server has been out
     remote_error_rate: float = 0.0  # smoothed share of remote requests that failed
     remote_up: bool = True  # connected, and the circuit breaker is closed
+    remote_server_wait_s: float = 0.0  # how long the server said a request would wait for other clients' requests
+    # (in remote_rtt_s already: this is for the reason)
     spare_copies: bool = False  # a held local copy can be withdrawn once the remote answer is in (stage.Outcome.spare)
 
 
@@ -158,14 +161,15 @@ def late_by(pings: Sequence[Sequence[float | None]], now: float) -> float:
 
 
 def expected_rtt(pings: Sequence[Sequence[float | None]], beyond_ping_s: float | None, rtt_s: float | None,
-                 now: float) -> float | None:
+                 now: float, server_wait_s: float = 0.0) -> float | None:
     """The round trip a request to the remote side would see at ``now``: the links' delay now (see link_delay) plus
-    the rest of a request's time as last measured (its round trip minus the ping at the time), or without pings the
-    smoothed round trip ``rtt_s``."""
+    the rest of a request's time as last measured (its round trip minus the ping and the server's wait for other
+    clients at the time) plus the server's wait for other clients now, or without pings the smoothed round trip
+    ``rtt_s``."""
     delay = link_delay(pings, now)
     if delay is None or beyond_ping_s is None:
         return rtt_s
-    return delay + beyond_ping_s
+    return delay + beyond_ping_s + server_wait_s
 
 
 @dataclass(frozen=True)
@@ -324,6 +328,8 @@ class LatencyPolicy:
             why += f" (oldest in flight: {', '.join(aged)})"
         if s.remote_ping_late_s:
             why += f" (ping late by {s.remote_ping_late_s * 1000:.0f} ms)"
+        if s.remote_server_wait_s:
+            why += f" (server busy: {s.remote_server_wait_s * 1000:.0f} ms wait for other clients)"
         # A side twice as fast wins at once: the dwell time damps flapping, it must not hold a clearly bad choice.
         clear = max(local, remote) > 2 * min(local, remote)
         if self.state.offload:

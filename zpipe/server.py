@@ -10,7 +10,9 @@ Protocol (zpipe framing on a DEALER→ROUTER connection; many requests in flight
     CONTROL  {"op": "stats"}   -> CONTROL {"requests": n, "request_bytes": n, "requests:<client>": n, ...}
     CONTROL  {"op": "upload", "model": name, "manifest": json text}, tensor "library" (uint8 bytes of the .so)
              -> CONTROL {"op": "upload", "model", "version"} once the new version is stored (it loads next scan)
-    HEARTBEAT -> HEARTBEAT (application-level ping)
+    HEARTBEAT meta {"model"?: name} -> HEARTBEAT (application-level ping, answered at once); naming a model, the
+             answer says how busy the server is with it for *other* clients: meta {"backlog": requests of other
+             clients queued or running, "wait_s": how long a new request would wait for them}
 
 One thread runs the loop and owns the socket. Model workers answer through futures; their callbacks hand results
 back through a queue and a self-pipe, so only the loop thread ever touches the socket. Requests wait in a bounded
@@ -36,6 +38,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from .board import Ewma
 from .errors import ArtifactError, Busy, FramingError, PipelineClosed, ZpipeError
 from .framing import DEFAULT_LIMITS, Kind, Limits, Message
 from .manifest import Manifest, sha256_file
@@ -118,6 +121,7 @@ class Server:
         self._waker = Waker()
         self._in_flight = 0
         self._running: dict[int, _Queued] = {}  # dispatched, not yet answered
+        self._compute: dict[str, Ewma] = {}  # model -> smoothed compute time of one request (answered ones only)
         self._stopping = False
         self._stop_requested = False
         self._client_names: dict[bytes, str] = {}  # ROUTER identity -> the client's name in stats and metrics
@@ -229,7 +233,9 @@ class Server:
         nbytes = sum(a.nbytes for a in msg.tensors.values())
         self.metrics.received(client, msg.kind.name.lower(), nbytes)
         if msg.kind == Kind.HEARTBEAT:
-            self._send(envelope, Message(kind=Kind.HEARTBEAT, request_id=msg.request_id))
+            model = msg.meta.get("model")
+            self._send(envelope, Message(kind=Kind.HEARTBEAT, request_id=msg.request_id,
+                                         meta=self._load_for(model, client) if isinstance(model, str) else {}))
         elif msg.kind == Kind.CONTROL:
             self._control(envelope, msg)
         elif msg.kind != Kind.REQUEST:
@@ -360,6 +366,7 @@ class Server:
         rid = item.message.request_id
         if exc is None:
             self.metrics.finished(item.model, "ok", elapsed)
+            self._compute.setdefault(item.model, Ewma(0.2)).add(_compute_s(result))
             self._send(item.envelope, Message(kind=Kind.REPLY, request_id=rid, tensors=result.outputs,
                                               meta={"model": item.model, "version": version}))
         else:
@@ -464,6 +471,18 @@ class Server:
         except FramingError as exc:  # an output that cannot travel: tell the client instead
             self._reply_error(envelope, message.request_id, "stage_error", f"reply could not be encoded: {exc}")
 
+    def _load_for(self, model: str, client: str) -> dict[str, Any]:
+        """How busy ``model`` is with requests of clients other than ``client`` (a ping's answer): how many are
+        queued or running, and how long a new request would wait for them (each of the model's workers takes one
+        at a time, at its smoothed compute time). The asking client's own requests are its own business (it knows
+        them: counted, its new request's wait would flip with whether a ping caught one of them running)."""
+        others = sum(1 for item in (*self._queues.get(model, ()), *self._running.values())
+                     if item.model == model and _client_name(item.envelope).removesuffix(".direct") != client)
+        compute = self._compute.get(model)
+        workers = max(1, self.repository.workers)
+        wait = max(0, others - workers + 1) * compute.mean / workers if compute is not None and others else 0.0
+        return {"backlog": others, "wait_s": round(wait, 6)}
+
     def _queued(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
@@ -483,6 +502,12 @@ def _check_inputs(manifest: Manifest, tensors: dict[str, np.ndarray]) -> str:
         if array.dtype != np.dtype(spec.dtype) or tuple(array.shape) != spec.shape:
             return f"input {name!r} expects {spec.dtype}{list(spec.shape)}, got {array.dtype}{list(array.shape)}"
     return ""
+
+
+def _compute_s(result: Any) -> float:
+    """How long a request computed: its stages' time in a worker process, or its time on a thread."""
+    times = getattr(result, "stage_times", None)
+    return sum(end - start for start, end in times.values()) if times else result.latency_s
 
 
 def _client_name(envelope: list[bytes]) -> str:
