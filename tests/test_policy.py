@@ -1089,6 +1089,7 @@ def test_a_server_busy_with_other_clients_says_so_in_its_ping_answers(busy_serve
     stage = RemoteStage(endpoint=server.endpoint, model="busy", ping_s=0.05)
     stage.setup()
     try:
+        time.sleep(0.2)  # pings first: its requests' round trips are then split into the ping and the rest
         for _ in range(3):  # its own round trips, on an idle server
             stage.handle({"x": x}, {}).result(timeout=30)
         time.sleep(0.15)

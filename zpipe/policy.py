@@ -164,11 +164,11 @@ def expected_rtt(pings: Sequence[Sequence[float | None]], beyond_ping_s: float |
                  now: float, server_wait_s: float = 0.0) -> float | None:
     """The round trip a request to the remote side would see at ``now``: the links' delay now (see link_delay) plus
     the rest of a request's time as last measured (its round trip minus the ping and the server's wait for other
-    clients at the time) plus the server's wait for other clients now, or without pings the smoothed round trip
-    ``rtt_s``."""
+    clients at the time) plus the server's wait for other clients now; without pings (or before the first was
+    answered) the smoothed round trip ``rtt_s`` (plus that wait, which is news since)."""
     delay = link_delay(pings, now)
     if delay is None or beyond_ping_s is None:
-        return rtt_s
+        return None if rtt_s is None else rtt_s + server_wait_s
     return delay + beyond_ping_s + server_wait_s
 
 
