@@ -620,14 +620,16 @@ def test_a_ping_answer_with_odd_load_figures_counts_as_not_said():
 
 
 def test_a_ping_naming_a_model_learns_the_load_of_other_clients(tmp_path, serve):
-    """Requests of other clients queued or running count in a ping's answer, the asker's own do not; a ping that
-    names no model gets no figures, one naming a model the server has not run gets none waiting."""
+    """Requests of other clients queued or running count in a ping's answer, the asker's own do not (nor do they for
+    its fresh connection, ``<identity>~<n>``: the remote stand-in's after a slow spell); a ping that names no model
+    gets no figures, one naming a model the server has not run gets none waiting."""
     from server_models import build_busy
 
     repo = tmp_path / "repo"
     add_version(repo, "busy", 1, build_busy(tmp_path / "built", "busy"))
     server = serve(repo)
-    with RemoteClient(server.endpoint, timeout_s=60) as asker, RemoteClient(server.endpoint, timeout_s=60) as other:
+    with RemoteClient(server.endpoint, timeout_s=60) as asker, RemoteClient(server.endpoint, timeout_s=60) as other, \
+            RemoteClient(server.endpoint, identity=f"{asker.identity}~1") as fresh:
         assert asker.ping(model="busy").result()[1:] == (0, 0.0)
         assert asker.ping().result()[1:] == (None, None)
         assert asker.ping(model="no-such-model").result()[1:] == (0, 0.0)
@@ -636,9 +638,11 @@ def test_a_ping_naming_a_model_learns_the_load_of_other_clients(tmp_path, serve)
         futures = [asker.submit("busy", {"x": busy}) for _ in range(10)]
         time.sleep(0.05)  # (they are at the server: its loop reads them at once)
         mine, theirs = asker.ping(model="busy").result(), other.ping(model="busy").result()
+        mine_too = fresh.ping(model="busy").result()
         for f in futures:
             np.testing.assert_allclose(f.result().outputs["y"], busy * 2 + 1)
         after = other.ping(model="busy").result()
     assert mine.backlog == 0 and mine.wait_s == 0.0, mine  # its own requests are its own business
+    assert mine_too.backlog == 0 and mine_too.wait_s == 0.0, mine_too
     assert theirs.backlog >= 5 and theirs.wait_s > 0, theirs
     assert after.backlog == 0 and after.wait_s == 0.0, after

@@ -229,7 +229,7 @@ class Server:
             if len(self._client_names) >= 4096:  # identities come from the network: bound what is remembered
                 self._client_names.clear()
             # A RemoteClient's two connections count as one client.
-            client = self._client_names[envelope[0]] = _client_name(envelope).removesuffix(".direct")
+            client = self._client_names[envelope[0]] = client_family(envelope)
         nbytes = sum(a.nbytes for a in msg.tensors.values())
         self.metrics.received(client, msg.kind.name.lower(), nbytes)
         if msg.kind == Kind.HEARTBEAT:
@@ -366,9 +366,12 @@ class Server:
         rid = item.message.request_id
         if exc is None:
             self.metrics.finished(item.model, "ok", elapsed)
-            self._compute.setdefault(item.model, Ewma(0.2)).add(_compute_s(result))
             self._send(item.envelope, Message(kind=Kind.REPLY, request_id=rid, tensors=result.outputs,
                                               meta={"model": item.model, "version": version}))
+            try:
+                self._compute.setdefault(item.model, Ewma(0.2)).add(_compute_s(result))
+            except Exception:  # (not expected) a figure for pings is not worth the loop
+                log.exception("model %r: no compute time from its result", item.model)
         else:
             code = "timeout" if getattr(exc, "reason", "") == "timeout" else "stage_error"
             self.metrics.finished(item.model, code, elapsed)
@@ -477,7 +480,7 @@ class Server:
         at a time, at its smoothed compute time). The asking client's own requests are its own business (it knows
         them: counted, its new request's wait would flip with whether a ping caught one of them running)."""
         others = sum(1 for item in (*self._queues.get(model, ()), *self._running.values())
-                     if item.model == model and _client_name(item.envelope).removesuffix(".direct") != client)
+                     if item.model == model and client_family(item.envelope) != client)
         compute = self._compute.get(model)
         workers = max(1, self.repository.workers)
         wait = max(0, others - workers + 1) * compute.mean / workers if compute is not None and others else 0.0
@@ -508,6 +511,13 @@ def _compute_s(result: Any) -> float:
     """How long a request computed: its stages' time in a worker process, or its time on a thread."""
     times = getattr(result, "stage_times", None)
     return sum(end - start for start, end in times.values()) if times else result.latency_s
+
+
+def client_family(envelope: list[bytes]) -> str:
+    """Which client a connection belongs to, by its identity: a RemoteClient's direct connection is
+    ``<identity>.direct``, and a remote stand-in's fresh connections are ``<identity>~<n>``: all one client in the
+    stats and in the load figures of ping answers."""
+    return _client_name(envelope).removesuffix(".direct").partition("~")[0]
 
 
 def _client_name(envelope: list[bytes]) -> str:
