@@ -533,7 +533,7 @@ def pool(args: argparse.Namespace, files: list[str]) -> None:
               + f" | {ratio:14.2f} | {'ok' if ratio <= P99_TARGET else 'MISS'}")
     in_time = sum(d is not None and d <= SWITCH_TARGET_S for d in all_delays)
     print(f"pooled: auto p99 within {(P99_TARGET - 1) * 100:.0f}% of the better fixed mode in {met}/{len(PHASES)} "
-          f"phases; switches within {SWITCH_TARGET_S:g} s: {in_time}/{len(all_delays)}; lost requests: "
+          f"phases; switches within {SWITCH_TARGET_S:g} s: {in_time}/{len(all_delays)}; lost or wrong: "
           + ", ".join(f"{m} {n}" for m, n in lost.items()))
 
 
@@ -616,6 +616,8 @@ def main() -> None:
         raise SystemExit("needs root (network namespaces, cgroups)")
     if args.repeats < 1:
         raise SystemExit("--repeats needs a positive number of runs")
+    if args.repeats > 1 and set(args.modes.split(",")) != set(MODES):
+        raise SystemExit(f"--repeats pools the runs, which needs all three modes ({','.join(MODES)})")
     started = time.monotonic()
     raws = []
     for k in range(1, args.repeats + 1):
@@ -623,8 +625,8 @@ def main() -> None:
             log(f"run {k} of {args.repeats}")
         run_args = args
         if args.repeats > 1:  # each run its own plot: F.png -> F.1.png, ...
-            stem, dot, suffix = args.plot.rpartition(".")
-            run_args = argparse.Namespace(**{**vars(args), "plot": f"{stem}.{k}.{suffix}" if dot else f"{suffix}.{k}"})
+            plot = Path(args.plot)
+            run_args = argparse.Namespace(**{**vars(args), "plot": str(plot.with_name(f"{plot.stem}.{k}{plot.suffix}"))})
         result = orchestrate(run_args)
         raw = args.raw if args.repeats == 1 else (f"{args.raw}.{k}" if args.raw else
                                                    f"{tempfile.gettempdir()}/zpipe-bench-policy.{os.getpid()}.{k}.json")
