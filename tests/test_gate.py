@@ -304,12 +304,13 @@ def test_a_called_off_spare_is_dropped_when_its_request_expires_unanswered():
                      call_off=True)
     with Pipeline(topology) as pipe:
         x = np.full(4, 1.0, np.float32)
-        future = pipe.submit({"x": x}, timeout_s=0.8)
+        future = pipe.submit({"x": x}, timeout_s=3.0)  # (the kill comes well before its deadline)
         assert _settle(pipe, "hedge", "called_off", 1) == 1
         os.kill(pipe.signals("remote_branch")["pid"], signal.SIGKILL)
         with pytest.raises(RequestFailed, match="worker of stage 'remote_branch' died"):
             future.result(timeout=20)
-        assert _settle(pipe, "hedge", "withdrawals", 1) == 1
+        assert pipe.signals("hedge").get("withdrawals") == 0  # (parked until the deadline)
+        assert _settle(pipe, "hedge", "withdrawals", 1, within_s=6) == 1
         assert pipe.signals("hedge")["parked_expired"] == 1
         assert pipe.signals("local_branch").get("processed", 0) == 0
 
