@@ -24,9 +24,11 @@ keeps taking work while replies are pending, up to ``max_in_flight``); each carr
   smoothed round trip minus the ping at the time). The pieces are published within a few ms of each ping sent
   or answered, and the gate adds them up when it decides: a ping still out counts with its age then. A link
   that gets slower shows within one ping, before a request is sent into it; with requests going local, so does
-  a link that recovers. A ping is ~60 bytes each way and no tensor. Under a CPU quota, the time the device's
-  quota was used up during a ping (no thread of the device ran: its answer may have waited) is left out of it,
-  here and in the gate's ageing (see _pinged).
+  a link that recovers. A ping names the model, and its answer says how long a new request would wait for other
+  clients' requests at that server (``server_wait_s``): the published round trip counts that wait now instead of
+  the one its requests met. A ping is under 100 bytes each way and no tensor. Under a CPU quota, the time the
+  device's quota was used up during a ping (no thread of the device ran: its answer may have waited) is left out
+  of it, here and in the gate's ageing (see _pinged).
 * A fresh connection after a slow spell: when a link's pings have been over twice its best and one comes back
   near it, the stand-in opens a new connection to that server; requests for it wait for the new connection's
   first ping answer and go out on it, and the old one closes when its requests have finished
@@ -73,6 +75,9 @@ _HEDGE_MIN_S = 0.02
 # more than 2x). It is over at a ping within _RECOVERED x best + 2 ms.
 _SPELL_FACTOR, _SPELL_MARGIN_S, _RECOVERED = 2.0, 0.005, 1.25
 _FRESH_EVERY_S = 5.0  # at most one fresh connection per link this often (a link whose delay swings all the time)
+# A ping out this much longer than the spell's own (_STUCK x its smoothed ping, at least _STUCK_MIN_S) is stuck: a
+# look on a fresh connection, at most every _LOOK_EVERY_S (see _look).
+_STUCK, _STUCK_MIN_S, _LOOK_EVERY_S = 2.0, 0.15, 1.0
 
 
 class _Link:
@@ -95,6 +100,7 @@ class _Link:
         self.moving: list[tuple] | None = None  # while it moves to a fresh connection: the requests waiting for it
         self.spell_peak = 0.0  # the highest smoothed ping of the spell
         self.fresh_at = -math.inf  # when it last moved to a fresh connection
+        self.looked_at = -math.inf  # when a stuck ping last made it look at a fresh connection
         # What its newest ping answer said of the server's load from other clients (zpipe.client.Pong): requests
         # queued or running there, and how long a new request would wait for them.
         self.server_backlog: int | None = None
@@ -163,6 +169,7 @@ class RemoteStage(Stage):
         self._sent_at: dict[int, float] = {}  # requests in flight to a server: when each was sent
         self._newest_done = -math.inf  # when the newest request that has finished was sent
         self._send_seq = itertools.count()
+        self._connection_seq = itertools.count(1)  # fresh connections' identities: <identity>~<n>, never reused
         if self.fallback is not None:
             self.fallback.setup()
             self._local = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zpipe-fallback")
@@ -229,7 +236,8 @@ class RemoteStage(Stage):
 
     def __getstate__(self) -> dict:
         private = ("_links", "_retiring", "_movers", "_lock", "_rtt", "_beyond_ping", "_errors", "_local", "_prober",
-                   "_pinger", "_stop", "_hedges", "_hedge_cv", "_hedge_seq", "_sent_at", "_send_seq")
+                   "_pinger", "_stop", "_hedges", "_hedge_cv", "_hedge_seq", "_sent_at", "_send_seq",
+                   "_connection_seq")
         return {k: v for k, v in self.__dict__.items() if k not in private}
 
     # -- requests ------------------------------------------------------------------------------------------------
@@ -402,13 +410,14 @@ class RemoteStage(Stage):
                     else:
                         self._support += 1
                     if link.ping.mean is not None and self._beyond_ping.mean is not None:
-                        self._beyond_ping.cap(max(0.0, rtt - link.ping.mean - server_wait_s))
+                        self._beyond_ping.cap(max(0.0, rtt - link.ping.mean))  # (a bound: nothing taken out)
                 elif 0 < rtt - overlap_s <= self._rtt.mean:
                     self._support += 1  # a range with a low end (not just an upper bound) agrees with the estimate
                 if rtt - overlap_s <= self._rtt.mean:
                     self._measured_at, self._ping_then = time.monotonic(), link.ping.mean
                     return
                 rtt -= overlap_s  # slower than thought by at least this
+            beyond_before = self._beyond_ping.mean
             if stale or (self._bounds_only and not overlap_s):
                 # stale (requests went elsewhere, e.g. a probe), or made of bounds only: the new sample rules
                 self._rtt, self._beyond_ping, self._support = Ewma(0.2), Ewma(0.2), 0
@@ -416,7 +425,7 @@ class RemoteStage(Stage):
             self._support += 1
             self._rtt.add(rtt)
             if link.ping.mean is not None:
-                self._beyond_ping.add(max(0.0, rtt - link.ping.mean - server_wait_s))
+                self._beyond_ping.add(_beyond(rtt - link.ping.mean, server_wait_s, beyond_before))
             self._measured_at, self._ping_then = time.monotonic(), link.ping.mean
 
     def _failed(self, link: _Link, reason: str, text: str) -> None:
@@ -459,33 +468,49 @@ class RemoteStage(Stage):
             self.context.signals_changed()
 
     def _ping_loop(self) -> None:
-        """Every ping_s, a heartbeat to each server that is up and has none out."""
+        """Every ping_s, a heartbeat to each server that is up and has none out; one whose ping is stuck in a slow
+        spell gets a look on a fresh connection (_look)."""
         while not self._stop.wait(self.ping_s):
             for link in self._links:
                 clock = self._cpu.stall_clock()
                 with self._lock:
-                    if not _usable(link) or link.ping_out is not None:
+                    if not _usable(link):
+                        continue
+                    if link.ping_out is not None:
+                        now = time.monotonic()
+                        stuck = link.spell and link.moving is None and not self._stop.is_set() \
+                            and now - link.ping_out > max(_STUCK_MIN_S, _STUCK * (link.ping.mean or 0.0)) \
+                            and now - link.looked_at >= _LOOK_EVERY_S
+                        if stuck:
+                            link.looked_at = now
+                            self._start_mover(self._look, link)
                         continue
                     sent = time.monotonic()
                     link.ping_out, link.ping_stall_clock = sent, clock
+                    client = link.client
                 try:
-                    future = link.client.ping(timeout_s=max(2.0, 10 * self.ping_s), model=self.model)
+                    future = client.ping(timeout_s=max(2.0, 10 * self.ping_s), model=self.model)
                 except Exception:  # closed or refused: the breaker deals with the link
                     with self._lock:
                         link.ping_out = None
                     continue
                 self._signals_changed()
-                future.add_done_callback(lambda f, link=link, sent=sent: self._pinged(link, sent, f))
+                future.add_done_callback(lambda f, link=link, sent=sent, client=client:
+                                         self._pinged(link, sent, f, client))
 
-    def _pinged(self, link: _Link, sent: float, future: Future) -> None:
+    def _pinged(self, link: _Link, sent: float, future: Future, client: Any) -> None:
         """A ping's answer (or its timeout). While the device's CPU quota was used up, no thread of it ran, and the
         answer may have waited: the link's delay lies between the round trip less that time and the round trip.
         A ping slower than the link's figure counts by the low end of that range; one whose range reaches the
         figure says nothing new and is left out (``stalled_pings``). Policy run 57: pings took 22 ms on a 20 ms
-        link while the device had CPU, 50 ms median and up to 170 ms while it had none."""
+        link while the device had CPU, 50 ms median and up to 170 ms while it had none. The answer of a ping sent
+        on a connection the link has since left says nothing about the one it is on: ignored. A ping that ends a
+        slow spell is the link's delay from then on (the smoothing would take several pings to come down)."""
         exc = future.exception()
         now, clock = time.monotonic(), self._cpu.stall_clock()
         with self._lock:
+            if client is not link.client:
+                return
             device_stall = stalled(link.ping_stall_clock, clock)
             link.ping_out = None
             if exc is None:
@@ -509,6 +534,8 @@ class RemoteStage(Stage):
                     link.late_answer = 0.0 if mean is None else max(0.0, counted - late_after(mean))
                     link.ping.add(counted)
                     if _spell_over(link, counted):
+                        link.ping = Ewma(0.5)
+                        link.ping.add(counted)
                         if link.up and link.moving is None and not self._stop.is_set() \
                                 and now - link.fresh_at >= _FRESH_EVERY_S:
                             fresh, link.fresh_at, link.moving = True, now, []
@@ -516,10 +543,15 @@ class RemoteStage(Stage):
                             link.spell_peak = 0.0
         self._signals_changed()
         if fresh:
-            thread = threading.Thread(target=self._reconnect, args=(link,), name="zpipe-reconnect", daemon=True)
             with self._lock:
-                self._movers = [t for t in self._movers if t.is_alive()] + [thread]
-            thread.start()
+                self._start_mover(self._reconnect, link)
+
+    def _start_mover(self, target: Any, link: _Link) -> None:
+        """Run ``target(link)`` (a move to a fresh connection, or a look) on a thread teardown waits for. Call with
+        the lock held."""
+        thread = threading.Thread(target=target, args=(link,), name="zpipe-reconnect", daemon=True)
+        self._movers = [t for t in self._movers if t.is_alive()] + [thread]
+        thread.start()
 
     def _reconnect(self, link: _Link) -> None:
         """Move ``link`` to a fresh connection once that answers a ping (~2 round trips: the handshake, the ping);
@@ -534,8 +566,48 @@ class RemoteStage(Stage):
                           link.endpoint)
         finally:
             self._resume(link)
-        if old is None:
+        if old is not None:
+            self._retire(old)
+
+    def _look(self, link: _Link) -> None:
+        """``link``'s ping is stuck in a slow spell: behind a segment lost on a lossy link, its answer waits for
+        TCP's retransmission (hundreds of ms, more after backoff), and so does every ping and request after it on
+        that connection, also once the link has recovered: the policy would learn of it only then (session 12,
+        runs 9.2-9.4: the switch back to remote 1.11 s after the restore, against 0.60 when no ping was stuck). So
+        ping on a fresh connection: back near the link's best, the spell is over, and the link moves to it at once
+        (requests need not wait: it is up); else it is closed, and the link stays as it is."""
+        fresh = None
+        try:
+            fresh = self._fresh_client(link)
+            rtt = self._first_ping(fresh, link)
+        except Exception as exc:  # no better: the old connection and the breaker carry on
+            log.debug("model %r on %r: a look at a fresh connection to %s: %s", self.model, self.host,
+                      link.endpoint, exc)
+            if fresh is not None:
+                fresh.close()
             return
+        with self._lock:
+            recovered = link.ping_out is not None and link.moving is None and link.spell and link.up \
+                and not self._stop.is_set() and rtt <= _RECOVERED * link.best_ping + 0.002
+            old = None
+            if recovered:
+                old, link.client = link.client, fresh
+                link.ping, link.ping_out, link.late_answer, link.spell = Ewma(0.5), None, 0.0, False
+                link.ping.add(rtt)
+                link.fresh_at = time.monotonic()
+                self._swapped(link, old)
+        if old is None:
+            fresh.close()
+            return
+        log.info("model %r on %r: a ping to %s was stuck after a slow spell, and one on a fresh connection came back "
+                 "in %.1f ms (best %.1f): moved to it", self.model, self.host, link.endpoint, rtt * 1e3,
+                 link.best_ping * 1e3)
+        self._signals_changed()
+        self._retire(old)
+
+    def _retire(self, old: Any) -> None:
+        """Close a connection a link has left once its requests are done: at least 1 s after the move (a request
+        that took it just before is not cut) and at most ``timeout_s``."""
         started = time.monotonic()
         while not self._stop.wait(0.1):
             waited = time.monotonic() - started
@@ -552,18 +624,9 @@ class RemoteStage(Stage):
     def _move(self, link: _Link) -> Any:
         """Open a fresh connection for ``link`` and swap it in once it answers a ping and shows its handshake done;
         returns the old client (now retiring), or None when the link stays on it."""
-        from zpipe.client import RemoteClient
-
-        fresh = RemoteClient(link.endpoint, server_key=self.server_key, client_key=self.client_key,
-                             timeout_s=self.timeout_s, heartbeat_s=self.heartbeat_s).start()
-        wait_s = max(0.5, 10 * link.best_ping)
+        fresh = self._fresh_client(link)
         try:
-            fresh.ping(timeout_s=wait_s).result()
-            deadline = time.monotonic() + wait_s  # the ping's answer may be read before the handshake's event
-            while not fresh.connected and time.monotonic() < deadline:
-                time.sleep(0.002)
-            if not fresh.connected:
-                raise PeerTimeout(f"no handshake within {wait_s:g}s")
+            self._first_ping(fresh, link)
         except Exception as exc:  # the server went away meanwhile: the old connection and the breaker carry on
             log.info("model %r on %r: no fresh connection to %s: %s", self.model, self.host, link.endpoint, exc)
             fresh.close()
@@ -574,20 +637,48 @@ class RemoteStage(Stage):
                 old = None
             else:
                 old, link.client = link.client, fresh
-                self._fresh_connections += 1
-                self._retiring.append(old)
-                # The round trip was measured on the old connection, paced as the spell taught it (a probe sent
-                # between the spell's end and this move, too): the next sample replaces it, and the gate sees it
-                # as measured on the slow link, so a remote probe is due at once (policy: "link faster").
-                self._rtt_stale = True
-                self._ping_then = max(self._ping_then or 0.0, link.spell_peak)
-                link.spell_peak = 0.0
+                link.ping_out = None  # (a ping out on the old connection is ignored when it comes back)
+                self._swapped(link, old)
         if old is None:
             fresh.close()
             return None
         log.info("model %r on %r: the link to %s is back near its best ping (%.1f ms) after a slow spell: moved to "
                  "a fresh connection", self.model, self.host, link.endpoint, link.best_ping * 1e3)
         return old
+
+    def _fresh_client(self, link: _Link) -> Any:
+        """A new connection to ``link``'s server, started. The same client to the server (zpipe.server: its load
+        figures leave a client's own requests out, and those still on the old connection are this stand-in's), on
+        a connection of its own: ``<identity>~<n>`` (see zpipe.server.client_family), never one used before (a
+        ROUTER ignores a peer whose identity it still holds)."""
+        from zpipe.client import RemoteClient
+
+        family = link.client.identity.partition("~")[0]
+        return RemoteClient(link.endpoint, server_key=self.server_key, client_key=self.client_key,
+                            timeout_s=self.timeout_s, heartbeat_s=self.heartbeat_s,
+                            identity=f"{family}~{next(self._connection_seq)}").start()
+
+    def _first_ping(self, fresh: Any, link: _Link) -> float:
+        """Ping on ``fresh`` and wait for its handshake to show done; the round trip (PeerTimeout if none)."""
+        wait_s = max(0.5, 10 * link.best_ping)
+        rtt = fresh.ping(timeout_s=wait_s, model=self.model).result().rtt_s
+        deadline = time.monotonic() + wait_s  # the ping's answer may be read before the handshake's event
+        while not fresh.connected and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if not fresh.connected:
+            raise PeerTimeout(f"no handshake within {wait_s:g}s")
+        return rtt
+
+    def _swapped(self, link: _Link, old: Any) -> None:
+        """``link`` moved from ``old`` to a fresh connection: count it. Call with the lock held."""
+        self._fresh_connections += 1
+        self._retiring.append(old)
+        # The round trip was measured on the old connection, paced as the spell taught it (a probe sent between
+        # the spell's end and this move, too): the next sample replaces it, and the gate sees it as measured on
+        # the slow link, so a remote probe is due at once (policy: "link faster").
+        self._rtt_stale = True
+        self._ping_then = max(self._ping_then or 0.0, link.spell_peak)
+        link.spell_peak = 0.0
 
     def _pinged_links(self) -> list[_Link]:
         """The usable links with a smoothed ping; call with the lock held."""
@@ -641,11 +732,12 @@ class RemoteStage(Stage):
                     "down": [f"{link.endpoint}: {link.down_reason}" for link in self._links if not link.up]}
 
     def _server_load(self) -> tuple[float, int | None]:
-        """The wait for other clients' requests (and how many there are) at the least busy server that is up, as
-        its newest ping answer said. Call with the lock held."""
-        up = [link for link in self._links if link.up] or self._links
-        link = min(up, key=lambda link: link.server_wait)
-        return link.server_wait, link.server_backlog
+        """The wait for other clients' requests over the servers requests may go to (their mean, as link_delay
+        takes the links' delays: requests are spread by how many each has in flight, not by its wait), and how many
+        such requests they hold, as their newest ping answers said. Call with the lock held."""
+        usable = [link for link in self._links if _usable(link)] or self._links
+        said = [link.server_backlog for link in usable if link.server_backlog is not None]
+        return sum(link.server_wait for link in usable) / len(usable), sum(said) if said else None
 
     def _resume(self, link: _Link) -> None:
         """Send the requests that waited for ``link``'s move (each to its deadline, as any request)."""
@@ -660,6 +752,17 @@ class RemoteStage(Stage):
     def _clients(self) -> list[Any]:
         """Every open client: the links' and those left for a fresh connection. Call with the lock held."""
         return [link.client for link in self._links] + self._retiring
+
+
+def _beyond(rest: float, server_wait_s: float, mean: float | None) -> float:
+    """A round trip's part beyond the ping (``rest``) less the wait for other clients the server said when it was
+    sent: at least half the part as smoothed so far (``mean``; none yet: nothing kept). The said wait is up to a
+    ping interval old and counts a running request's whole compute time, so it can exceed what the request met:
+    taken out in full, a draining queue would make the sample (nearly) zero and the remote side look as fast as its
+    ping."""
+    if not server_wait_s:
+        return max(0.0, rest)
+    return max(0.0, rest - server_wait_s, min(rest, 0.5 * mean) if mean is not None else 0.0)
 
 
 def _spell_over(link: _Link, ping: float) -> bool:

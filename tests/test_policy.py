@@ -198,7 +198,8 @@ def test_pings_showing_a_much_faster_link_make_the_remote_figure_stale_at_once()
         d = p.decide(Signals(now=5.0, remote_ping_then_s=then, **s))
         assert d.reason.startswith("probe remote") is probed, (then, d)
         if probed:  # hedged (remote looks worse), and not again within 0.2 s
-            assert not d.offload and d.hedge and d.reason == "probe remote (link faster, hedged)", d
+            assert not d.offload and d.hedge and d.reason == "probe remote (link faster, pings not near their best, " \
+                                                             "hedged)", d
             again = p.decide(Signals(now=5.1, remote_ping_then_s=then, **s))
             assert not again.reason.startswith("probe"), again
 
@@ -983,6 +984,43 @@ def test_after_a_slow_spell_the_stand_in_moves_to_a_fresh_connection_and_loses_n
         np.testing.assert_allclose(outcome.outputs["y"], x * 2 + 1)
 
 
+def test_a_ping_stuck_after_a_slow_spell_makes_the_stand_in_look_on_a_fresh_connection(affine_server):
+    """On a lossy link a ping can be stuck behind a lost segment until TCP retransmits it (hundreds of ms), and all
+    after it on that connection with it, also once the link has recovered (the policy bench, session 12: the
+    switch back to remote 0.5 s later). Here the emulator holds a ping for a second (it delivers a connection's
+    bytes in order), in a slow spell, and the link recovers meanwhile: a ping on a fresh connection comes back near
+    the best at once and the link moves to it, well before the stuck one is back; that one's answer is ignored."""
+    from zpipe.stages.remote import RemoteStage
+
+    with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(affine_server.endpoint), delay_ms=10) as link:
+        stage = RemoteStage(endpoint=f"tcp://127.0.0.1:{link.port}", model="affine", ping_s=0.05)
+        stage.setup()
+        try:
+            time.sleep(0.5)  # the pings find the link's best: ~20 ms
+            best = stage.signals()["ping_s"]
+            link.set(delay_ms=60)  # a slow spell: pings ~120 ms
+            time.sleep(1.0)
+            link.set(delay_ms=1000)  # a ping (or its answer) sent now is held for a second
+            time.sleep(0.2)
+            link.set(delay_ms=10)  # recovered; on the old connection everything waits behind the held ping
+            restored = time.monotonic()
+            near = None
+            while time.monotonic() - restored < 5:
+                values = stage.signals()
+                if values["ping_s"] <= 1.5 * best + 0.005 and values["fresh_connections"] >= 1:
+                    near = time.monotonic() - restored
+                    break
+                time.sleep(0.01)
+            time.sleep(1.5)  # the held ping's answer has come back on the old connection by now
+            after = stage.signals()
+            links = link.stats()
+        finally:
+            stage.teardown()
+    assert near is not None and near < 0.6, (near, best)  # the held ping is back 0.8-1.2 s after the restore
+    assert after["fresh_connections"] == 1 and after["ping_s"] <= 1.5 * best + 0.005, (after, best)
+    assert links["connections"] == 2, links  # one look, which found the link recovered
+
+
 def test_a_round_trip_measured_before_the_move_to_a_fresh_connection_is_replaced_by_the_next(affine_server):
     """The round trip measured on the old connection is as the slow spell left it: after the move the board shows
     it as measured on the slow link (ping_then_s: the gate's "link faster" probe is due at once), and the next
@@ -1095,8 +1133,8 @@ def test_a_server_busy_with_other_clients_says_so_in_its_ping_answers(busy_serve
         time.sleep(0.15)
         idle = stage.signals()
         with RemoteClient(server.endpoint, timeout_s=120) as other:
-            flood = [other.submit("busy", {"x": x}) for _ in range(40)]
-            time.sleep(0.2)
+            flood = [other.submit("busy", {"x": x}) for _ in range(60)]  # (the server takes 64 per worker)
+            time.sleep(0.1)
             busy = stage.signals()
             for f in flood:
                 f.result()
@@ -1105,13 +1143,28 @@ def test_a_server_busy_with_other_clients_says_so_in_its_ping_answers(busy_serve
     finally:
         stage.teardown()
     assert idle["server_backlog"] == 0 and idle["server_wait_s"] == 0, idle
-    # 40 requests of ~compute_s each on one worker, 0.2 s in: most still wait
-    assert busy["server_backlog"] >= 20, (busy, compute_s)
-    assert busy["server_wait_s"] == pytest.approx((busy["server_backlog"]) * compute_s, rel=0.5), (busy, compute_s)
+    # 60 requests of ~compute_s (10-40 ms here) each on one worker, 0.1 s in: most still wait
+    assert busy["server_backlog"] >= 10, (busy, compute_s)
+    # (the server's own smoothed compute time, under this flood: not quite the one measured idle here)
+    assert 0.5 <= busy["server_wait_s"] / (busy["server_backlog"] * compute_s) <= 3, (busy, compute_s)
     # The round trip estimate is the idle one plus the wait (the ping's own part moves a little)
     assert busy["rtt_s"] - busy["server_wait_s"] == pytest.approx(idle["rtt_s"], abs=max(0.02, compute_s)), (idle, busy)
     assert after["server_backlog"] == 0 and after["server_wait_s"] == 0, after
     assert after["rtt_s"] == pytest.approx(idle["rtt_s"], abs=max(0.02, compute_s)), (idle, after)
+
+
+def test_a_round_trip_is_split_with_at_most_the_wait_the_server_said():
+    """The part of a round trip beyond the ping, less the wait for other clients the server said when the request
+    was sent: that wait is up to a ping old (a queue may have drained since), so the sample keeps at least half the
+    part as smoothed so far; without a figure so far, or without a wait, it is taken as it is."""
+    from zpipe.stages.remote import _beyond
+
+    assert _beyond(0.050, 0.0, 0.030) == pytest.approx(0.050)
+    assert _beyond(0.250, 0.200, 0.030) == pytest.approx(0.050)  # the wait met was as said
+    assert _beyond(0.050, 0.200, 0.030) == pytest.approx(0.015)  # the queue drained: not zero
+    assert _beyond(0.010, 0.200, 0.030) == pytest.approx(0.010)  # (never more than the part itself)
+    assert _beyond(0.050, 0.200, None) == 0.0
+    assert _beyond(-0.002, 0.0, 0.030) == 0.0
 
 
 def test_the_policy_goes_local_while_the_server_is_busy_with_other_clients(busy_server):
@@ -1135,7 +1188,7 @@ def test_the_policy_goes_local_while_the_server_is_busy_with_other_clients(busy_
         before = [one() for _ in range(30)]
         assert [x for x, _, _ in before[-10:]].count(1) >= 8, before  # offloading
         with RemoteClient(server.endpoint, timeout_s=120) as other:
-            flood = [other.submit("busy", {"x": x}) for _ in range(40)]
+            flood = [other.submit("busy", {"x": x}) for _ in range(60)]
             time.sleep(0.15)  # two or three pings
             during = [one() for _ in range(3)]
             for f in flood:

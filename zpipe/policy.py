@@ -165,10 +165,10 @@ def expected_rtt(pings: Sequence[Sequence[float | None]], beyond_ping_s: float |
     """The round trip a request to the remote side would see at ``now``: the links' delay now (see link_delay) plus
     the rest of a request's time as last measured (its round trip minus the ping and the server's wait for other
     clients at the time) plus the server's wait for other clients now; without pings (or before the first was
-    answered) the smoothed round trip ``rtt_s`` (plus that wait, which is news since)."""
+    answered) the smoothed round trip ``rtt_s`` as measured (whatever wait it met is in it)."""
     delay = link_delay(pings, now)
     if delay is None or beyond_ping_s is None:
-        return None if rtt_s is None else rtt_s + server_wait_s
+        return rtt_s
     return delay + beyond_ping_s + server_wait_s
 
 
@@ -319,7 +319,9 @@ class LatencyPolicy:
                                           "ms)", hedge=True, defer_s=local, spare=True)
                 one_sample = s.remote_rtt_support is not None and s.remote_rtt_support < 2
                 worse = remote > (1 + self.hysteresis) * local
-                return self._probe("remote", "link faster" if faster else "",
+                faster_why = "link faster" + ("" if recovered else ", pings not near their best") \
+                    + (", ping late" if s.remote_ping_late_s else "")
+                return self._probe("remote", faster_why if faster else "",
                                    hedge=one_sample or worse or bool(s.remote_ping_late_s))
         why = f"local {local * 1000:.1f} ms vs remote {remote * 1000:.1f} ms"
         aged = [side for side, by_age in (("remote", remote > remote_by_rtt), ("local", local > local_by_count))
