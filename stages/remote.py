@@ -579,7 +579,8 @@ class RemoteStage(Stage):
         fresh = None
         try:
             fresh = self._fresh_client(link)
-            rtt = self._first_ping(fresh, link)
+            self._first_ping(fresh, link)  # (its round trip has the handshake in it)
+            rtt = fresh.ping(timeout_s=max(0.5, 10 * link.best_ping), model=self.model).result().rtt_s
         except Exception as exc:  # no better: the old connection and the breaker carry on
             log.debug("model %r on %r: a look at a fresh connection to %s: %s", self.model, self.host,
                       link.endpoint, exc)
