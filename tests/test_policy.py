@@ -57,6 +57,28 @@ def test_latency_policy_counts_the_local_backlog_and_probes_stale_sides():
     assert probe.reason == "probe remote" and not probe.hedge and probe.offload
 
 
+def test_a_local_side_about_as_fast_leads_its_probe_only_on_a_link_that_got_slower():
+    """Offloading, local stale and about as fast as remote: with pings showing the link as it was when remote was
+    measured, the remote figure stands (right after a CPU hog it still has the hog's slow handling in it): remote
+    leads, the local copy after its answer is due. A ping late, or pings slower than then: local leads (the link
+    may have slowed by any amount). Local clearly better: local leads."""
+    s = dict(local_service_s=0.120, local_measured_at=0.0, remote_rtt_s=0.125, remote_measured_at=9.9,
+             remote_ping_s=0.021, remote_ping_then_s=0.022)
+
+    def probe(**extra):
+        p = LatencyPolicy(min_dwell_s=0, probe_interval_s=2.0)
+        p.state.choose(True, 0.0, "start")
+        p._probes = {"local": 3, "remote": 3}
+        return p.decide(Signals(now=10.0, **{**s, **extra}))
+
+    d = probe()
+    assert d.reason.startswith("probe local") and d.offload and d.hedge and d.defer_s == pytest.approx(0.125), d
+    for extra in ({"remote_ping_late_s": 0.02}, {"remote_ping_s": 0.040}, {"remote_ping_s": None},
+                  {"local_service_s": 0.080}):
+        d = probe(**extra)
+        assert d.reason == "probe local (hedged)" and not d.offload and d.defer_s == 0, (extra, d)
+
+
 def test_a_switch_on_an_old_estimate_is_confirmed_by_a_hedged_probe_first():
     """Offloading, the remote round trip rises (a device that just got busy handles its replies slower too), and
     the local figure is from a probe seconds ago. The policy looks before it leaps: a hedged local probe, no switch

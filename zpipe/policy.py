@@ -29,7 +29,8 @@ and asks a policy for a :class:`Decision`. Two policies:
   exploring costs the probed request little latency (the probe's branch still reports its timing). A local probe
   always is hedged (its estimate is the old one): when local looks worse, its local copy starts only when the
   remote answer is due, so that it does not slow the device's handling of that answer, and when it looks better
-  or about as fast the request is local's, with a remote copy in case the device got busy. On a device at its CPU
+  (or about as fast, on a link that got slower since remote was measured, or without pings) the request is
+  local's, with a remote copy in case the device got busy. On a device at its CPU
   quota local's old estimate is at best a lower bound: no local probe there (one is due when the load drops). A
   remote probe is
   hedged when remote looks worse by more than the hysteresis, rests on a single sample or a ping is late (a
@@ -205,6 +206,7 @@ _BACKOFF_RATIO = 1.2  # local probes back off while local measures more than thi
 _MAX_BACKOFF = 8
 _FASTER_LINK, _FASTER_MARGIN_S = 1.5, 0.005  # pings this much faster than at the last remote sample make it stale
 _NEAR_BEST, _NEAR_BEST_MARGIN_S = 1.5, 0.005  # pings within this of their best: the link is as good as it gets
+_SLOWER_LINK = 1.2  # pings this much slower (plus _FASTER_MARGIN_S) than at the last remote sample: a slower link
 _SATURATED_LOAD = 0.9  # a device this busy gets no local copies of remote requests (see LatencyPolicy.decide)
 _LOCAL_AGE_CAP = 4  # the local age raises the local estimate at most this many times
 _SPARE_LATE = 1.5  # a clear remote choice's spare local copy leaves when the answer is this much later than expected
@@ -282,8 +284,8 @@ class LatencyPolicy:
             # A local probe is hedged: the local estimate is the old one, and a device that got busy since would
             # make an unhedged probe cost the request several times its latency. When local looks worse, its copy
             # starts only when the remote answer is due, so that on a device with little CPU it does not slow the
-            # handling of that answer (a late answer still has the local copy coming); when it looks better or
-            # about as fast, the request is local's, with a remote copy in case the device got busy.
+            # handling of that answer (a late answer still has the local copy coming); when it looks better (or
+            # about as fast: below), the request is local's, with a remote copy in case the device got busy.
             # On a device at its CPU quota the local side is the slower one whatever its estimate says (that is at
             # best a lower bound: in session 11's runs 1 and 4, one local sample there put it at 240-490 ms against
             # ~120 before), and a probe's compute slows the remote requests around it (run 59: a local-led probe 2 s
@@ -292,9 +294,19 @@ class LatencyPolicy:
             # when it has CPU again (readings over local compute are left out, see the gate), and the probe is due
             # then. A remote side clearly slower than even that lower bound is a switch, which looks at local first
             # (_confirm).
+            # A local side about as fast leads its probe only when the link got slower since the remote side was
+            # measured (a ping late, or the pings slower than then), or without pings: else the remote figure stands
+            # and remote leads, as for a local side that looks worse (session 12: right after the CPU hog, the
+            # remote figure still had the hog's slow handling in it, local looked about as fast, and the local
+            # copy's compute slowed the remote answer: 78-111 ms against ~67, in 8 of 34 runs the first request of
+            # the phase after).
             saturated = s.device_load >= _SATURATED_LOAD
             if self.state.offload and stale_local and not saturated and self._probe_due("local", s.now):
-                if local > (1 + self.hysteresis) * remote:
+                link_slower = s.remote_ping_s is None or s.remote_ping_late_s > 0 or (
+                    s.remote_ping_then_s is not None
+                    and s.remote_ping_s > _SLOWER_LINK * s.remote_ping_then_s + _FASTER_MARGIN_S)
+                if local > (1 + self.hysteresis) * remote or (not local < (1 - self.hysteresis) * remote
+                                                              and not link_slower):
                     return self._probe("local", defer_s=remote)
                 return self._probe("local", lead=True)
             # A remote probe is hedged when remote looks worse by more than the hysteresis. A remote side that
