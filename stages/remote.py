@@ -99,10 +99,10 @@ class RemoteStage(LinkKeeper, Stage):
         self._cpu = CpuLoad()  # a ping answered while the device had no CPU says little about the link
         self._stalled_pings = 0
         self._fresh_connections = 0
-        self._rtt_stale = False  # the round trip was measured on a connection since replaced (see _reconnect)
+        self._rtt_stale = False  # the round trip was measured on a connection since replaced (see _swapped)
         self._retiring: list = []  # clients left for a fresh connection, closed when their requests are done
         self._retired_counts = [0, 0]  # requests and bytes that closed clients sent
-        self._movers: list[threading.Thread] = []  # _reconnect threads (teardown waits for them)
+        self._movers: list[threading.Thread] = []  # _reconnect and _look threads (teardown waits for them)
         self._rtt = Ewma(0.2)
         self._beyond_ping = Ewma(0.2)  # a request's round trip minus the ping of its link at the time
         self._errors = Ewma(0.1)
@@ -373,6 +373,7 @@ class RemoteStage(LinkKeeper, Stage):
             if stale or (self._bounds_only and not overlap_s):
                 # stale (requests went elsewhere, e.g. a probe), or made of bounds only: the new sample rules
                 self._rtt, self._beyond_ping, self._support = Ewma(0.2), Ewma(0.2), 0
+                beyond_before = None
             self._bounds_only = bool(overlap_s) and (self._bounds_only or self._rtt.mean is None)
             self._support += 1
             self._rtt.add(rtt)
@@ -411,6 +412,7 @@ class RemoteStage(LinkKeeper, Stage):
                         link.up, link.failures, link.down_reason = True, 0, ""
                         # what it measured before it went down says nothing now
                         link.ping, link.late_answer = Ewma(0.5), 0.0
+                        link.server_wait, link.server_backlog = 0.0, None
                     self._signals_changed()
 
     def _signals_changed(self) -> None:

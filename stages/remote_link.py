@@ -87,21 +87,22 @@ class LinkKeeper:
         while not self._stop.wait(self.ping_s):
             for link in self._links:
                 clock = self._cpu.stall_clock()
+                look = send = False
                 with self._lock:
                     if not _usable(link):
                         continue
-                    if link.ping_out is not None:
-                        now = time.monotonic()
-                        stuck = link.spell and link.moving is None and not self._stop.is_set() \
+                    now, client = time.monotonic(), link.client
+                    if link.ping_out is None:
+                        send, sent = True, now
+                        link.ping_out, link.ping_stall_clock = sent, clock
+                    elif link.spell and link.moving is None and not self._stop.is_set() \
                             and now - link.ping_out > max(_STUCK_MIN_S, _STUCK * (link.ping.mean or 0.0)) \
-                            and now - link.looked_at >= _LOOK_EVERY_S
-                        if stuck:
-                            link.looked_at = now
-                            self._start_mover(self._look, link)
-                        continue
-                    sent = time.monotonic()
-                    link.ping_out, link.ping_stall_clock = sent, clock
-                    client = link.client
+                            and now - link.looked_at >= _LOOK_EVERY_S:
+                        look, link.looked_at = True, now
+                if look:
+                    self._start_mover(self._look, link, client)
+                if not send:
+                    continue
                 try:
                     future = client.ping(timeout_s=max(2.0, 10 * self.ping_s), model=self.model)
                 except Exception:  # closed or refused: the breaker deals with the link
@@ -156,16 +157,22 @@ class LinkKeeper:
                         else:
                             link.spell_peak = 0.0
         self._signals_changed()
-        if fresh:
-            with self._lock:
-                self._start_mover(self._reconnect, link)
+        if fresh and not self._start_mover(self._reconnect, link):
+            self._resume(link)  # (no thread: the requests waiting for the move go on the old connection)
 
-    def _start_mover(self, target: Any, link: Link) -> None:
-        """Run ``target(link)`` (a move to a fresh connection, or a look) on a thread teardown waits for. Call with
-        the lock held."""
-        thread = threading.Thread(target=target, args=(link,), name="zpipe-reconnect", daemon=True)
-        self._movers = [t for t in self._movers if t.is_alive()] + [thread]
-        thread.start()
+    def _start_mover(self, target: Any, *args: Any) -> bool:
+        """Run ``target(*args)`` (a move to a fresh connection, or a look) on a thread teardown waits for; False if
+        none could start (stopping, or the process is out of threads). Call without the lock (a thread start can
+        take ms on a busy device)."""
+        thread = threading.Thread(target=target, args=args, name="zpipe-reconnect", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:
+            log.exception("model %r on %r: no thread for a fresh connection", self.model, self.host)
+            return False
+        with self._lock:
+            self._movers = [t for t in self._movers if t.is_alive()] + [thread]
+        return True
 
     def _reconnect(self, link: Link) -> None:
         """Move ``link`` to a fresh connection once that answers a ping (~2 round trips: the handshake, the ping);
@@ -183,18 +190,19 @@ class LinkKeeper:
         if old is not None:
             self._retire(old)
 
-    def _look(self, link: Link) -> None:
+    def _look(self, link: Link, looked_from: Any) -> None:
         """``link``'s ping is stuck in a slow spell: behind a segment lost on a lossy link, its answer waits for
         TCP's retransmission (hundreds of ms, more after backoff), and so does every ping and request after it on
         that connection, also once the link has recovered: the policy would learn of it only then (session 12,
         runs 9.2-9.4: the switch back to remote 1.11 s after the restore, against 0.60 when no ping was stuck). So
         ping on a fresh connection: back near the link's best, the spell is over, and the link moves to it at once
-        (requests need not wait: it is up); else it is closed, and the link stays as it is."""
+        (requests need not wait: it is up), unless it left ``looked_from`` meanwhile; else it is closed, and the
+        link stays as it is."""
         fresh = None
         try:
             fresh = self._fresh_client(link)
             self._first_ping(fresh, link)  # (its round trip has the handshake in it)
-            rtt = fresh.ping(timeout_s=max(0.5, 10 * link.best_ping), model=self.model).result().rtt_s
+            pong = fresh.ping(timeout_s=max(0.5, 10 * link.best_ping), model=self.model).result()
         except Exception as exc:  # no better: the old connection and the breaker carry on
             log.debug("model %r on %r: a look at a fresh connection to %s: %s", self.model, self.host,
                       link.endpoint, exc)
@@ -202,20 +210,21 @@ class LinkKeeper:
                 fresh.close()
             return
         with self._lock:
-            recovered = link.ping_out is not None and link.moving is None and link.spell and link.up \
-                and not self._stop.is_set() and rtt <= _RECOVERED * link.best_ping + 0.002
+            recovered = link.client is looked_from and link.moving is None and link.spell and link.up \
+                and not self._stop.is_set() and pong.rtt_s <= _RECOVERED * link.best_ping + 0.002
             old = None
             if recovered:
                 old, link.client = link.client, fresh
                 link.ping, link.ping_out, link.late_answer, link.spell = Ewma(0.5), None, 0.0, False
-                link.ping.add(rtt)
+                link.ping.add(pong.rtt_s)
+                link.server_backlog, link.server_wait = pong.backlog, pong.wait_s or 0.0
                 link.fresh_at = time.monotonic()
                 self._swapped(link, old)
         if old is None:
             fresh.close()
             return
         log.info("model %r on %r: a ping to %s was stuck after a slow spell, and one on a fresh connection came back "
-                 "in %.1f ms (best %.1f): moved to it", self.model, self.host, link.endpoint, rtt * 1e3,
+                 "in %.1f ms (best %.1f): moved to it", self.model, self.host, link.endpoint, pong.rtt_s * 1e3,
                  link.best_ping * 1e3)
         self._signals_changed()
         self._retire(old)

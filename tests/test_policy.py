@@ -221,7 +221,7 @@ def test_pings_showing_a_much_faster_link_make_the_remote_figure_stale_at_once()
         assert d.reason.startswith("probe remote") is probed, (then, d)
         if probed:  # hedged (remote looks worse), and not again within 0.2 s
             assert not d.offload and d.hedge and d.reason == "probe remote (link faster, pings not near their best, " \
-                                                             "hedged)", d
+                                                             "no spare copies here, hedged)", d
             again = p.decide(Signals(now=5.1, remote_ping_then_s=then, **s))
             assert not again.reason.startswith("probe"), again
 
@@ -1009,9 +1009,10 @@ def test_after_a_slow_spell_the_stand_in_moves_to_a_fresh_connection_and_loses_n
 def test_a_ping_stuck_after_a_slow_spell_makes_the_stand_in_look_on_a_fresh_connection(affine_server):
     """On a lossy link a ping can be stuck behind a lost segment until TCP retransmits it (hundreds of ms), and all
     after it on that connection with it, also once the link has recovered (the policy bench, session 12: the
-    switch back to remote 0.5 s later). Here the emulator holds a ping for a second (it delivers a connection's
-    bytes in order), in a slow spell, and the link recovers meanwhile: a ping on a fresh connection comes back near
-    the best at once and the link moves to it, well before the stuck one is back; that one's answer is ignored."""
+    switch back to remote at 1.11 s against 0.60). Here the emulator holds a ping for a second (it delivers a
+    connection's bytes in order), in a slow spell, and the link recovers meanwhile: a ping on a fresh connection
+    comes back near the best at once and the link moves to it, well before the stuck one is back; that one's answer
+    is ignored."""
     from zpipe.stages.remote import RemoteStage
 
     with LinkEmulator(listen=("127.0.0.1", 0), target=parse_address(affine_server.endpoint), delay_ms=10) as link:
@@ -1020,10 +1021,10 @@ def test_a_ping_stuck_after_a_slow_spell_makes_the_stand_in_look_on_a_fresh_conn
         try:
             time.sleep(0.5)  # the pings find the link's best: ~20 ms
             best = stage.signals()["ping_s"]
-            link.set(delay_ms=60)  # a slow spell: pings ~120 ms
+            link.set(delay_ms=80)  # a slow spell: pings ~160 ms (stuck at 2x: ~0.32 s)
             time.sleep(1.0)
             link.set(delay_ms=1000)  # a ping (or its answer) sent now is held for a second
-            time.sleep(0.2)
+            time.sleep(0.15)  # (shorter than stuck: the look finds the link recovered)
             link.set(delay_ms=10)  # recovered; on the old connection everything waits behind the held ping
             restored = time.monotonic()
             near = None
@@ -1114,7 +1115,7 @@ def test_a_ping_back_later_than_late_is_a_warning_until_the_next_one(affine_serv
     assert slow[-1][1] < slow[first][1] and slow[-1][0] > 0.13, slow
     # Back on the fast link: no warning, and the ping that ends the slow spell (back near the best) is the link's
     # delay at once (the smoothing would take several pings to come down from ~160 ms).
-    assert len(back) == 3 and all(late == 0.0 for _, late in back) and back[0][0] < 0.045, back
+    assert len(back) == 3 and all(late == 0.0 for _, late in back) and back[0][0] < 0.07, back
 
 
 @pytest.fixture(scope="module")
@@ -1179,7 +1180,8 @@ def test_a_server_busy_with_other_clients_says_so_in_its_ping_answers(busy_serve
 def test_a_round_trip_is_split_with_at_most_the_wait_the_server_said():
     """The part of a round trip beyond the ping, less the wait for other clients the server said when the request
     was sent: that wait is up to a ping old (a queue may have drained since), so the sample keeps at least half the
-    part as smoothed so far; without a figure so far, or without a wait, it is taken as it is."""
+    part as smoothed so far (without a figure so far, the wait comes out in full); without a wait it is taken as it
+    is."""
     from zpipe.stages.remote import _beyond
 
     assert _beyond(0.050, 0.0, 0.030) == pytest.approx(0.050)

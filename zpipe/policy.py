@@ -27,8 +27,9 @@ and asks a policy for a :class:`Decision`. Two policies:
   ``probe_interval_s`` gets one request (a probe), so estimates never go stale; ``probe_interval_s = 0`` turns
   probing off. With ``hedge = true`` (the default) a probe may run on *both* sides, the first answer winning, so
   exploring costs the probed request little latency (the probe's branch still reports its timing). A local probe
-  always is hedged (its estimate is the old one): when local looks worse, its local copy starts only when the
-  remote answer is due, so that it does not slow the device's handling of that answer, and when it looks better
+  always is hedged (its estimate is the old one): when local looks worse (or about as fast on a link as it was),
+  its local copy starts when the remote answer is in or 1.5x overdue, so that it does not slow the device's
+  handling of that answer, and when it looks better
   (or about as fast, on a link that got slower since remote was measured, or without pings) the request is
   local's, with a remote copy in case the device got busy. On a device at its CPU
   quota local's old estimate is at best a lower bound: no local probe there (one is due when the load drops). A
@@ -335,7 +336,8 @@ class LatencyPolicy:
                 one_sample = s.remote_rtt_support is not None and s.remote_rtt_support < 2
                 worse = remote > (1 + self.hysteresis) * local
                 faster_why = "link faster" + ("" if recovered else ", pings not near their best") \
-                    + (", ping late" if s.remote_ping_late_s else "")
+                    + (", ping late" if s.remote_ping_late_s else "") + (", device at its quota" if saturated else "") \
+                    + ("" if s.spare_copies else ", no spare copies here")
                 return self._probe("remote", faster_why if faster else "",
                                    hedge=one_sample or worse or bool(s.remote_ping_late_s))
         why = f"local {local * 1000:.1f} ms vs remote {remote * 1000:.1f} ms"
