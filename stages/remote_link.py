@@ -195,9 +195,9 @@ class LinkKeeper:
         TCP's retransmission (hundreds of ms, more after backoff), and so does every ping and request after it on
         that connection, also once the link has recovered: the policy would learn of it only then (session 12,
         runs 9.2-9.4: the switch back to remote 1.11 s after the restore, against 0.60 when no ping was stuck). So
-        ping on a fresh connection: back near the link's best, the spell is over, and the link moves to it at once
-        (requests need not wait: it is up), unless it left ``looked_from`` meanwhile; else it is closed, and the
-        link stays as it is."""
+        ping on a fresh connection: back near the link's best, the spell is over, and the link moves
+        (as when a ping ends the spell, on a connection opened then), unless it left ``looked_from`` meanwhile; the
+        connection looked on is closed."""
         fresh = None
         try:
             fresh = self._fresh_client(link)
@@ -209,25 +209,25 @@ class LinkKeeper:
             if fresh is not None:
                 fresh.close()
             return
+        fresh.close()  # (opened during the spell: its congestion state is the slow link's, see below)
         with self._lock:
             recovered = link.client is looked_from and link.moving is None and link.spell and link.up \
                 and not self._stop.is_set() and pong.rtt_s <= _RECOVERED * link.best_ping + 0.002
-            old = None
             if recovered:
-                old, link.client = link.client, fresh
                 link.ping, link.ping_out, link.late_answer, link.spell = Ewma(0.5), None, 0.0, False
                 link.ping.add(pong.rtt_s)
                 link.server_backlog, link.server_wait = pong.backlog, pong.wait_s or 0.0
-                link.fresh_at = time.monotonic()
-                self._swapped(link, old)
-        if old is None:
-            fresh.close()
+                link.fresh_at, link.moving = time.monotonic(), []
+        if not recovered:
             return
         log.info("model %r on %r: a ping to %s was stuck after a slow spell, and one on a fresh connection came back "
-                 "in %.1f ms (best %.1f): moved to it", self.model, self.host, link.endpoint, pong.rtt_s * 1e3,
-                 link.best_ping * 1e3)
+                 "in %.1f ms (best %.1f): moving to another", self.model, self.host, link.endpoint,
+                 pong.rtt_s * 1e3, link.best_ping * 1e3)
         self._signals_changed()
-        self._retire(old)
+        # The spell is over: as when a ping ends it, the link moves to a connection opened now. Not to the one
+        # looked on: opened during the spell, its congestion control learnt the slow link in its handshake (the
+        # policy bench, session 12: the first request on it took 239-301 ms, ~70-100 on one opened after).
+        self._reconnect(link)
 
     def _retire(self, old: Any) -> None:
         """Close a connection a link has left once its requests are done: at least 1 s after the move (a request
