@@ -28,9 +28,9 @@ and asks a policy for a :class:`Decision`. Two policies:
   probing off. With ``hedge = true`` (the default) a probe may run on *both* sides, the first answer winning, so
   exploring costs the probed request little latency (the probe's branch still reports its timing). A local probe
   always is hedged (its estimate is the old one): when local looks worse (or about as fast on a link as it was),
-  its local copy starts when the remote answer is in or 1.5x overdue, so that it does not slow the device's
-  handling of that answer, and when it looks better
-  (or about as fast, on a link that got slower since remote was measured, or without pings) the request is
+  its local copy starts when the remote answer is in or overdue (1.5x on a link as it was), so that it does not
+  slow the device's handling of that answer, and when it looks better (or about as fast, on a link that got
+  slower since remote was measured, or without pings) the request is
   local's, with a remote copy in case the device got busy. On a device at its CPU
   quota local's old estimate is at best a lower bound: no local probe there (one is due when the load drops). A
   remote probe is
@@ -311,7 +311,10 @@ class LatencyPolicy:
                     and s.remote_ping_s > _SLOWER_LINK * s.remote_ping_then_s + _FASTER_MARGIN_S)
                 if local > (1 + self.hysteresis) * remote or (not local < (1 - self.hysteresis) * remote
                                                               and not link_slower):
-                    return self._probe("local", defer_s=_SPARE_LATE * remote)
+                    # (at the estimate itself on a link that got slower: there the remote answer may be late by
+                    # any amount, and the local copy is the hedge; session 12, run 21.2: the first request into
+                    # the slowed link, its copy at 1.5x, took 284 ms)
+                    return self._probe("local", defer_s=(1.0 if link_slower else _SPARE_LATE) * remote)
                 return self._probe("local", lead=True)
             # A remote probe is hedged when remote looks worse by more than the hysteresis. A remote side that
             # looks better or about as fast is probed alone: the same request computing on the device would slow
