@@ -11,6 +11,7 @@ import collections
 import time
 
 import numpy as np
+import pytest
 
 from zpipe.framing import Kind, Message
 from zpipe.held import HeldCopies
@@ -63,12 +64,12 @@ def _setup(answers=()):
 def test_a_deferred_copy_leaves_when_due_and_not_before():
     held, sent, _ = _setup()
     start = time.monotonic()
-    held.later(0.05, _item(1))
-    assert held.next_due() is not None and held.next_due() >= start + 0.05
+    held.later(0.3, _item(1))
+    assert held.next_due() is not None and held.next_due() >= start + 0.3
     held.release()
     assert sent == []
     _until(held, sent, 1)
-    assert time.monotonic() - start >= 0.05
+    assert time.monotonic() - start >= 0.3
     assert [m.request_id for _, _, m in sent] == [1] and held.next_due() is None
 
 
@@ -102,7 +103,7 @@ def test_a_spare_held_longer_is_asked_again_then_leaves_with_all_its_copies():
 
 def test_a_called_off_spare_is_parked_and_sent_when_the_other_branch_fails():
     held, sent, producer = _setup(answers=[False])
-    item = _item(4, deadline=time.monotonic() + 10)
+    item = _item(4, **{DEADLINE: time.monotonic() + 10})
     held.spare("select", 4, held.later(0.01, item), producer, "t4", item)
     time.sleep(0.02)
     held.release()
@@ -120,7 +121,7 @@ def test_a_parked_spare_is_dropped_at_its_deadline_and_its_stage_told():
     held.spare("select", 5, held.later(0.01, item), producer, "t5", item)
     time.sleep(0.02)
     held.release()
-    assert held.next_due() is not None  # the deadline is a wake-up for the loop
+    assert held.next_due() == item[2].meta[DEADLINE]  # the deadline is a wake-up for the loop
     time.sleep(0.05)
     held.release()
     assert producer.counts["parked_expired"] == 1 and producer.stage.told == ["t5"]
@@ -128,6 +129,60 @@ def test_a_parked_spare_is_dropped_at_its_deadline_and_its_stage_told():
     time.sleep(0.01)
     held.release()
     assert sent == [] and held.next_due() is None
+
+
+def test_a_spare_hurried_before_it_is_due_leaves_at_once_each_copy_once():
+    held, sent, producer = _setup()
+    for consumer in ("local_a", "local_b"):
+        item = _item(9, consumer)
+        held.spare("select", 9, held.later(0.05, item), producer, "t9", item)
+    held.hurry("select", 9)  # the remote branch failed before the spare was due
+    held.release()
+    assert sorted(c for c, _, _ in sent) == ["local_a", "local_b"]
+    time.sleep(0.06)
+    held.release()
+    assert len(sent) == 2 and producer.stage.asked == []  # the original entries were skipped, never asked about
+
+
+def test_a_called_off_spare_with_two_copies_is_sent_once_each_when_hurried():
+    held, sent, producer = _setup(answers=[False])
+    for consumer in ("local_a", "local_b"):
+        item = _item(10, consumer, **{DEADLINE: time.monotonic() + 10})
+        held.spare("select", 10, held.later(0.01, item), producer, "t10", item)
+    time.sleep(0.02)
+    held.release()
+    assert sent == [] and producer.stage.asked == ["t10"] and producer.counts["called_off"] == 1
+    held.hurry("select", 10)
+    held.release()
+    assert sorted(c for c, _, _ in sent) == ["local_a", "local_b"]
+
+
+def test_a_parked_spare_answered_is_withdrawn_once_and_does_not_expire_later():
+    held, sent, producer = _setup(answers=[False])
+    item = _item(11, **{DEADLINE: time.monotonic() + 0.05})
+    held.spare("select", 11, held.later(0.01, item), producer, "t11", item)
+    time.sleep(0.02)
+    held.release()
+    held.answered("select", 11)
+    assert producer.stage.told == ["t11"] and producer.counts["withdrawn"] == 1
+    time.sleep(0.05)
+    held.release()
+    assert producer.counts["parked_expired"] == 0 and producer.stage.told == ["t11"] and sent == []
+
+
+@pytest.mark.parametrize("answer", [0, -1.0, float("nan"), float("inf"), "raise"])
+def test_a_spare_whose_stage_gives_no_usable_wait_is_sent(answer):
+    held, sent, producer = _setup()
+    if answer == "raise":
+        def spare_due(token):
+            raise RuntimeError("policy broke")
+        producer.stage.spare_due = spare_due
+    else:
+        producer.stage.answers = [answer]
+    item = _item(12)
+    held.spare("select", 12, held.later(0.0, item), producer, "t12", item)
+    held.release()
+    assert [m.request_id for _, _, m in sent] == [12] and held.next_due() is None
 
 
 def test_a_follower_leaves_when_its_request_is_answered_and_only_once():
