@@ -98,6 +98,7 @@ class RemoteStage(LinkKeeper, Stage):
         self._lock = threading.Lock()
         self._cpu = CpuLoad()  # a ping answered while the device had no CPU says little about the link
         self._stalled_pings = 0
+        self._pings_sent = 0
         self._fresh_connections = 0
         self._rtt_stale = False  # the round trip was measured on a connection since replaced (see _swapped)
         self._retiring: list = []  # clients left for a fresh connection, closed when their requests are done
@@ -421,7 +422,6 @@ class RemoteStage(LinkKeeper, Stage):
         if self.context is not None:
             self.context.signals_changed()
 
-
     def signals(self) -> dict[str, Any]:
         """What this stage publishes on the signal board (read by the gate's offload policy)."""
         # The stall clock matters only to a ping still out (read outside the lock: a cgroup file).
@@ -448,7 +448,8 @@ class RemoteStage(LinkKeeper, Stage):
                     "oldest_sent_at": min((t for t in self._sent_at.values() if t > self._newest_done),
                                           default=None), "error_rate": self._errors.mean or 0.0,
                     "up": any(link.up for link in self._links), "fallbacks": self._fallbacks,
-                    "stalled_pings": self._stalled_pings, "fresh_connections": self._fresh_connections,
+                    "stalled_pings": self._stalled_pings, "pings_sent": self._pings_sent,
+                    "fresh_connections": self._fresh_connections,
                     "requests_sent": self._retired_counts[0] + sum(c.requests_sent for c in self._clients()),
                     "bytes_sent": self._retired_counts[1] + sum(c.bytes_sent for c in self._clients()),
                     "down": [f"{link.endpoint}: {link.down_reason}" for link in self._links if not link.up]}

@@ -76,3 +76,28 @@ def test_under_a_cpu_quota_the_load_is_the_quotas_not_the_hosts():
     assert result["idle"] < 0.2 and result["busy"] > 0.8, result
     # How long the quota was used up (no thread of the device ran): ~75 % of the time while it spins.
     assert result["idle_throttled"] < 0.1 and 0.3 < result["busy_throttled"] < 0.6 + 0.1, result
+
+
+def test_without_a_quota_each_reader_of_the_host_load_keeps_its_own_window():
+    """A gate and a remote stand-in read the load in one process: one reading often must not cut the other's window
+    short (psutil.cpu_percent keeps one per process). The host spins one core for 0.3 s, then idles 0.3 s while
+    another reader reads every 10 ms: the first reader still sees the spin in its 0.6 s window."""
+    import time
+
+    import psutil
+
+    from zpipe.board import CpuLoad
+
+    first, other = CpuLoad(), CpuLoad()
+    if first._quota is not None:
+        pytest.skip("this process runs under a CPU quota: the load is the quota's (see the test above)")
+    first(), other()
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        pass
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        other()
+        time.sleep(0.01)
+    expected = 0.5 / psutil.cpu_count()  # one core of all, half the window (other processes only add to it)
+    assert first() > 0.6 * expected

@@ -79,18 +79,19 @@ class CpuLoad:
 
     Under a CPU quota (a container's limit, cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``) the device is its
     quota, not the host: the share of the quota's periods since the last call in which it was used up (a hog in
-    the container reads ~1.0 however idle the host is). Without one, the host's CPU use (psutil)."""
+    the container reads ~1.0 however idle the host is). Without one, the host's CPU use (psutil's CPU times, each
+    reader its own window: psutil.cpu_percent keeps one per process, which two readers in one process, a gate and a
+    remote stand-in, would cut short for each other)."""
 
     def __init__(self) -> None:
         self._quota = _quota()
         self._last: tuple[float, int, float] | None = None
+        self._host_last: tuple[float, float, float] | None = None  # (when, total CPU seconds, idle CPU seconds)
         self._value = 0.0
 
     def __call__(self) -> float:
         if self._quota is None:
-            import psutil
-
-            return psutil.cpu_percent(interval=None) / 100
+            return self._host()
         now = self._read()
         if now is None:
             return 0.0
@@ -100,6 +101,22 @@ class CpuLoad:
         self._last = now
         if last is not None:
             self._value = min(1.0, (now[1] - last[1]) * self._quota[1] / (now[0] - last[0]))
+        return self._value
+
+    def _host(self) -> float:
+        import psutil
+
+        now = time.monotonic()
+        if self._host_last is not None and now - self._host_last[0] < 0.01:
+            return self._value  # (a window this short says little)
+        times = psutil.cpu_times()
+        # As psutil.cpu_percent counts: guest time is in user time already; waiting for I/O is idle.
+        total = sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+        idle = times.idle + getattr(times, "iowait", 0.0)
+        if self._host_last is not None and total > self._host_last[1]:
+            _, total_then, idle_then = self._host_last
+            self._value = min(1.0, max(0.0, 1.0 - (idle - idle_then) / (total - total_then)))
+        self._host_last = (now, total, idle)
         return self._value
 
     def stall_clock(self) -> tuple[float, float] | None:
