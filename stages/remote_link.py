@@ -47,8 +47,6 @@ _FRESH_EVERY_S = 5.0  # at most one fresh connection per link this often (a link
 # A ping out this much longer than the spell's own (_STUCK x its smoothed ping, at least _STUCK_MIN_S) is stuck: a
 # look on a fresh connection, at most every _LOOK_EVERY_S (see _look).
 _STUCK, _STUCK_MIN_S, _LOOK_EVERY_S = 2.0, 0.15, 1.0
-# Pings come this many times less often while the device's CPU use is at least _BUSY_LOAD (see _ping_loop).
-_BUSY_PING_EVERY, _BUSY_LOAD = 4, 0.9
 
 
 class Link:
@@ -85,13 +83,9 @@ class LinkKeeper:
 
     def _ping_loop(self) -> None:
         """Every ping_s, a heartbeat to each server that is up and has none out; one whose ping is stuck in a slow
-        spell gets a look on a fresh connection (_look). While the device uses up its CPU (quota), every
-        _BUSY_PING_EVERY x ping_s: each ping costs the device ~1 ms of CPU (sent, answered, published), a tenth of
-        a 25 % device's quota at 20 pings a second, and there its requests are short of exactly that (the policy
-        offloads there without hedging, and its pings are mostly the device's own stalls, left out anyway)."""
-        interval = self.ping_s
-        while not self._stop.wait(interval):
-            interval = self.ping_s * (_BUSY_PING_EVERY if self._cpu() >= _BUSY_LOAD else 1)
+        spell gets a look on a fresh connection (_look). (Every ping_s also while the device uses up its CPU: a
+        device computing locally needs its pings to see the link recover; bench/RESULTS.md, policy session 13.)"""
+        while not self._stop.wait(self.ping_s):
             for link in self._links:
                 clock = self._cpu.stall_clock()
                 look = send = False
