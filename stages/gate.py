@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import heapq
+import logging
 import math
 import time
 from typing import Any, Mapping, Sequence
@@ -38,11 +39,13 @@ import numpy as np
 
 from zpipe.board import CpuLoad
 from zpipe.errors import StageError, TopologyError
-from zpipe.policy import (Signals, device_stalls_left_out, expected_rtt, late_by, link_delay, make_policy,
-                          spare_wanted)
+from zpipe.policy import (Decision, Signals, device_stalls_left_out, expected_rtt, late_by, link_delay,
+                          make_policy, spare_call)
 from zpipe.stage import Outcome, Stage
 
 __all__ = ["GateStage"]
+
+log = logging.getLogger(__name__)
 
 _BRANCHES = ("then", "else")
 # The device load the policy sees is the highest reading of this long: under a CPU quota a reading is the share of
@@ -54,6 +57,7 @@ _LOAD_HOLD_S = 0.5
 class GateStage(Stage):
     light = True
     may_skip_outputs = True
+    live_signals = False  # its figures change only as it decides
 
     def __init__(self, *, control: str = "x", meta_key: str | None = None, policy: str | None = None,
                  policy_options: dict[str, Any] | None = None) -> None:
@@ -90,6 +94,11 @@ class GateStage(Stage):
             joins = self.context.joins if self.context else {}
             targets = {joins.get(p) for p in (self.context.consumers if self.context else {}) if p.startswith("else.")}
             self._spare_copies = len(targets) == 1 and None not in targets
+            # What it decided, for the board (signals) and the debug log: X per side, hedged, probes; what became
+            # of spare local copies that came due (by spare_call's reason); the last decision's reason.
+            self._decisions = collections.Counter(remote=0, local=0, hedged=0, probes=0)
+            self._spares: collections.Counter[str] = collections.Counter()
+            self._last_why = ""
 
     @property
     def switches(self) -> int:
@@ -130,6 +139,7 @@ class GateStage(Stage):
             signals = self._signals()
             self._local_s = signals.local_service_s
             decision = self._policy.decide(signals)
+            self._count(decision)
             return decision.offload, f"policy: {decision.reason}", decision.hedge, decision.defer_s, decision.spare
         else:
             raise StageError(f"gate: the request carries no meta {self.meta_key!r} and no control input")
@@ -169,6 +179,25 @@ class GateStage(Stage):
         # just as that answer came: 131 and 159 ms against always-remote's p99 of 78-79).
         return Outcome(outputs, notes, defer, spare, after_answer=bool(defer) and spare is None)
 
+    def _count(self, decision: Decision) -> None:
+        self._decisions["remote" if decision.offload else "local"] += 1
+        self._decisions["hedged"] += decision.hedge
+        self._decisions["probes"] += decision.reason.startswith("probe")
+        self._last_why = decision.reason
+        if log.isEnabledFor(logging.DEBUG):
+            name = self.context.name if self.context else "gate"
+            log.debug("gate %r: X=%d%s: %s", name, decision.offload, " hedged" if decision.hedge else "",
+                      decision.reason)
+
+    def signals(self) -> dict[str, Any]:
+        """The policy's decisions so far (``decisions``: X per side, ``hedged``, ``probes``), its ``switches``,
+        the last decision's reason (``last_why``), and what became of spare local copies that came due
+        (``spares``: sent, and why; called off)."""
+        if self._policy is None:
+            return {}
+        return {"decisions": dict(self._decisions), "switches": self._policy.switches, "last_why": self._last_why,
+                "spares": dict(self._spares)}
+
     def spare_due(self, spare: _Spare) -> bool | float:
         """A spare local copy whose remote answer is overdue leaves, waits longer or is called off: see
         policy.spare_wanted. It is not the local branch's backlog until it leaves: counted as such while deciding,
@@ -178,12 +207,17 @@ class GateStage(Stage):
         now = time.monotonic()
         self._leaves(spare, math.inf)  # (still a slot of the count: an older, finished copy must not fill it)
         try:
-            wanted = spare_wanted(self._signals(), spare.due_s, now - spare.due_at)
+            wanted, why = spare_call(self._signals(), spare.due_s, now - spare.due_at)
         except Exception:
             self._leaves(spare, now)  # (the worker sends it)
             raise
         if wanted is not False:
             self._leaves(spare, now if wanted is True else now + wanted)
+        if wanted is True or wanted is False:  # (a hold is asked about again: counted and logged when it ends)
+            self._spares[why.split(" (")[0]] += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("gate %r: a spare local copy %.0f ms overdue: %s", self.context.name if self.context
+                          else "gate", (now - spare.due_at) * 1000, why)
         return wanted
 
     def withdrawn(self, spare: _Spare) -> None:

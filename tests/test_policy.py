@@ -607,7 +607,7 @@ def test_a_spare_due_while_the_link_looks_as_it_did_waits_up_to_one_local_servic
     device hiccup): a local copy starting now answers later than it and slows it. The spare waits (asked again
     every 25 ms) up to one local service time, unless a ping is late or the link's delay now puts the round trip
     at its due time; a device at its CPU quota holds it for good; without pings nothing tells, and it leaves."""
-    from zpipe.policy import spare_wanted
+    from zpipe.policy import spare_call, spare_wanted
 
     pinged = dict(local_service_s=0.130, remote_rtt_s=0.070, remote_ping_s=0.020)
     assert spare_wanted(Signals(now=1.0, **pinged), due_s=0.105, waited_s=0.0) == pytest.approx(0.025)
@@ -617,6 +617,12 @@ def test_a_spare_due_while_the_link_looks_as_it_did_waits_up_to_one_local_servic
     assert spare_wanted(Signals(now=1.0, **{**pinged, "remote_rtt_s": 0.150}), 0.105, 0.0) is True  # slowed
     assert spare_wanted(Signals(now=1.0, **{**pinged, "remote_ping_s": None}), 0.105, 0.0) is True
     assert spare_wanted(Signals(now=1.0, device_load=0.95, **pinged), 0.105, 0.0) is False
+    # and why, for the gate's counts and debug log
+    calls = [spare_call(Signals(now=1.0, **{**pinged, **extra}), 0.105, waited) for extra, waited in (
+        ({}, 0.0), ({}, 0.13), ({"remote_ping_late_s": 0.01}, 0.0), ({"remote_rtt_s": 0.150}, 0.0),
+        ({"remote_ping_s": None}, 0.0), ({"device_load": 0.95}, 0.0))]
+    assert [why for _, why in calls] == ["held: link as it was", "sent: held out", "sent: ping late",
+                                         "sent: link slower", "sent: no pings", "called off (device load 95%)"]
 
 
 def test_the_gate_takes_a_withdrawn_spare_out_of_its_local_backlog(tmp_path):
@@ -679,6 +685,12 @@ def test_the_gate_takes_a_withdrawn_spare_out_of_its_local_backlog(tmp_path):
     assert gate._signals().local_backlog == 1  # due: it left, as far as the gate knows
     assert gate.spare_due(out.spare) == pytest.approx(0.025)
     assert gate._signals().local_backlog == 0  # held 25 ms more
+    # On the board: four remote decisions, each with a spare; what became of those that came due (a hold is
+    # counted when it ends).
+    figures = gate.signals()
+    assert figures["decisions"] == {"remote": 4, "local": 0, "hedged": 4, "probes": 0}, figures
+    assert figures["spares"] == {"sent: no pings": 1, "called off": 2}, figures
+    assert figures["switches"] == 0 and "spare local copy after" in figures["last_why"], figures
     gate.withdrawn(out.spare)
     assert gate._sent[False] == 0 and len(gate._local_sent_at) == 0
     # Where the select runs in another process, nothing can be withdrawn: the copy leaves at once, as before.
@@ -807,6 +819,35 @@ def run_one(pipe: Pipeline, i: int) -> tuple[int, str]:
 
 def switches(xs: list[int]) -> int:
     return sum(a != b for a, b in zip(xs, xs[1:]))
+
+
+def test_the_gate_counts_its_decisions_on_the_board_and_logs_each_at_debug(affine_server, monkeypatch, capfd):
+    """Every decision's reason is visible three ways: in the request's record (why:<gate>), counted on the gate's
+    board entry (Pipeline.signals), and in the worker's debug log (ZPIPE_WORKER_LOG=DEBUG)."""
+    monkeypatch.setenv("ZPIPE_WORKER_LOG", "DEBUG")
+    topo = gated_auto([affine_server.endpoint], local_s=0.03, options="min_dwell_s = 0.3, probe_interval_s = 1.0")
+    with Pipeline(topo) as pipe:
+        xs, compared = [], 0  # until the policy has compared both sides a few times (the first: probes, waits)
+        while compared < 5 and len(xs) < 300:
+            last = pipe.submit({"x": np.full(SHAPE, 1.0, np.float32)}).result(timeout=30)
+            xs.append(int(last.meta["x:gate"]))
+            compared += last.meta["why:gate"].startswith("policy: local ")
+            time.sleep(0.005)
+        assert compared == 5, xs
+        deadline = time.monotonic() + 5
+        while pipe.signals("gate").get("decisions", {}).get("remote", 0) + \
+                pipe.signals("gate").get("decisions", {}).get("local", 0) < len(xs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        figures = pipe.signals("gate")
+    decisions = figures["decisions"]
+    assert decisions["remote"] == sum(xs) and decisions["local"] == len(xs) - sum(xs), (figures, xs)
+    assert decisions["probes"] >= 1 and decisions["hedged"] >= 1, figures  # the first: probes, hedged
+    assert figures["switches"] >= 1 and sum(xs[-5:]) == 5, (figures, xs)  # a 7 ms link against 30 ms local
+    assert "policy: " + figures["last_why"] == last.meta["why:gate"], (figures, last.meta)
+    logged = [line for line in capfd.readouterr().err.splitlines() if "gate 'gate': X=" in line]
+    assert len(logged) == len(xs), logged[:5]
+    assert logged[-1].endswith(f"X={xs[-1]}" + (" hedged" if last.meta.get("hedge:gate") else "") + ": "
+                               + figures["last_why"]), (logged[-1], figures)
 
 
 def test_policy_offloads_on_a_fast_link_and_goes_local_when_it_slows(affine_server):

@@ -58,7 +58,7 @@ from typing import Any, Mapping, Sequence
 from .errors import TopologyError, did_you_mean
 
 __all__ = ["Signals", "Decision", "LatencyPolicy", "ThresholdPolicy", "make_policy", "expected_rtt", "link_delay",
-           "late_by", "late_after", "device_stalls_left_out", "stalled", "spare_wanted"]
+           "late_by", "late_after", "device_stalls_left_out", "stalled", "spare_wanted", "spare_call"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,13 +113,23 @@ def spare_wanted(s: Signals, due_s: float, waited_s: float) -> bool | float:
       is ~67), and a local copy starting now answers later than that and slows the handling of the remote answer
       on a device with little CPU (session 10: seven baseline requests of 179-274 ms in 26 runs). Asked again every
       _SPARE_RECHECK_S, so a ping that shows the link slowed sends it then. Without pings nothing tells: it
-      leaves."""
+      leaves. (spare_call says why.)"""
+    return spare_call(s, due_s, waited_s)[0]
+
+
+def spare_call(s: Signals, due_s: float, waited_s: float) -> tuple[bool | float, str]:
+    """spare_wanted, and why: (its answer, a short reason for the gate's debug log and counts: what is before
+    " (" names the case)."""
     if s.device_load >= _SATURATED_LOAD:
-        return False
-    if s.remote_ping_s is None or s.remote_rtt_s is None or s.remote_ping_late_s or s.remote_rtt_s >= due_s:
-        return True
+        return False, f"called off (device load {s.device_load:.0%})"
+    if s.remote_ping_s is None or s.remote_rtt_s is None:
+        return True, "sent: no pings"
+    if s.remote_ping_late_s:
+        return True, "sent: ping late"
+    if s.remote_rtt_s >= due_s:
+        return True, "sent: link slower"
     left = (s.local_service_s or 0.0) - waited_s
-    return min(_SPARE_RECHECK_S, left) if left > 0 else True
+    return (min(_SPARE_RECHECK_S, left), "held: link as it was") if left > 0 else (True, "sent: held out")
 
 
 def stalled(then: Sequence[float] | None, now: Sequence[float] | None) -> float:

@@ -87,7 +87,9 @@ class Runner:
         self.parked: collections.deque[Message] = collections.deque()  # in-memory work waiting for has_room()
         self.is_async = bool(getattr(stage, "asynchronous", False))
         self.moot_after = dict(slot.joins)  # output tensor -> the stage whose early run makes a held copy moot
-        self.live = type(stage).signals is not Stage.signals  # publishes figures that change while idle
+        self.live = stage.live_signals  # publishes figures that change while idle (see Stage.live_signals)
+        if self.live is None:
+            self.live = type(stage).signals is not Stage.signals
         self.service = Ewma(0.2)  # smoothed processing time, published on the board
         self.measured_at: float | None = None
         self.published_at, self.published_progress = 0.0, (-1, 0, 0, 0)

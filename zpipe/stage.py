@@ -99,6 +99,10 @@ class Stage:
     #: A stage with next to no compute of its own (merge, gate) sets this: automatic grouping does not give it a
     #: process of its own (see zpipe.grouping).
     light: bool = False
+    #: Whether :meth:`signals` changes between requests (a remote stand-in's pings): then the worker publishes it
+    #: at least every 50 ms while it runs. False: it changes only as requests are handled, and is published with
+    #: them. None (the default): True for a stage that overrides signals().
+    live_signals: bool | None = None
     #: Set by the worker before setup(): see StageContext.
     context: StageContext | None = None
 
