@@ -251,6 +251,7 @@ def device_main(args: argparse.Namespace) -> None:
             submit_at_rate(pipe, meta, time.monotonic(), args.warmup_s, warm)  # baseline conditions
             collect(warm)
             before = pipe.stats()
+            gate_before = pipe.signals("gate")
             futures: list = []
             t0 = time.monotonic()
             total_s = args.phase_s * len(PHASES)
@@ -280,7 +281,8 @@ def device_main(args: argparse.Namespace) -> None:
             after = pipe.stats()
             results[mode] = {"records": records, "events": events,
                              "stats": {k: after.get(k, 0) - before.get(k, 0) for k in ("submitted", "ok", "failed",
-                                                                                           "late")}}
+                                                                                           "late")},
+                             "gate": gate_counts(gate_before, pipe.signals("gate"))}
             lost = sum(1 for r in records if r["err"])
             say(f"mode {mode}: {len(records)} requests, {lost} lost or wrong")
         print("RESULT " + json.dumps(results), flush=True)
@@ -290,6 +292,17 @@ def device_main(args: argparse.Namespace) -> None:
             hog.wait()
         for p in pipes.values():
             p.close(drain_timeout_s=10)
+
+
+def gate_counts(before: dict, after: dict) -> dict:
+    """What the gate counted during the run (its board entry after less before): the policy's decisions, what
+    became of the spare local copies that came due, and those withdrawn before they were due."""
+    def diff(key: str) -> dict:
+        return {k: v - before.get(key, {}).get(k, 0) for k, v in after.get(key, {}).items()
+                if v - before.get(key, {}).get(k, 0)}
+
+    return {"decisions": diff("decisions"), "spares": diff("spares"),
+            "withdrawn": after.get("withdrawn", 0) - before.get("withdrawn", 0)}
 
 
 # -- the host side ---------------------------------------------------------------------------------------------------
@@ -454,6 +467,10 @@ def report(args: argparse.Namespace, result: dict, analysis: dict) -> None:
     if "auto" in table[PHASES[0]]:
         print("auto: share of its (non-probe) decisions for the better side per phase: " + ", ".join(
             f"{p} {table[p]['auto'].get('agree', float('nan')) * 100:.0f}%" for p in PHASES))
+    gate = result.get("auto", {}).get("gate")
+    if gate:
+        print(f"auto: gate decisions {gate['decisions']}; spare local copies that came due: "
+              f"{gate['spares'] or 'none'}; withdrawn before due: {gate['withdrawn']}")
     side = {0: "local", 1: "remote", None: "?"}
     print("\nchanges (better side = lower p50 of the forced runs in that phase; delay = first non-probe decision of "
           "auto for the new better side):")
