@@ -61,6 +61,17 @@ def _setup(answers=()):
     return held, sent, producer
 
 
+def _parked(rid: int, deadline_in_s: float, consumers=("local",)):
+    """A spare of request ``rid`` (one copy per consumer) whose stage called it off when it came due."""
+    held, sent, producer = _setup(answers=[False])
+    items = [_item(rid, consumer, **{DEADLINE: time.monotonic() + deadline_in_s}) for consumer in consumers]
+    for item in items:
+        held.spare("select", rid, held.later(0.01, item), producer, f"t{rid}", item)
+    time.sleep(0.02)
+    held.release()
+    return held, sent, producer, items[0]
+
+
 def test_a_deferred_copy_leaves_when_due_and_not_before():
     held, sent, _ = _setup()
     start = time.monotonic()
@@ -102,11 +113,7 @@ def test_a_spare_held_longer_is_asked_again_then_leaves_with_all_its_copies():
 
 
 def test_a_called_off_spare_is_parked_and_sent_when_the_other_branch_fails():
-    held, sent, producer = _setup(answers=[False])
-    item = _item(4, **{DEADLINE: time.monotonic() + 10})
-    held.spare("select", 4, held.later(0.01, item), producer, "t4", item)
-    time.sleep(0.02)
-    held.release()
+    held, sent, producer, _ = _parked(4, 10)
     assert sent == [] and producer.counts["called_off"] == 1
     held.hurry("select", 4)  # the remote branch failed: the parked copy is the answer now
     _until(held, sent, 1)
@@ -116,11 +123,7 @@ def test_a_called_off_spare_is_parked_and_sent_when_the_other_branch_fails():
 
 
 def test_a_parked_spare_is_dropped_at_its_deadline_and_its_stage_told():
-    held, sent, producer = _setup(answers=[False])
-    item = _item(5, **{DEADLINE: time.monotonic() + 0.05})
-    held.spare("select", 5, held.later(0.01, item), producer, "t5", item)
-    time.sleep(0.02)
-    held.release()
+    held, sent, producer, item = _parked(5, 0.05)
     assert held.next_due() == item[2].meta[DEADLINE]  # the deadline is a wake-up for the loop
     time.sleep(0.05)
     held.release()
@@ -145,12 +148,7 @@ def test_a_spare_hurried_before_it_is_due_leaves_at_once_each_copy_once():
 
 
 def test_a_called_off_spare_with_two_copies_is_sent_once_each_when_hurried():
-    held, sent, producer = _setup(answers=[False])
-    for consumer in ("local_a", "local_b"):
-        item = _item(10, consumer, **{DEADLINE: time.monotonic() + 10})
-        held.spare("select", 10, held.later(0.01, item), producer, "t10", item)
-    time.sleep(0.02)
-    held.release()
+    held, sent, producer, _ = _parked(10, 10, consumers=("local_a", "local_b"))
     assert sent == [] and producer.stage.asked == ["t10"] and producer.counts["called_off"] == 1
     held.hurry("select", 10)
     held.release()
@@ -158,11 +156,7 @@ def test_a_called_off_spare_with_two_copies_is_sent_once_each_when_hurried():
 
 
 def test_a_parked_spare_answered_is_withdrawn_once_and_does_not_expire_later():
-    held, sent, producer = _setup(answers=[False])
-    item = _item(11, **{DEADLINE: time.monotonic() + 0.05})
-    held.spare("select", 11, held.later(0.01, item), producer, "t11", item)
-    time.sleep(0.02)
-    held.release()
+    held, sent, producer, _ = _parked(11, 0.05)
     held.answered("select", 11)
     assert producer.stage.told == ["t11"] and producer.counts["withdrawn"] == 1
     time.sleep(0.05)
