@@ -40,7 +40,7 @@ import numpy as np
 from zpipe.board import CpuLoad
 from zpipe.errors import StageError, TopologyError
 from zpipe.policy import (Decision, Signals, device_stalls_left_out, expected_rtt, late_by, link_delay,
-                          make_policy, spare_call)
+                          make_policy, spare_wanted)
 from zpipe.stage import Outcome, Stage
 
 __all__ = ["GateStage"]
@@ -95,7 +95,7 @@ class GateStage(Stage):
             targets = {joins.get(p) for p in (self.context.consumers if self.context else {}) if p.startswith("else.")}
             self._spare_copies = len(targets) == 1 and None not in targets
             # What it decided, for the board (signals) and the debug log: X per side, hedged, probes; what became
-            # of spare local copies that came due (by spare_call's reason); the last decision's reason.
+            # of spare local copies that came due (by spare_wanted's reason); the last decision's reason.
             self._decisions = collections.Counter(remote=0, local=0, hedged=0, probes=0)
             self._spares: collections.Counter[str] = collections.Counter()
             self._last_why = ""
@@ -185,9 +185,11 @@ class GateStage(Stage):
         self._decisions["probes"] += decision.reason.startswith("probe")
         self._last_why = decision.reason
         if log.isEnabledFor(logging.DEBUG):
-            name = self.context.name if self.context else "gate"
-            log.debug("gate %r: X=%d%s: %s", name, decision.offload, " hedged" if decision.hedge else "",
+            log.debug("gate %r: X=%d%s: %s", self._name(), decision.offload, " hedged" if decision.hedge else "",
                       decision.reason)
+
+    def _name(self) -> str:
+        return self.context.name if self.context else "gate"
 
     def signals(self) -> dict[str, Any]:
         """The policy's decisions so far (``decisions``: X per side, ``hedged``, ``probes``), its ``switches``,
@@ -207,7 +209,7 @@ class GateStage(Stage):
         now = time.monotonic()
         self._leaves(spare, math.inf)  # (still a slot of the count: an older, finished copy must not fill it)
         try:
-            wanted, why = spare_call(self._signals(), spare.due_s, now - spare.due_at)
+            wanted, why = spare_wanted(self._signals(), spare.due_s, now - spare.due_at)
         except Exception:
             self._leaves(spare, now)  # (the worker sends it)
             raise
@@ -216,8 +218,8 @@ class GateStage(Stage):
         if wanted is True or wanted is False:  # (a hold is asked about again: counted and logged when it ends)
             self._spares[why.split(" (")[0]] += 1
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("gate %r: a spare local copy %.0f ms overdue: %s", self.context.name if self.context
-                          else "gate", (now - spare.due_at) * 1000, why)
+                log.debug("gate %r: a spare local copy %.0f ms overdue: %s", self._name(),
+                          (now - spare.due_at) * 1000, why)
         return wanted
 
     def withdrawn(self, spare: _Spare) -> None:

@@ -607,18 +607,18 @@ def test_a_spare_due_while_the_link_looks_as_it_did_waits_up_to_one_local_servic
     device hiccup): a local copy starting now answers later than it and slows it. The spare waits (asked again
     every 25 ms) up to one local service time, unless a ping is late or the link's delay now puts the round trip
     at its due time; a device at its CPU quota holds it for good; without pings nothing tells, and it leaves."""
-    from zpipe.policy import spare_call, spare_wanted
+    from zpipe.policy import spare_wanted
 
     pinged = dict(local_service_s=0.130, remote_rtt_s=0.070, remote_ping_s=0.020)
-    assert spare_wanted(Signals(now=1.0, **pinged), due_s=0.105, waited_s=0.0) == pytest.approx(0.025)
-    assert spare_wanted(Signals(now=1.0, **pinged), due_s=0.105, waited_s=0.12) == pytest.approx(0.010)
-    assert spare_wanted(Signals(now=1.0, **pinged), due_s=0.105, waited_s=0.13) is True
-    assert spare_wanted(Signals(now=1.0, **{**pinged, "remote_ping_late_s": 0.01}), 0.105, 0.0) is True
-    assert spare_wanted(Signals(now=1.0, **{**pinged, "remote_rtt_s": 0.150}), 0.105, 0.0) is True  # slowed
-    assert spare_wanted(Signals(now=1.0, **{**pinged, "remote_ping_s": None}), 0.105, 0.0) is True
-    assert spare_wanted(Signals(now=1.0, device_load=0.95, **pinged), 0.105, 0.0) is False
+    assert spare_wanted(Signals(now=1.0, **pinged), due_s=0.105, waited_s=0.0)[0] == pytest.approx(0.025)
+    assert spare_wanted(Signals(now=1.0, **pinged), due_s=0.105, waited_s=0.12)[0] == pytest.approx(0.010)
+    assert spare_wanted(Signals(now=1.0, **pinged), due_s=0.105, waited_s=0.13)[0] is True
+    assert spare_wanted(Signals(now=1.0, **{**pinged, "remote_ping_late_s": 0.01}), 0.105, 0.0)[0] is True
+    assert spare_wanted(Signals(now=1.0, **{**pinged, "remote_rtt_s": 0.150}), 0.105, 0.0)[0] is True  # slowed
+    assert spare_wanted(Signals(now=1.0, **{**pinged, "remote_ping_s": None}), 0.105, 0.0)[0] is True
+    assert spare_wanted(Signals(now=1.0, device_load=0.95, **pinged), 0.105, 0.0)[0] is False
     # and why, for the gate's counts and debug log
-    calls = [spare_call(Signals(now=1.0, **{**pinged, **extra}), 0.105, waited) for extra, waited in (
+    calls = [spare_wanted(Signals(now=1.0, **{**pinged, **extra}), 0.105, waited) for extra, waited in (
         ({}, 0.0), ({}, 0.13), ({"remote_ping_late_s": 0.01}, 0.0), ({"remote_rtt_s": 0.150}, 0.0),
         ({"remote_ping_s": None}, 0.0), ({"device_load": 0.95}, 0.0))]
     assert [why for _, why in calls] == ["held: link as it was", "sent: held out", "sent: ping late",

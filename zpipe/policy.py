@@ -58,7 +58,7 @@ from typing import Any, Mapping, Sequence
 from .errors import TopologyError, did_you_mean
 
 __all__ = ["Signals", "Decision", "LatencyPolicy", "ThresholdPolicy", "make_policy", "expected_rtt", "link_delay",
-           "late_by", "late_after", "device_stalls_left_out", "stalled", "spare_wanted", "spare_call"]
+           "late_by", "late_after", "device_stalls_left_out", "stalled", "spare_wanted"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,7 +99,7 @@ def late_after(mean: float) -> float:
     return _LATE_FACTOR * mean + _LATE_MARGIN_S
 
 
-def spare_wanted(s: Signals, due_s: float, waited_s: float) -> bool | float:
+def spare_wanted(s: Signals, due_s: float, waited_s: float) -> tuple[bool | float, str]:
     """Whether a spare local copy (Decision.spare), due ``due_s`` after its decision and overdue by ``waited_s``,
     should leave now: True; not yet (a number of seconds to wait before asking again); never (False: it goes out
     only if the remote side fails).
@@ -113,13 +113,8 @@ def spare_wanted(s: Signals, due_s: float, waited_s: float) -> bool | float:
       is ~67), and a local copy starting now answers later than that and slows the handling of the remote answer
       on a device with little CPU (session 10: seven baseline requests of 179-274 ms in 26 runs). Asked again every
       _SPARE_RECHECK_S, so a ping that shows the link slowed sends it then. Without pings nothing tells: it
-      leaves. (spare_call says why.)"""
-    return spare_call(s, due_s, waited_s)[0]
-
-
-def spare_call(s: Signals, due_s: float, waited_s: float) -> tuple[bool | float, str]:
-    """spare_wanted, and why: (its answer, a short reason for the gate's debug log and counts: what is before
-    " (" names the case)."""
+      leaves.
+    With the answer, a short reason for the gate's counts and debug log (what comes before " (" names the case)."""
     if s.device_load >= _SATURATED_LOAD:
         return False, f"called off (device load {s.device_load:.0%})"
     if s.remote_ping_s is None or s.remote_rtt_s is None:
