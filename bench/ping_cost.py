@@ -40,7 +40,7 @@ def cpu_seconds(pids: set[int]) -> float:
 def idle_cpu(endpoint: str, library: Path, ping_s: float, rundir: str, seconds: float) -> float:
     text = policy_bench.topology_text(endpoint, library, 2.0, "", 0).replace(
         "heartbeat_s = 1", f"heartbeat_s = 1\nping_s = {ping_s}")
-    before = os.environ.get("ZPIPE_RUNDIR")
+    old_rundir = os.environ.get("ZPIPE_RUNDIR")
     os.environ["ZPIPE_RUNDIR"] = rundir
     try:
         with Pipeline(Topology.from_toml(text)) as pipe:
@@ -50,10 +50,10 @@ def idle_cpu(endpoint: str, library: Path, ping_s: float, rundir: str, seconds: 
             time.sleep(seconds)
             return (cpu_seconds(pids) - before) / (time.monotonic() - started)
     finally:
-        if before is None:
+        if old_rundir is None:
             del os.environ["ZPIPE_RUNDIR"]
         else:
-            os.environ["ZPIPE_RUNDIR"] = before
+            os.environ["ZPIPE_RUNDIR"] = old_rundir
 
 
 def main() -> None:

@@ -646,3 +646,26 @@ def test_a_ping_naming_a_model_learns_the_load_of_other_clients(tmp_path, serve)
     assert mine_too.backlog == 0 and mine_too.wait_s == 0.0, mine_too
     assert theirs.backlog >= 5 and theirs.wait_s > 0, theirs
     assert after.backlog == 0 and after.wait_s == 0.0, after
+
+
+def test_an_idle_client_sleeps_until_its_next_deadline():
+    """The client's I/O loop waits for a message until the earliest deadline (at most 1 s), not in 50 ms slices: an
+    idle client costs next to no CPU (a device's), and a request nobody answers still fails at its deadline."""
+    ctx = zmq.Context()
+    mute = ctx.socket(zmq.ROUTER)  # takes requests, never answers
+    port = mute.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with RemoteClient(f"tcp://127.0.0.1:{port}", timeout_s=30) as c:
+            c.ping(timeout_s=0.2).exception(timeout=5)  # connected, the loop settled
+            started = time.process_time()
+            time.sleep(1.0)
+            idle = time.process_time() - started  # this process: the test sleeps, the client's loop waits
+            sent = time.monotonic()
+            with pytest.raises(PeerTimeout, match="did not answer"):
+                c.ping(timeout_s=0.4).result(timeout=5)
+            late = time.monotonic() - sent - 0.4
+    finally:
+        mute.close(linger=0)
+        ctx.term()
+    assert idle < 0.0025, idle  # 50 ms slices took ~4 ms a second here; a loop that spins, a whole second
+    assert 0 <= late < 0.1, late

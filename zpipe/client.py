@@ -25,6 +25,7 @@ import heapq
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -485,7 +486,7 @@ class RemoteClient:
         while not self._stop:
             try:
                 poller.modify(self._sock, zmq.POLLIN | (zmq.POLLOUT if self._backlog else 0))
-                events = dict(poller.poll(50))
+                events = dict(poller.poll(self._until_next_deadline_ms()))
                 if self._waker.fd in events:
                     self._waker.clear()
                 self._flush_outbox()
@@ -567,6 +568,13 @@ class RemoteClient:
                 self.connected = False
                 # ZeroMQ silently loses what was in flight on a broken connection: fail it now, with a reason.
                 self._fail_all(RequestFailed, f"connection to {self.endpoint} lost", reason="disconnected")
+
+    def _until_next_deadline_ms(self) -> int:
+        """How long the I/O loop may wait for a message: until the earliest deadline (an ended request's too: its
+        entry leaves the heap when due), at most 1 s. An idle loop used to wake every 50 ms (a device's CPU)."""
+        with self._lock:
+            wait_s = self._deadlines[0][0] - time.monotonic() if self._deadlines else 1.0
+        return max(0, min(1000, math.ceil(wait_s * 1000)))
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -50,6 +50,9 @@ class StageSlot:
     routes: tuple[tuple[str, str, tuple[str, ...]], ...]  # (consumer, endpoint, tensors it needs)
     consumers: tuple[tuple[str, tuple[str, ...]], ...] = ()  # output port -> stages reading it
     joins: tuple[tuple[str, str], ...] = ()  # output tensor -> the stage that makes a held copy moot (Topology.join_of)
+    # A policy gate in another process reads this stage's figures from the board's file: changes to its signals
+    # are published within ms. (A gate in the same process reads them from memory: zpipe.board.Board.host.)
+    watched: bool = True
 
 
 class _Join:
@@ -97,9 +100,11 @@ class Runner:
         self.signal_changes = 0  # set by the stage's signals_changed(), from any thread
 
     def signals_changed(self) -> None:
-        """The stage's figures changed between requests (a stand-in's ping): publish them within a few ms."""
-        self.signal_changes = next(self._changes)  # each call a new number (atomic), never the one published
-        self.worker.waker.wake()
+        """The stage's figures changed between requests (a stand-in's ping): publish them within a few ms if a gate
+        in another process reads them (readers in this one read them from memory as they are)."""
+        if self.slot.watched:
+            self.signal_changes = next(self._changes)  # each call a new number (atomic), never the one published
+            self.worker.waker.wake()
 
     def setup(self) -> None:
         joins = {port: self.moot_after[tensor] for port, tensor in self.slot.outputs
@@ -108,6 +113,8 @@ class Runner:
                                           board=self.worker.board, signals_changed=self.signals_changed,
                                           joins=joins)
         self.stage.setup()
+        if self.worker.board is not None:
+            self.worker.board.host(self.name, self.figures)
 
     def has_room(self) -> bool:
         return len(self.running) < getattr(self.stage, "max_in_flight", 64)
@@ -332,22 +339,26 @@ class Runner:
 
     def publish(self) -> None:
         """Publish this stage's figures within 2 ms of a change in its counts, in what it has running (a policy
-        reads the age of the oldest request in flight) or in its signals (see StageContext.signals_changed); a stage
-        with signals of its own also at least every 50 ms while the loop runs (every 200 ms when idle)."""
+        reads the age of the oldest request in flight) or in its signals (see StageContext.signals_changed; only
+        when a gate in another process reads them); a stage with signals of its own also at least every 50 ms while
+        the loop runs (every 200 ms when idle; every 100-200 ms when no gate elsewhere reads it)."""
         now = time.monotonic()
         progress = self._progress()
         since = now - self.published_at
-        if since < 0.002 or (progress == self.published_progress and (since < 0.05 or not self.live)):
+        every = 0.05 if self.slot.watched else 0.1
+        if since < 0.002 or (progress == self.published_progress and (since < every or not self.live)):
             return
         self.published_at, self.published_progress = now, progress
-        self.worker.board.publish(self.name, {
-            "pid": os.getpid(), "group": self.worker.plan.group, "processed": self.counts["processed"],
-            "failed": self.counts["failed"], "service_s": self.service.mean,
-            "service_std_s": math.sqrt(self.service.var), "service_support": self.service.count,
-            "measured_at": self.measured_at,
-            "running": len(self.running), "withdrawn": self.counts["withdrawn"],
-            "called_off": self.counts["called_off"], "parked_expired": self.counts["parked_expired"],
-            **self.stage.signals()})
+        self.worker.board.publish(self.name, self.figures())
+
+    def figures(self) -> dict[str, Any]:
+        """What this stage shows on the board: the worker's counts and service time, and the stage's signals."""
+        return {"pid": os.getpid(), "group": self.worker.plan.group, "processed": self.counts["processed"],
+                "failed": self.counts["failed"], "service_s": self.service.mean,
+                "service_std_s": math.sqrt(self.service.var), "service_support": self.service.count,
+                "measured_at": self.measured_at, "running": len(self.running), "withdrawn": self.counts["withdrawn"],
+                "called_off": self.counts["called_off"], "parked_expired": self.counts["parked_expired"],
+                **self.stage.signals()}
 
 
 def read_only(array: np.ndarray) -> np.ndarray:

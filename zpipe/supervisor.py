@@ -71,6 +71,7 @@ class Supervisor:
                 endpoints[spec.name] = ipc_endpoint(rundir, f"s{i}")
         endpoints[SINK] = sink_endpoint
         self.endpoints = endpoints
+        watched = _watched_from(topology, self.grouping)
         self.children: dict[str, _Child] = {}
         for group, stages in self.grouping.groups.items():
             slots = []
@@ -82,7 +83,8 @@ class Supervisor:
                                        inputs=spec.inputs, outputs=spec.outputs, endpoint=endpoints.get(name, ""),
                                        routes=routes, consumers=_consumers(topology, spec),
                                        joins=tuple((t, j) for t in spec.tensors_out()
-                                                   if (j := topology.join_of(t)) is not None)))
+                                                   if (j := topology.join_of(t)) is not None),
+                                       watched=name in watched))
             plan = WorkerPlan(group=group, stages=tuple(slots), control=control, hwm=topology.hwm,
                               join_timeout_s=topology.effective_join_timeout_s, sys_path=tuple(sys.path),
                               parent_pid=os.getpid(), board_dir=self.board_dir,
@@ -271,6 +273,14 @@ def _stage_to_run(topology: Topology, spec: StageSpec) -> Stage:
         timeout_s=host.timeout_s, heartbeat_s=host.heartbeat_s, input_names=[p for p, _ in spec.inputs],
         output_names=[p for p, _ in spec.outputs], host=host.name, fallback=spec.stage if spec.fallback else None,
         ping_s=ping_s)
+
+
+def _watched_from(topology: Topology, grouping: Grouping) -> set[str]:
+    """The stages whose figures an offload policy reads from another process: a policy gate reads its branches'
+    first stages (a gate in the same process reads them from memory)."""
+    group_of = grouping.group_of
+    return {c for spec in topology.stages if getattr(spec.stage, "policy_name", None)
+            for _, consumers in _consumers(topology, spec) for c in consumers if group_of(c) != group_of(spec.name)}
 
 
 def _consumers(topology: Topology, spec: StageSpec) -> tuple[tuple[str, tuple[str, ...]], ...]:
