@@ -173,7 +173,6 @@ def main() -> None:
     np.savez(inputs, x=np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32))
 
     configs = []  # (stages, layout, how to measure)
-    ref = {}
     for stages in wanted:
         model, topology, n = build(stages, out)
         configs.append((n, "onnxruntime", lambda m=model: measure_script(ORT_SCRIPT, [str(m), str(inputs)], out)))

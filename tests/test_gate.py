@@ -73,6 +73,22 @@ def test_each_request_runs_exactly_the_branch_its_x_chooses():
             assert ran == {"pre", "gate", "select", "post", "remote_branch" if c else "local_branch"}, ran
 
 
+@pytest.mark.parametrize("groups", ["auto", "per-stage"])
+def test_a_skipped_branch_costs_its_stages_nothing(groups):
+    """The skip notice for the branch X did not choose goes straight to the select: the branch's stages (here each
+    in a process of its own, per-stage) get no message for that request at all."""
+    with Pipeline(gated(GATED.replace("timeout_s = 20", f'timeout_s = 20\ngroups = "{groups}"'))) as pipe:
+        for i in range(12):
+            z = pipe.infer({"x": np.full(4, float(i), np.float32), "ctl": np.array(i % 3 == 0)})["z"]
+            np.testing.assert_allclose(z, np.full(4, i * 10 + 0.5 if i % 3 == 0 else -i + 0.5))
+        deadline = time.monotonic() + 5
+        while pipe.signals("local_branch").get("processed") != 8 and time.monotonic() < deadline:
+            time.sleep(0.02)  # (another process's board entry: published within ms)
+        then, other = pipe.signals("remote_branch"), pipe.signals("local_branch")
+    assert (then["processed"], other["processed"]) == (4, 8)
+    assert then["skipped"] == other["skipped"] == 0
+
+
 def test_integer_x_and_x_from_request_meta():
     text = GATED.replace('control = "ctl"', 'control = "ctl"\nmeta_key = "offload"')
     with Pipeline(gated(text)) as pipe:

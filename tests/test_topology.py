@@ -171,6 +171,26 @@ def test_join_of_names_the_select_that_makes_a_held_copy_moot():
     assert gated(mixed).join_of("h@else") is None
 
 
+def test_a_skipped_branch_is_told_at_its_join():
+    """A gate's skip notice for a branch that is its own up to the select goes straight there, naming the select's
+    inputs from that branch; a branch that leaks or waits for something else gets the notice the long way."""
+    from test_gate import GATED, gated
+
+    assert gated().skip_shortcut(("h@else",)) == ("select", ("y@else",))
+    assert gated().skip_shortcut(("h@then",)) == ("select", ("y@then",))
+    longer = GATED.replace('inputs = { x = "h@else" }\noutputs = { out = "y@else" }',
+                           'inputs = { x = "h@else" }\noutputs = { out = "m@else" }\n\n[stages.more]\n'
+                           'kind = "zpipe.testing:Scale"\ninputs = { x = "m@else" }\noutputs = { out = "y@else" }')
+    assert longer != GATED
+    assert gated(longer).skip_shortcut(("h@else",)) == ("select", ("y@else",))
+    leaky = GATED.replace('outputs = ["z"]', 'outputs = ["z", "y@else"]')
+    assert gated(leaky).skip_shortcut(("h@else",)) is None
+    mixed = GATED.replace('kind = "zpipe.testing:Scale"\nfactor = -1.0\ninputs = { x = "h@else" }\noutputs = { out = "y@else" }',
+                          'kind = "merge"\nop = "add"\ninputs = ["h@else", "h"]\noutputs = ["y@else"]')
+    assert mixed != GATED
+    assert gated(mixed).skip_shortcut(("h@else",)) is None  # it would wait for h@else in vain
+
+
 def test_join_of_passes_through_a_select_fed_from_within_and_refuses_two_ways_out():
     from test_gate import GATED, gated
 

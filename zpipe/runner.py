@@ -53,6 +53,9 @@ class StageSlot:
     # A policy gate in another process reads this stage's figures from the board's file: changes to its signals
     # are published within ms. (A gate in the same process reads them from memory: zpipe.board.Board.host.)
     watched: bool = True
+    # A gate's routes whose skip notice goes straight to the join of its branch (Topology.skip_shortcut):
+    # (consumer, join, the join's endpoint, the join's inputs from that branch).
+    skip_to: tuple[tuple[str, str, str, tuple[str, ...]], ...] = ()
 
 
 class _Join:
@@ -90,6 +93,7 @@ class Runner:
         self.parked: collections.deque[Message] = collections.deque()  # in-memory work waiting for has_room()
         self.is_async = bool(getattr(stage, "asynchronous", False))
         self.moot_after = dict(slot.joins)  # output tensor -> the stage whose early run makes a held copy moot
+        self.skip_to = {consumer: (join, endpoint, tensors) for consumer, join, endpoint, tensors in slot.skip_to}
         self.live = stage.live_signals  # publishes figures that change while idle (see Stage.live_signals)
         if self.live is None:
             self.live = type(stage).signals is not Stage.signals
@@ -294,9 +298,15 @@ class Runner:
         reading a tensor in ``defer`` gets its message that many seconds later; with ``spare``, those messages are
         withdrawn if the one stage they all lead to (Topology.join_of) runs in this process and runs for the
         request first; with ``after_answer``, they leave then."""
-        batch, later = [], []
+        batch, later, told = [], [], set()
         for consumer, endpoint, tensors in self.slot.routes:
             missing = [t for t in tensors if t not in by_tensor]
+            if len(missing) == len(tensors) and consumer in self.skip_to:  # a whole branch skipped: tell its join
+                consumer, endpoint, tensors = self.skip_to[consumer]
+                if (consumer, tensors) in told:
+                    continue
+                told.add((consumer, tensors))
+                missing = list(tensors)
             item = (consumer, endpoint, Message(
                 kind=Kind.REQUEST, request_id=rid, meta={**meta, SKIPPED: missing} if missing else dict(meta),
                 tensors={t: by_tensor[t] for t in tensors if t in by_tensor}))
@@ -358,7 +368,7 @@ class Runner:
                 "service_std_s": math.sqrt(self.service.var), "service_support": self.service.count,
                 "measured_at": self.measured_at, "running": len(self.running), "withdrawn": self.counts["withdrawn"],
                 "called_off": self.counts["called_off"], "parked_expired": self.counts["parked_expired"],
-                **self.stage.signals()}
+                "skipped": self.counts["skipped"], **self.stage.signals()}
 
 
 def read_only(array: np.ndarray) -> np.ndarray:

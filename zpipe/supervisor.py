@@ -84,7 +84,8 @@ class Supervisor:
                                        routes=routes, consumers=_consumers(topology, spec),
                                        joins=tuple((t, j) for t in spec.tensors_out()
                                                    if (j := topology.join_of(t)) is not None),
-                                       watched=name in watched))
+                                       watched=name in watched,
+                                       skip_to=_skip_shortcuts(topology, spec, self.grouping, endpoints)))
             plan = WorkerPlan(group=group, stages=tuple(slots), control=control, hwm=topology.hwm,
                               join_timeout_s=topology.effective_join_timeout_s, sys_path=tuple(sys.path),
                               parent_pid=os.getpid(), board_dir=self.board_dir,
@@ -281,6 +282,22 @@ def _watched_from(topology: Topology, grouping: Grouping) -> set[str]:
     group_of = grouping.group_of
     return {c for spec in topology.stages if getattr(spec.stage, "policy_name", None)
             for _, consumers in _consumers(topology, spec) for c in consumers if group_of(c) != group_of(spec.name)}
+
+
+def _skip_shortcuts(topology: Topology, spec: StageSpec, grouping: Grouping,
+                    endpoints: dict[str, str]) -> tuple[tuple[str, str, str, tuple[str, ...]], ...]:
+    """For a gate: the routes whose skip notice may go straight to their branch's join (Topology.skip_shortcut), as
+    StageSlot.skip_to. The join must be reachable from the gate's process: in it, or with a socket of its own."""
+    if not spec.stage.may_skip_outputs:
+        return ()
+    out = []
+    for consumer, tensors in topology.routes(spec.name).items():
+        shortcut = topology.skip_shortcut(tensors) if consumer != SINK else None
+        if shortcut is not None:
+            join, into_join = shortcut
+            if grouping.group_of(join) == grouping.group_of(spec.name) or join in endpoints:
+                out.append((consumer, join, endpoints.get(join, ""), into_join))
+    return tuple(out)
 
 
 def _consumers(topology: Topology, spec: StageSpec) -> tuple[tuple[str, tuple[str, ...]], ...]:

@@ -242,6 +242,25 @@ class Topology:
         found = [join for join in joins if only_way_out(join)]
         return found[0] if len(found) == 1 else None
 
+    def skip_shortcut(self, tensors: tuple[str, ...]) -> tuple[str, tuple[str, ...]] | None:
+        """Where a skip notice for ``tensors`` may go straight to: (the join their branch leads to, the join's inputs
+        from that branch), or None. A gate's skipped branch then costs its stages nothing (on the device: no message
+        to each process on the way, nothing for them to pass on): the branch is theirs alone up to the join (see
+        join_of), so nothing on it could run for that request anyway."""
+        joins = {self.join_of(t) for t in tensors}
+        join = joins.pop() if len(joins) == 1 else None
+        if join is None:
+            return None
+        branch: set[str] = set()
+        todo = [r for t in tensors for r in self._readers.get(t, ())]
+        while todo:
+            name = todo.pop()
+            if name != join and name not in branch:
+                branch.add(name)
+                todo += [r for t in self.stage(name).tensors_out() for r in self._readers.get(t, ())]
+        into_join = tuple(t for t in self.stage(join).tensors_in() if self.producer(t) in branch)
+        return (join, into_join) if into_join else None
+
     def _may_answer_early(self, name: str) -> bool:
         stage = self.stage(name).stage
         return stage.accepts_skipped and type(stage).runnable is not Stage.runnable

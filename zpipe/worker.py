@@ -158,7 +158,9 @@ class Worker:
                     sock = make_socket(ctx, zmq.PULL, hwm=plan.hwm)
                     sock.bind(runner.slot.endpoint)
                     self.pulls[sock] = runner
-                for consumer, endpoint, _ in runner.slot.routes:
+                destinations = [(consumer, endpoint) for consumer, endpoint, _ in runner.slot.routes]
+                destinations += [(join, endpoint) for _, join, endpoint, _ in runner.slot.skip_to]
+                for consumer, endpoint in destinations:
                     if consumer not in self.runners and endpoint not in self.pushes:
                         sock = make_socket(ctx, zmq.PUSH, hwm=plan.hwm)
                         sock.connect(endpoint)
