@@ -75,8 +75,8 @@ def test_each_request_runs_exactly_the_branch_its_x_chooses():
 
 @pytest.mark.parametrize("groups", ["auto", "per-stage"])
 def test_a_skipped_branch_costs_its_stages_nothing(groups):
-    """The skip notice for the branch X did not choose goes straight to the select: the branch's stages (here each
-    in a process of its own, per-stage) get no message for that request at all."""
+    """The skip notice for the branch X did not choose goes straight to the select: the branch's stages (in the
+    gate's process or, per-stage, each in its own) get no message for that request at all."""
     with Pipeline(gated(GATED.replace("timeout_s = 20", f'timeout_s = 20\ngroups = "{groups}"'))) as pipe:
         for i in range(12):
             z = pipe.infer({"x": np.full(4, float(i), np.float32), "ctl": np.array(i % 3 == 0)})["z"]

@@ -215,18 +215,7 @@ class Topology:
         """
         if tensor in self.outputs:
             return None
-        source, readers = self.producer(tensor), self._readers
-
-        def ahead(starts: list[str], stop: str | None = None) -> set[str]:
-            seen: set[str] = set()
-            todo = list(starts)
-            while todo:
-                name = todo.pop()
-                if name == stop or name in seen:
-                    continue
-                seen.add(name)
-                todo += [r for t in self.stage(name).tensors_out() for r in readers.get(t, ())]
-            return seen
+        source, readers, ahead = self.producer(tensor), self._readers, self._ahead
 
         def only_way_out(join: str) -> bool:  # the stages before it take from and give to nothing else
             branch = ahead(starts, stop=join)
@@ -251,15 +240,21 @@ class Topology:
         join = joins.pop() if len(joins) == 1 else None
         if join is None:
             return None
-        branch: set[str] = set()
-        todo = [r for t in tensors for r in self._readers.get(t, ())]
-        while todo:
-            name = todo.pop()
-            if name != join and name not in branch:
-                branch.add(name)
-                todo += [r for t in self.stage(name).tensors_out() for r in self._readers.get(t, ())]
+        branch = self._ahead([r for t in tensors for r in self._readers.get(t, ())], stop=join)
         into_join = tuple(t for t in self.stage(join).tensors_in() if self.producer(t) in branch)
         return (join, into_join) if into_join else None
+
+    def _ahead(self, starts: list[str], stop: str | None = None) -> set[str]:
+        """The stages ``starts`` and everything downstream of them, not going past ``stop``."""
+        seen: set[str] = set()
+        todo = list(starts)
+        while todo:
+            name = todo.pop()
+            if name == stop or name in seen:
+                continue
+            seen.add(name)
+            todo += [r for t in self.stage(name).tensors_out() for r in self._readers.get(t, ())]
+        return seen
 
     def _may_answer_early(self, name: str) -> bool:
         stage = self.stage(name).stage
