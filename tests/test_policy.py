@@ -1270,7 +1270,10 @@ def test_the_policy_goes_local_while_the_server_is_busy_with_other_clients(busy_
         time.sleep(0.15)
         after = [one() for _ in range(40)]
     assert [x for x, _, _ in during] == [0, 0, 0], during
-    assert "server busy" in during[0][1], during
+    # The first of them may be a local probe that fell due (probe_interval_s), which leads on the local side too;
+    # the first decision that is not a probe says why it went local.
+    decided = [why for _, why, _ in during if not why.startswith("policy: probe")]
+    assert decided and "server busy" in decided[0], during
     assert all(latency < local_s + 4 * compute_s + 0.1 for _, _, latency in during), (during, local_s)
     assert [x for x, _, _ in after[-10:]].count(1) >= 8, after  # offloading again
 
