@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from testbed import EDGE_ADDR, ROOT, TESTBED, Proc, log, netpair, require_down, teardown
+from testbed import EDGE_ADDR, ROOT, TESTBED, Proc, log, netpair, netpair_up, require_down, teardown
 
 MODES = ["device", "server", "server (client)", "partial", "gated X=1", "gated X=0"]
 TARGET_RATIO = 0.5  # partial or gated offload at most 0.5x the device-only latency
@@ -267,7 +267,7 @@ def orchestrate(args: argparse.Namespace) -> dict:
         paths = write_topologies(work, endpoint, args.heartbeat_s)
         log(f"demo built in {time.monotonic() - t0:.1f} s ({work})")
 
-        netpair("up", str(args.delay_ms), str(args.rate_mbit), "0")
+        netpair_up(str(args.delay_ms), str(args.rate_mbit), "0")
         for ns in ("dev", "edge"):  # the kernel's IPv6 chatter (router solicitations, 48 B) is not ours to count
             subprocess.run([str(TESTBED / "netpair.sh"), "exec", ns, "sysctl", "-q", "-w",
                             "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"], check=True)

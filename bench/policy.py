@@ -56,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
-from testbed import EDGE_ADDR, TESTBED, Proc, log, netpair, require_down, teardown
+from testbed import EDGE_ADDR, TESTBED, Proc, log, netpair, netpair_up, require_down, teardown
 
 GOOD_LINK, BAD_LINK = ("10", "100", "0"), ("50", "20", "5")
 PHASES = ["baseline", "bad link", "baseline 2", "busy device", "baseline 3"]
@@ -339,7 +339,7 @@ def orchestrate(args: argparse.Namespace) -> dict:
         (work / "topology.toml").write_text(topology_text(endpoint, library, args.host_timeout_s,
                                                           args.policy_options, args.local_nice))
 
-        netpair("up", *GOOD_LINK)
+        netpair_up(*GOOD_LINK)
         server = Proc([str(TESTBED / "netpair.sh"), "exec", "edge", sys.executable, "-m", "zpipe", "serve",
                        "--repo", str(work / "repo"), "--bind", endpoint, "--insecure"], name="server")
         procs.append(server)

@@ -82,6 +82,18 @@ def netpair(*args: str, check: bool = True) -> str:
     return out.stdout + out.stderr
 
 
+def netpair_up(*link: str) -> None:
+    """`netpair.sh up` with ``link`` (delay ms, rate Mbit/s, loss %), once more after a failed start: its user-space
+    link emulator did not come up once in a series of runs, with nothing in its log (session 15, run 4 of 8)."""
+    try:
+        netpair("up", *link)
+    except RuntimeError as exc:
+        log(f"{exc}; once more")
+        netpair("down", check=False)
+        time.sleep(1.0)
+        netpair("up", *link)
+
+
 def require_down() -> None:
     """Refuse to start when the namespace pair is already up (another run owns it)."""
     state = netpair("status", check=False).strip()
