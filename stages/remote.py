@@ -5,8 +5,9 @@ may also name ``kind = "remote"``). Requests go to a server over one connection 
 keeps taking work while replies are pending, up to ``max_in_flight``); each carries its remaining deadline.
 
 * Several endpoints: each request goes to the reachable server with the fewest requests in flight.
-* Circuit breaker per server: a lost connection, or ``breaker_failures`` failures in a row, marks it down; a
-  background probe (a health call every ``probe_s``) marks it up again when it answers. No request is spent on
+* Circuit breaker per server: a lost connection, or ``breaker_failures`` failures in a row, marks it down (a lost
+  connection within ``probe_s`` also while no request goes there: the board, the policy and the metrics show it);
+  a background probe (a health call every ``probe_s``) marks it up again when it answers. No request is spent on
   probing.
 * Fallback: with a ``fallback`` stage (the same stage, run here), a request whose server failed (connection lost,
   deadline, refused, busy, draining, model missing) is re-run on the device within its deadline, and so is every
@@ -327,16 +328,20 @@ class RemoteStage(LinkKeeper, Stage):
 
     def _pick(self, tried: set[str]) -> Link | None:
         with self._lock:
-            for link in self._links:
-                if link.up and not link.client.connected:  # the connection dropped (heartbeats, RST): down
-                    link.up, link.down_reason = False, "connection lost"
-                    self._signals_changed()  # (it only wakes the worker: safe with the lock held)
+            self._drop_lost()
             usable = [link for link in self._links if link.up and link.endpoint not in tried]
             if not usable:
                 return None
             link = min(usable, key=lambda link: (link.inflight, link.last_used))  # ties: round robin
             link.last_used = time.monotonic()
             return link
+
+    def _drop_lost(self) -> None:
+        """Mark down each server whose connection dropped (ZeroMQ heartbeats, a RST). Call with the lock held."""
+        for link in self._links:
+            if link.up and not link.client.connected:
+                link.up, link.down_reason = False, "connection lost"
+                self._signals_changed()  # (it only wakes the worker: safe with the lock held)
 
     def _succeeded(self, link: Link, rtt: float, *, overlap_s: float = 0.0, measured: bool = True,
                    server_wait_s: float = 0.0) -> None:
@@ -398,8 +403,11 @@ class RemoteStage(LinkKeeper, Stage):
         self._signals_changed()
 
     def _probe_loop(self) -> None:
-        """While a server is marked down, ask it for health every probe_s; mark it up when it answers ready."""
+        """Every probe_s: a server whose connection dropped is down (as a request would find it); one that is down
+        is asked for health, and is up again when it answers ready."""
         while not self._stop.wait(self.probe_s):
+            with self._lock:
+                self._drop_lost()
             for link in self._links:
                 if link.up:
                     continue

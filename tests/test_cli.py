@@ -55,6 +55,22 @@ def test_run_with_wrong_inputs_names_them(tmp_path):
     assert "missing ['x'], unexpected ['z']" in proc.stderr
 
 
+def test_run_names_a_metrics_port_in_use_and_bench_refuses_it_for_a_server(tmp_path):
+    import socket
+
+    np.savez(tmp_path / "in.npz", x=np.zeros((3, 4), np.float32))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = zpipe("run", TOY, "--inputs", tmp_path / "in.npz", "--metrics-port", port)
+    assert proc.returncode != 0
+    assert f"cannot serve metrics on 127.0.0.1:{port}: Address already in use" in proc.stderr, proc.stderr
+    proc = zpipe("bench", "run", "--endpoint", "tcp://127.0.0.1:1", "--model", "m", "--metrics-port", 9100)
+    assert proc.returncode == 2
+    assert "--metrics-port serves a topology's metrics" in proc.stderr, proc.stderr
+
+
 def test_sigterm_drains_and_accounts_for_every_request(tmp_path):
     slow = tmp_path / "slow.toml"
     slow.write_text(TOY.read_text().replace("seconds = 0.005", "seconds = 0.05").replace("max_in_flight = 32",

@@ -62,9 +62,11 @@ def validate(topology: Path) -> None:
               help="How many requests to send (the same inputs each time; up to max_in_flight in flight).")
 @click.option("--json", "json_out", is_flag=True, help="Print the summary as one JSON line.")
 @click.option("--explain", is_flag=True, help="Print which stage runs in which worker process, and exit.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535),
+              help="Serve the pipeline's Prometheus metrics on 127.0.0.1:PORT while it runs.")
 @zpipe_errors
 def run(topology: Path, inputs_path: Path | None, out_path: Path | None, n_requests: int, json_out: bool,
-        explain: bool) -> None:
+        explain: bool, metrics_port: int | None) -> None:
     """Run every stage of TOPOLOGY on this host and feed it requests."""
     from .pipeline import Pipeline
     from .topology import Topology
@@ -84,6 +86,8 @@ def run(topology: Path, inputs_path: Path | None, out_path: Path | None, n_reque
     with _interrupts_as_flag(interrupted):
         pipe = Pipeline(topo).start()
         try:
+            if metrics_port:
+                pipe.serve_metrics(metrics_port)
             started = time.monotonic()
             futures = []
             first_result: list[float] = []  # wall clock of the first answer, for start-up measurements

@@ -92,12 +92,14 @@ class _Levels(click.ParamType):
               "and the run's configuration here (schema zpipe-bench/1).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a PNG: latency over time and the latency CDF.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), help="With a TOPOLOGY: serve the pipeline's "
+              "Prometheus metrics (gate decisions, remote links) on 127.0.0.1:PORT during the run.")
 @click.option("--quiet", "-q", is_flag=True, help="No live progress bar (it is off anyway when not on a terminal).")
 def run_command(topology: Path | None, endpoint: str | None, model: str | None, server_key: str | None,
                 client_key: str | None, concurrency: tuple | None, rate: tuple | None, arrivals: str,
                 duration_s: float | None, n_requests: int | None, warmup_s: float, timeout_s: float | None,
                 inputs_paths: tuple[Path, ...], shapes: tuple[str, ...], seed: int, json_path: Path | None,
-                plot_path: Path | None, quiet: bool) -> None:
+                plot_path: Path | None, metrics_port: int | None, quiet: bool) -> None:
     """Apply load to TOPOLOGY (run here, as a client of its stages) or to a server, and report the figures."""
     if (topology is None) == (endpoint is None):
         raise click.UsageError("give a TOPOLOGY file or --endpoint (with --model), not both")
@@ -107,10 +109,14 @@ def run_command(topology: Path | None, endpoint: str | None, model: str | None, 
         raise click.UsageError("--concurrency (closed loop) and --rate (open loop) exclude each other")
     if duration_s is not None and n_requests is not None:
         raise click.UsageError("--duration and --requests exclude each other")
+    if metrics_port and endpoint is not None:
+        raise click.UsageError("--metrics-port serves a topology's metrics; an edge server serves its own "
+                               "(zpipe serve --metrics-port)")
     with _errors():
         from .loadtest import LoadConfig, plot_report, run_load
 
-        with _target(topology, endpoint, model, server_key, client_key) as (submit, describe, hosts, default_to):
+        target = _target(topology, endpoint, model, server_key, client_key, metrics_port)
+        with target as (submit, describe, hosts, default_to):
             inputs = _inputs(inputs_paths, shapes, topology, seed, describe)
             try:
                 config = LoadConfig(mode="open" if rate else "closed", levels=rate or concurrency or (1,),
@@ -174,7 +180,7 @@ def _errors() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _target(topology: Path | None, endpoint: str | None, model: str | None, server_key: str | None,
-            client_key: str | None) -> Iterator[tuple]:
+            client_key: str | None, metrics_port: int | None) -> Iterator[tuple]:
     """(submit, description, stage hosts, default timeout) for a topology run here, or a server's model."""
     if topology is not None:
         from .pipeline import Pipeline
@@ -185,6 +191,8 @@ def _target(topology: Path | None, endpoint: str | None, model: str | None, serv
         describe = {"kind": "topology", "topology": str(topology), "name": topo.name,
                     "max_in_flight": topo.max_in_flight, "stages": hosts}
         with Pipeline(topo) as pipe:
+            if metrics_port:
+                click.echo(f"metrics: http://127.0.0.1:{pipe.serve_metrics(metrics_port)}/metrics", err=True)
             yield (lambda inputs, timeout_s: pipe.submit(inputs, timeout_s=timeout_s)), describe, hosts, \
                 topo.timeout_s
             return

@@ -108,6 +108,7 @@ class Pipeline:
         self._broken: str | None = None
         self._started = False
         self._thread: threading.Thread | None = None
+        self._metrics_server: Any = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def start(self) -> "Pipeline":
@@ -145,6 +146,7 @@ class Pipeline:
         A closed pipeline cannot be started again.
         """
         if not self._started:
+            self._stop_metrics()
             return
         with self._lock:
             self._closing = True
@@ -163,6 +165,13 @@ class Pipeline:
         self._ctx.destroy(linger=0)
         shutil.rmtree(self._rundir, ignore_errors=True)
         self._started = False
+        self._stop_metrics()
+
+    def _stop_metrics(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
 
     def __enter__(self) -> "Pipeline":
         return self.start()
@@ -250,6 +259,28 @@ class Pipeline:
         from .board import Board
 
         return (Board(f"{self._rundir}/board").read(stage) or {}) if self._started else {}
+
+    def metrics_collector(self) -> Any:
+        """A prometheus-client collector of this pipeline's metrics (zpipe.pipeline_metrics lists them), for an
+        application's own registry: ``registry.register(pipe.metrics_collector())``."""
+        from .pipeline_metrics import PipelineCollector
+
+        return PipelineCollector(self)
+
+    def serve_metrics(self, port: int = 0, addr: str = "127.0.0.1") -> int:
+        """Serve this pipeline's metrics at http://ADDR:PORT/metrics (loopback by default; port 0 picks a free one)
+        until it closes; returns the port."""
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        if self._metrics_server is not None:
+            raise ZpipeError(f"this pipeline already serves its metrics on port {self._metrics_server.server_port}")
+        registry = CollectorRegistry()
+        registry.register(self.metrics_collector())
+        try:
+            self._metrics_server, _ = start_http_server(port, addr=addr, registry=registry)
+        except OSError as exc:
+            raise ZpipeError(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}") from exc
+        return self._metrics_server.server_port
 
     def stats(self) -> dict[str, int]:
         """Counters: submitted, ok, failed, in_flight, late (replies after their request ended) and per reason."""

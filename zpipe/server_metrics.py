@@ -96,8 +96,8 @@ class _Collector:
 
     def collect(self):
         m = self.m
-        yield _family(CounterMetricFamily, "zpipe_server_requests", "Requests finished, by model and outcome",
-                      ["model", "outcome"], m.requests)
+        yield family(CounterMetricFamily, "zpipe_server_requests", "Requests finished, by model and outcome",
+                     ["model", "outcome"], m.requests)
         fam = HistogramMetricFamily("zpipe_server_request_seconds", "Time from arrival to reply, by model",
                                     labels=["model"])
         bounds = [str(b) for b in _LATENCY_BUCKETS] + ["+Inf"]
@@ -106,21 +106,21 @@ class _Collector:
             cumulative = [sum(hist[:i + 1]) for i in range(len(bounds))]
             fam.add_metric([model], list(zip(bounds, cumulative)), sum_value=hist[-1])
         yield fam
-        yield _family(GaugeMetricFamily, "zpipe_server_queue_depth", "Requests waiting for a worker, by model",
-                      ["model"], m.queue_depth)
-        yield _family(CounterMetricFamily, "zpipe_server_received_messages", "Messages received, by client and kind",
-                      ["client", "kind"], m.messages)
-        yield _family(CounterMetricFamily, "zpipe_server_received_tensor_bytes", "Tensor bytes received, by client",
-                      ["client"], m.tensor_bytes)
+        yield family(GaugeMetricFamily, "zpipe_server_queue_depth", "Requests waiting for a worker, by model",
+                     ["model"], m.queue_depth)
+        yield family(CounterMetricFamily, "zpipe_server_received_messages", "Messages received, by client and kind",
+                     ["client", "kind"], m.messages)
+        yield family(CounterMetricFamily, "zpipe_server_received_tensor_bytes", "Tensor bytes received, by client",
+                     ["client"], m.tensor_bytes)
         yield CounterMetricFamily("zpipe_server_malformed_messages", "Messages that broke the wire format",
                                   value=m.malformed)
         yield CounterMetricFamily("zpipe_server_undeliverable_replies", "Replies to clients that were gone",
                                   value=m.undeliverable)
-        yield _family(CounterMetricFamily, "zpipe_server_run_on_loop", "Requests the server's loop ran itself (a fast "
-                      "in-process model while no model thread was busy), by model", ["model"], m.on_loop)
+        yield family(CounterMetricFamily, "zpipe_server_run_on_loop", "Requests the server's loop ran itself (a fast "
+                     "in-process model while no model thread was busy), by model", ["model"], m.on_loop)
 
 
-def _family(cls, name: str, doc: str, labels: list[str], values: dict):
+def family(cls, name: str, doc: str, labels: list[str], values: dict):
     """A counter or gauge family with one sample per key of ``values`` (a label value, or a tuple of them)."""
     fam = cls(name, doc, labels=labels)
     for key, value in sorted(dict(values).items()):
