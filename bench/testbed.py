@@ -21,9 +21,13 @@ __all__ = ["ROOT", "TESTBED", "DEV_ADDR", "EDGE_ADDR", "child_env", "log", "Proc
 
 
 def child_env() -> dict[str, str]:
-    """This environment, with the repository on PYTHONPATH and unbuffered output (for children in namespaces)."""
+    """This environment, with the repository on PYTHONPATH and unbuffered output (for children in namespaces).
+    A PYTHONPATH given to the bench comes first: `PYTHONPATH=<another checkout> python bench/policy.py` runs that
+    checkout's zpipe on both sides with this script (an A/B). It used to come after the repository, so that the
+    device and server ran the script's own code whatever it said (session 15: an "A/B" that compared one commit
+    with itself)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(ROOT)]))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
