@@ -4,7 +4,6 @@ requests to a real edge server process, and parsed with prometheus-client's own 
 from __future__ import annotations
 
 import signal
-import textwrap
 import time
 import urllib.request
 
@@ -15,54 +14,12 @@ pytest.importorskip("tvm")
 
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from server_models import SHAPE, add_version, build_affine  # noqa: E402
+from server_models import SHAPE  # noqa: E402
+from test_policy import affine, affine_server, gated_auto  # noqa: E402,F401  (fixtures)
 from test_server import serve  # noqa: E402,F401  (fixture)
 
-from zpipe import Pipeline, Topology  # noqa: E402
+from zpipe import Pipeline  # noqa: E402
 from zpipe.errors import ZpipeError  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def affine(tmp_path_factory):
-    return build_affine(tmp_path_factory.mktemp("metrics"), "affine", scale=2.0)
-
-
-def gated(endpoint: str) -> Topology:
-    """X from meta "offload" when the request gives it, else from the latency policy."""
-    return Topology.from_toml(textwrap.dedent(f"""
-    [pipeline]
-    inputs = ["x"]
-    outputs = ["y"]
-    timeout_s = 20
-    [hosts.edge]
-    endpoint = "{endpoint}"
-    timeout_s = 2.0
-    heartbeat_s = 0.2
-    [stages.gate]
-    kind = "gate"
-    control = "X"
-    meta_key = "offload"
-    policy = "latency"
-    inputs = ["x"]
-    outputs = {{ "then.x" = "x@edge", "else.x" = "x@local" }}
-    [stages.remote]
-    kind = "zpipe.testing:Affine"
-    host = "edge"
-    model = "affine"
-    fallback = true
-    inputs = {{ x = "x@edge" }}
-    outputs = {{ y = "y@edge" }}
-    [stages.local]
-    kind = "zpipe.testing:Affine"
-    seconds = 0.02
-    inputs = {{ x = "x@local" }}
-    outputs = {{ y = "y@local" }}
-    [stages.select]
-    kind = "merge"
-    op = "select"
-    inputs = ["y@edge", "y@local"]
-    outputs = ["y"]
-    """))
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -82,10 +39,13 @@ def until(port: int, check, timeout_s: float = 5.0):
         time.sleep(0.05)
 
 
-def test_the_metrics_count_each_request_where_it_ran_and_show_a_dead_server(affine, tmp_path, serve):
-    repo = tmp_path / "repo"
-    add_version(repo, "affine", 1, affine)
-    server = serve(repo)
+def gated(endpoint: str):
+    """X from meta "offload" when the request gives it, else from the latency policy."""
+    return gated_auto([endpoint], local_s=0.02, meta_key="offload")
+
+
+def test_the_metrics_count_each_request_where_it_ran_and_show_a_dead_server(affine_server):
+    server = affine_server
     x = np.ones(SHAPE, np.float32)
     with Pipeline(gated(server.endpoint)) as pipe:
         port = pipe.serve_metrics(0)
@@ -130,11 +90,8 @@ def test_the_metrics_count_each_request_where_it_ran_and_show_a_dead_server(affi
         scrape(port)
 
 
-def test_an_application_registers_the_collector_in_its_own_registry(affine, tmp_path, serve):
-    repo = tmp_path / "repo"
-    add_version(repo, "affine", 1, affine)
-    server = serve(repo)
-    with Pipeline(gated(server.endpoint)) as pipe:
+def test_an_application_registers_the_collector_in_its_own_registry(affine_server):
+    with Pipeline(gated(affine_server.endpoint)) as pipe:
         registry = CollectorRegistry()
         registry.register(pipe.metrics_collector())
         pipe.infer({"x": np.ones(SHAPE, np.float32)}, meta={"offload": 0})

@@ -754,7 +754,8 @@ def affine_server(affine, tmp_path, serve):
 
 def gated_auto(endpoints: list[str], *, local_s: float, options: str = "", fallback: bool = True,
                timeout_s: float = 2.0, host_options: str = "", model: str = "affine",
-               groups: str = "auto") -> Topology:
+               groups: str = "auto", meta_key: str | None = None) -> Topology:
+    """gate (policy "latency"; X from meta ``meta_key`` when a request gives it) -> remote | local -> select."""
     return Topology.from_toml(textwrap.dedent(f"""
     [pipeline]
     inputs = ["x"]
@@ -769,6 +770,7 @@ def gated_auto(endpoints: list[str], *, local_s: float, options: str = "", fallb
     [stages.gate]
     kind = "gate"
     control = "X"
+    {f'meta_key = "{meta_key}"' if meta_key else ""}
     policy = "latency"
     policy_options = {{ {options} }}
     inputs = ["x"]
