@@ -39,11 +39,10 @@ and asks a policy for a :class:`Decision`. Two policies:
   and mis-measure it). Pings that show a link 1.5× faster than at the last remote sample make a remote probe due
   at once; where copies can be spares, that probe is the remote side's, with a spare local copy due when a local
   answer would be in. Probes of the local side
-  cost the device's CPU, the scarce thing when offloading, and slow the request after them: while local
-  measures more than 1.2× the remote time, its probe interval is 8× (nothing but a slower remote side or a freer
-  device can make local the better side, and both show without a probe), back to normal as soon as local is
-  within 1.2× of the remote estimate (the link slowed) or the device's load is 20 points below the one local was
-  measured at. Remote probes never back off, so a link that recovers is noticed within ``probe_interval_s``.
+  cost the device's CPU, the scarce thing when offloading: while local keeps measuring more than
+  1.2× the remote time, its probe interval doubles (up to 8×), and is back to normal as soon as local is within
+  1.2× of the remote estimate again (the link slowed). Remote probes never back off, so a link that
+  recovers is noticed within ``probe_interval_s``.
 * :class:`ThresholdPolicy`: offload while the device is busy (CPU use or backlog above a high mark, until it falls
   below a low mark) unless the link is slow (RTT above ``max_rtt_s``) or failing.
 
@@ -211,7 +210,6 @@ _WARM_PROBES = 3
 _WARM_INTERVAL_S = 0.2
 _BACKOFF_RATIO = 1.2  # local probes back off while local measures more than this times the remote time
 _MAX_BACKOFF = 8
-_LOAD_FREED = 0.2  # a device load this much below the one local was measured at: local probes at the normal pace
 _FASTER_LINK, _FASTER_MARGIN_S = 1.5, 0.005  # pings this much faster than at the last remote sample make it stale
 _NEAR_BEST, _NEAR_BEST_MARGIN_S = 1.5, 0.005  # pings within this of their best: the link is as good as it gets
 _SLOWER_LINK = 1.2  # pings this much slower (plus _FASTER_MARGIN_S) than at the last remote sample: a slower link
@@ -237,6 +235,7 @@ class LatencyPolicy:
         self._probed: dict[str, float] = {}
         self._probes: dict[str, int] = {}  # probes sent per side: the first few come faster (see _probe_due)
         self._local_backoff = 1  # multiplies the local probe interval while local is clearly worse
+        self._local_seen: float | None = None  # the local sample the back-off last looked at
         self._confirmed: dict[str, float] = {}  # side -> when a probe last confirmed it before a switch
 
     @property
@@ -272,15 +271,14 @@ class LatencyPolicy:
         current = "remote" if self.state.offload else "local"
         if (s.remote_measured_at if self.state.offload else s.local_measured_at) is not None:
             self._probes[current] = max(self._probes.get(current, 0), _WARM_PROBES)
-        # Local probes back off while local is clearly worse: a probe's local copy holds a small device's CPU for a
-        # local service time, and the next request's answer waits for it (session 15: 8 of 68 requests right after
-        # a local probe took over 118 ms, against a p99 of 110.6 for the other remote requests of the baseline
-        # phases, and 11 of the 52 slowest requests there came right after one; the probe itself measured local
-        # 2-3x too slow). Doubling at each sample (2, 4, 8 s) still left one or two a phase. Back to the normal pace
-        # as soon as local is not clearly worse (the remote side got slower: local is worth a look again) or the
-        # device has clearly more CPU free than when local was measured (its figure may be too high).
-        freed = s.local_load_then is not None and s.device_load < s.local_load_then - _LOAD_FREED
-        self._local_backoff = _MAX_BACKOFF if local > _BACKOFF_RATIO * remote and not freed else 1
+        # Local probes back off while local is clearly worse: doubling at each new local sample (a probe), back to
+        # the normal pace as soon as it is not (also when the remote side got slower: local is worth a look again).
+        if not local > _BACKOFF_RATIO * remote:
+            self._local_backoff = 1
+        elif self.state.offload and s.local_measured_at != self._local_seen:
+            self._local_backoff = min(self._local_backoff * 2, _MAX_BACKOFF)
+        if self.state.offload:
+            self._local_seen = s.local_measured_at
         if self.probe_interval_s:
             stale_remote = s.remote_measured_at is None or s.now - s.remote_measured_at > self._interval("remote")
             # Pings that show a link much faster than when the remote side was last measured (a link that
