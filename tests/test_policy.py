@@ -602,6 +602,27 @@ def test_a_remote_request_holds_its_local_copy_as_a_spare_until_the_answer_is_ov
     assert not d.offload and d.hedge and not d.spare and d.defer_s == 0, d
 
 
+def test_a_remote_request_on_a_link_whose_pings_changed_sends_its_local_copy_at_once():
+    """Pings clearly slower than at the last remote answer (a link that changed; its pings are back, so none is
+    late): the estimate's part beyond the ping (the transfer, retransmits) was measured on the old link, so a remote
+    request's local copy starts at once, not as a spare, unless local is twice as slow. Pings a little slower
+    (jitter) leave the spare as it was."""
+    s = dict(local_measured_at=0.0, remote_measured_at=0.0, spare_copies=True, local_service_s=0.157,
+             remote_ping_then_s=0.020)
+    p = LatencyPolicy(min_dwell_s=0, probe_interval_s=0)
+    assert p.decide(Signals(now=1.0, remote_rtt_s=0.070, remote_ping_s=0.020, **s)).offload
+    d = p.decide(Signals(now=2.0, remote_rtt_s=0.129, remote_ping_s=0.082, **s))
+    assert d.offload and d.hedge and not d.spare and d.defer_s == 0, d
+    assert d.reason == ("local 157.0 ms vs remote 129.0 ms (link changed: pings 82 ms, 20 at the last remote "
+                        "answer): hedged"), d
+    d = p.decide(Signals(now=3.0, remote_rtt_s=0.129, remote_ping_s=0.030, **s))  # jitter: below 1.5x + 5 ms
+    assert d.offload and d.hedge and d.spare and d.defer_s == pytest.approx(1.5 * 0.129), d
+    d = p.decide(Signals(now=4.0, remote_rtt_s=0.060, remote_ping_s=0.082, **{**s, "local_service_s": 0.300}))
+    assert d.offload and d.hedge and d.spare and d.defer_s == pytest.approx(0.090), d
+    d = p.decide(Signals(now=5.0, remote_rtt_s=0.129, remote_ping_s=0.082, device_load=0.95, **s))
+    assert d.offload and not d.hedge, d  # never a local copy on a device at its CPU quota
+
+
 def test_a_spare_due_while_the_link_looks_as_it_did_waits_up_to_one_local_service_time():
     """A remote answer late while the pings show the link as it was is late for another reason (a server or
     device hiccup): a local copy starting now answers later than it and slows it. The spare waits (asked again

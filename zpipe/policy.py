@@ -19,7 +19,9 @@ and asks a policy for a :class:`Decision`. Two policies:
   quota is held further, going out only if the remote side then fails (spare_wanted). A ping out clearly longer
   than usual (a link that just slowed, or a device slow to handle the answer) counts in the choice only up to the
   age at which it is late; the rest counts against remote in that hedging test, as does how much later than late
-  the newest ping came back, until the next one. Under a CPU quota, the time the device's quota was used up (no
+  the newest ping came back, until the next one. Pings 1.5x slower than at the last remote answer (a link that
+  changed) make a remote request's local copy start at once too: the part of a round trip beyond the ping (the
+  transfer, retransmits) was measured on the old link. Under a CPU quota, the time the device's quota was used up (no
   thread of it ran) is left out of a ping's time (see device_stalls_left_out). A switch by less than that
   clear margin to a side last measured over 0.5 s ago is looked at first: one hedged probe of it, and the switch
   waits for its sample (see ``_confirm``); so is a switch to local by any margin on a local estimate measured
@@ -213,11 +215,19 @@ _MAX_BACKOFF = 8
 _FASTER_LINK, _FASTER_MARGIN_S = 1.5, 0.005  # pings this much faster than at the last remote sample make it stale
 _NEAR_BEST, _NEAR_BEST_MARGIN_S = 1.5, 0.005  # pings within this of their best: the link is as good as it gets
 _SLOWER_LINK = 1.2  # pings this much slower (plus _FASTER_MARGIN_S) than at the last remote sample: a slower link
+_CHANGED_LINK = 1.5  # this much slower: a changed link, whose round trip beyond the ping is not known (see decide)
 _SATURATED_LOAD = 0.9  # a device this busy gets no local copies of remote requests (see LatencyPolicy.decide)
 _LOCAL_AGE_CAP = 4  # the local age raises the local estimate at most this many times
 _SPARE_LATE = 1.5  # a clear remote choice's spare local copy leaves when the answer is this much later than expected
 _SPARE_RECHECK_S = 0.025  # a spare held on past its due time (see spare_wanted) is asked about again this often
 _CONFIRM_AGE_S = 0.5  # a switch to a side last measured longer ago than this (and not clearly better) probes it first
+
+
+def _pings_slower(s: Signals, factor: float) -> bool:
+    """The pings are more than ``factor`` times (plus _FASTER_MARGIN_S) what they were when the remote side was last
+    measured."""
+    return s.remote_ping_s is not None and s.remote_ping_then_s is not None \
+        and s.remote_ping_s > factor * s.remote_ping_then_s + _FASTER_MARGIN_S
 
 
 class LatencyPolicy:
@@ -311,9 +321,7 @@ class LatencyPolicy:
             # the phase after).
             saturated = s.device_load >= _SATURATED_LOAD
             if self.state.offload and stale_local and not saturated and self._probe_due("local", s.now):
-                link_slower = s.remote_ping_s is None or s.remote_ping_late_s > 0 or (
-                    s.remote_ping_then_s is not None
-                    and s.remote_ping_s > _SLOWER_LINK * s.remote_ping_then_s + _FASTER_MARGIN_S)
+                link_slower = s.remote_ping_s is None or s.remote_ping_late_s > 0 or _pings_slower(s, _SLOWER_LINK)
                 if local > (1 + self.hysteresis) * remote or (not local < (1 - self.hysteresis) * remote
                                                               and not link_slower):
                     # (at the estimate itself on a link that got slower: there the remote answer may be late by
@@ -395,12 +403,21 @@ class LatencyPolicy:
         #   late, and the request took 371 ms).
         # - Never a local copy on a device that uses up its CPU (a container at its quota): it slows the handling
         #   of the remote answer and is the slower one anyway, and a late ping is likely the device's own doing.
+        # - Likewise while the pings are clearly slower than when the remote side was last measured (a link that
+        #   changed: its answer has come back, so no ping is late): the remote estimate is the link's delay now plus
+        #   the rest of a round trip as measured on the old link, and the rest (the tensor's transfer at the
+        #   link's rate now, retransmits on a lossy link) may have grown by any amount. Until a remote answer
+        #   measures it, a remote request's local copy starts at once (session 16, run 1.1: the second request
+        #   into the bad link, 50 ms and 5 % loss, estimated at 129 ms against local's 157, held its spare to 161
+        #   ms and took 289; always-remote's p50 there was 494).
         late = s.remote_ping_late_s
+        changed = _pings_slower(s, _CHANGED_LINK)
         spread = self.risk * (s.remote_rtt_std_s if decision.offload else s.local_service_std_s)
         chosen, other = (remote + late + spread, local) if decision.offload else (local + spread, remote)
         local_one_sample = (not decision.offload and s.local_service_support is not None
                             and s.local_service_support < 2)
-        doubtful = local_one_sample or (decision.offload and late > 0 and local < 2 * chosen)
+        unsure = late > 0 or changed
+        doubtful = local_one_sample or (decision.offload and unsure and local < 2 * chosen)
         # - A remote request's local copy, unless a ping is late or local looks faster (the dwell time holds
         #   remote), is a spare where the gate's process can withdraw it: it starts only when the remote answer is
         #   overdue (its estimate plus one more spread), and is dropped unsent if the answer came first. So a close
@@ -410,9 +427,13 @@ class LatencyPolicy:
         if self.hedge and (doubtful or not chosen < other * (1 - self.hysteresis)):
             if decision.offload and s.device_load >= _SATURATED_LOAD:
                 return Decision(True, f"{decision.reason} (device load {s.device_load:.0%}: not hedged)")
-            if decision.offload and s.spare_copies and not late and local >= remote:
+            if decision.offload and s.spare_copies and not unsure and local >= remote:
                 return Decision(True, f"{decision.reason}: hedged, spare local copy after {chosen * 1000:.0f} ms",
                                 hedge=True, defer_s=chosen, spare=True)
+            if decision.offload and changed and not late:
+                return Decision(True, f"{decision.reason} (link changed: pings {s.remote_ping_s * 1000:.0f} ms, "
+                                      f"{s.remote_ping_then_s * 1000:.0f} at the last remote answer): hedged",
+                                hedge=True)
             return Decision(decision.offload, f"{decision.reason}: hedged", hedge=True)
         # A clear remote choice gets a spare local copy too, due when its answer is clearly overdue (1.5x the
         # estimate, at least the close call's due time): it costs nothing while remote answers on time and starts
