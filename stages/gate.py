@@ -287,6 +287,7 @@ class GateStage(Stage):
             remote_error_rate=max((v.get("error_rate", 0.0) for v in remote), default=0.0),
             remote_up=all(v.get("up", True) for v in remote),
             remote_server_wait_s=max((v.get("server_wait_s") or 0.0 for v in remote), default=0.0),
+            remote_moving=any(v.get("moving", False) for v in remote),
             spare_copies=self._spare_copies)
 
     def _local_done(self, local: list[dict[str, Any]]) -> int:

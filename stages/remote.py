@@ -456,6 +456,7 @@ class RemoteStage(LinkKeeper, Stage):
                     "oldest_sent_at": min((t for t in self._sent_at.values() if t > self._newest_done),
                                           default=None), "error_rate": self._errors.mean or 0.0,
                     "up": any(link.up for link in self._links), "fallbacks": self._fallbacks,
+                    "moving": self._all_moving(),
                     "stalled_pings": self._stalled_pings, "pings_sent": self._pings_sent,
                     "fresh_connections": self._fresh_connections,
                     "requests_sent": self._retired_counts[0] + sum(c.requests_sent for c in self._clients()),
@@ -467,6 +468,7 @@ class RemoteStage(LinkKeeper, Stage):
         """Send the requests that waited for ``link``'s move (each to its deadline, as any request)."""
         with self._lock:
             waiting, link.moving = link.moving or [], None
+        self._signals_changed()  # (the gate probes a link again once it is not moving)
         for args in waiting:
             try:
                 self._attempt(*args)

@@ -306,6 +306,12 @@ class LinkKeeper:
         self._ping_then = max(self._ping_then or 0.0, link.spell_peak)
         link.spell_peak = 0.0
 
+    def _all_moving(self) -> bool:
+        """Every usable link is moving to a fresh connection: a request sent now waits for a move (see
+        policy.Signals.remote_moving). Call with the lock held."""
+        usable = [link for link in self._links if _usable(link)]
+        return bool(usable) and all(link.moving is not None for link in usable)
+
     def _pinged_links(self) -> list[Link]:
         """The usable links with a smoothed ping; call with the lock held."""
         return [link for link in self._links if _usable(link) and link.ping.mean is not None]

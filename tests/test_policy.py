@@ -623,6 +623,29 @@ def test_a_remote_request_on_a_link_whose_pings_changed_sends_its_local_copy_at_
     assert d.offload and not d.hedge, d  # never a local copy on a device at its CPU quota
 
 
+def test_no_remote_probe_or_switch_while_the_link_moves_to_a_fresh_connection():
+    """After a slow spell the stand-in moves the link to a fresh connection (~4 round trips), and a request sent
+    meanwhile waits for the move: from local, the "link faster" probe, a switch and any remote copy wait until the
+    move is done."""
+    s = dict(local_service_s=0.115, local_measured_at=0.0, remote_rtt_s=0.300, remote_measured_at=0.0,
+             remote_ping_s=0.020, remote_ping_best_s=0.020, spare_copies=True)
+    p = LatencyPolicy(min_dwell_s=0)
+    p._probes = {"local": 3, "remote": 3}
+    assert not p.decide(Signals(now=1.0, **s, remote_ping_then_s=0.020)).offload  # local: remote measured slow
+    for now in (1.1, 1.15):  # the pings show the link recovered, but it is moving
+        d = p.decide(Signals(now=now, **s, remote_ping_then_s=0.110, remote_moving=True))
+        assert not d.offload and not d.hedge and d.reason.endswith("(link moving to a fresh connection)"), d
+    d = p.decide(Signals(now=1.2, **s, remote_ping_then_s=0.110))  # moved: the probe goes now
+    assert d.offload and d.reason.startswith("probe remote (link faster"), d
+    # nor a switch on an estimate that says remote is faster
+    q = LatencyPolicy(min_dwell_s=0, probe_interval_s=0)
+    assert not q.decide(Signals(now=1.0, **s)).offload
+    fast = {**s, "remote_rtt_s": 0.050}
+    d = q.decide(Signals(now=2.0, **fast, remote_moving=True))
+    assert not d.offload and not d.hedge and q.switches == 0, d
+    assert q.decide(Signals(now=2.1, **fast)).offload
+
+
 def test_a_spare_due_while_the_link_looks_as_it_did_waits_up_to_one_local_service_time():
     """A remote answer late while the pings show the link as it was is late for another reason (a server or
     device hiccup): a local copy starting now answers later than it and slows it. The spare waits (asked again
@@ -1053,9 +1076,10 @@ def test_after_a_slow_spell_the_stand_in_moves_to_a_fresh_connection_and_loses_n
             time.sleep(1.0)
             spell = stage.signals()
             link.set(delay_ms=10)
-            deadline = time.monotonic() + 5
-            while stage.signals()["fresh_connections"] == 0 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            deadline, moving = time.monotonic() + 5, []  # the gate sees the move (no remote probe meanwhile)
+            while (now := stage.signals())["fresh_connections"] == 0 and time.monotonic() < deadline:
+                moving.append(now["moving"])
+                time.sleep(0.005)
             time.sleep(0.5)
             stop.set()
             streamer.join()
@@ -1070,6 +1094,7 @@ def test_after_a_slow_spell_the_stand_in_moves_to_a_fresh_connection_and_loses_n
             stage.teardown()
     assert steady["fresh_connections"] == 0 and spell["fresh_connections"] == 0, (steady, spell)
     assert after["fresh_connections"] == 1, after
+    assert not steady["moving"] and not spell["moving"] and any(moving) and not after["moving"], moving
     # Seen on the wire: one new connection, and the old one closed ("open" counts a connection's two sockets).
     assert links["connections"] == 2 and links["open"] == 2, links
     assert len(results) > 50 and after["requests_sent"] == len(results), (len(results), after)

@@ -44,7 +44,9 @@ and asks a policy for a :class:`Decision`. Two policies:
   cost the device's CPU, the scarce thing when offloading: while local keeps measuring more than
   1.2× the remote time, its probe interval doubles (up to 8×), and is back to normal as soon as local is within
   1.2× of the remote estimate again (the link slowed). Remote probes never back off, so a link that
-  recovers is noticed within ``probe_interval_s``.
+  recovers is noticed within ``probe_interval_s``. While the link moves to a fresh connection (after a slow
+  spell: ``Signals.remote_moving``), a request sent there would wait for the move: from local, no remote probe,
+  switch or copy until it is done.
 * :class:`ThresholdPolicy`: offload while the device is busy (CPU use or backlog above a high mark, until it falls
   below a low mark) unless the link is slow (RTT above ``max_rtt_s``) or failing.
 
@@ -89,6 +91,8 @@ class Signals:
     remote_up: bool = True  # connected, and the circuit breaker is closed
     remote_server_wait_s: float = 0.0  # how long the server said a request would wait for other clients' requests
     # (in remote_rtt_s already: this is for the reason)
+    remote_moving: bool = False  # the link is moving to a fresh connection (stages/remote_link.py): a request sent
+    # now waits for the move (the handshake and a ping: ~4 round trips)
     spare_copies: bool = False  # a held local copy can be withdrawn once the remote answer is in (stage.Outcome.spare)
 
 
@@ -342,8 +346,13 @@ class LatencyPolicy:
             # switch anyway, and then the request costs up to twice local, so not on pings that are merely lower
             # than at the last sample: on a lossy link that sample may have met a retransmit (session 12, run 1:
             # three such probes into the lossy link, 250-270 ms).
-            if not self.state.offload and (stale_remote and self._probe_due("remote", s.now)
-                                           or faster and self._probe_due("remote", s.now, _WARM_INTERVAL_S)):
+            # No remote probe while the link moves to a fresh connection (after a slow spell): it would wait for
+            # the move, and then pay the fresh connection's slow start (session 16: the first request after the
+            # bad link, a probe 0.11 s after the restore, took 168-224 ms against local's ~115; on the test bed
+            # a move takes ~80 ms, and the first request on a fresh connection ~100 against ~72).
+            if not self.state.offload and not s.remote_moving and (
+                    stale_remote and self._probe_due("remote", s.now)
+                    or faster and self._probe_due("remote", s.now, _WARM_INTERVAL_S)):
                 recovered = faster and s.remote_ping_best_s is not None \
                     and s.remote_ping_s <= _NEAR_BEST * s.remote_ping_best_s + _NEAR_BEST_MARGIN_S
                 if recovered and self.hedge and s.spare_copies and not s.remote_ping_late_s and not saturated:
@@ -371,6 +380,12 @@ class LatencyPolicy:
             offload = not local < remote * (1 - self.hysteresis)
         else:
             offload = remote < local * (1 - self.hysteresis)
+        # A link moving to a fresh connection takes requests only once it is there: from local, the switch (and
+        # any remote copy, which would measure the wait) waits for the move (~4 round trips).
+        moving = s.remote_moving and not self.state.offload
+        if moving:
+            offload = False
+            why += " (link moving to a fresh connection)"
         # A local estimate measured before the device reached its CPU quota says nothing about local now, however
         # clear the margin: a switch to local on it waits for a look at local under this load (run 68, session 7's
         # code: a switch 2 s into the CPU hog on a local figure from before it, 650 ms).
@@ -410,6 +425,8 @@ class LatencyPolicy:
         #   measures it, a remote request's local copy starts at once (session 16, run 1.1: the second request
         #   into the bad link, 50 ms and 5 % loss, estimated at 129 ms against local's 157, held its spare to 161
         #   ms and took 289; always-remote's p50 there was 494).
+        if moving:
+            return decision
         late = s.remote_ping_late_s
         changed = _pings_slower(s, _CHANGED_LINK)
         spread = self.risk * (s.remote_rtt_std_s if decision.offload else s.local_service_std_s)
