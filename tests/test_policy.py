@@ -79,8 +79,10 @@ def test_a_local_side_about_as_fast_leads_its_probe_only_on_a_link_that_got_slow
         d = probe(**extra)
         assert d.reason == "probe local (hedged)" and not d.offload and d.defer_s == 0, (extra, d)
     # Local clearly worse: remote leads; its local copy at 1.5x the estimate on a link as it was, at the estimate on
-    # one that got slower (the remote answer may be late by any amount: the local copy is the hedge).
-    for extra, due in (({}, 0.15), ({"remote_ping_late_s": 0.02}, 0.10), ({"remote_ping_s": 0.040}, 0.10)):
+    # one that got slower (the remote answer may be late by any amount: the local copy is the hedge), at once with
+    # a ping late or pings 1.5x (plus 5 ms) those at the last remote answer (a link that changed).
+    for extra, due in (({}, 0.15), ({"remote_ping_s": 0.033}, 0.10), ({"remote_ping_late_s": 0.02}, 0.0),
+                       ({"remote_ping_s": 0.040}, 0.0)):
         d = probe(local_service_s=0.200, remote_rtt_s=0.100, **extra)
         assert d.reason.startswith("probe local") and d.offload and d.defer_s == pytest.approx(due), (extra, d)
 

@@ -30,7 +30,8 @@ and asks a policy for a :class:`Decision`. Two policies:
   probing off. With ``hedge = true`` (the default) a probe may run on *both* sides, the first answer winning, so
   exploring costs the probed request little latency (the probe's branch still reports its timing). A local probe
   always is hedged (its estimate is the old one): when local looks worse (or about as fast on a link as it was),
-  its local copy starts when the remote answer is in or overdue (1.5x on a link as it was), so that it does not
+  its local copy starts when the remote answer is in or overdue (1.5x on a link as it was; at once with a ping
+  late or a link that changed), so that it does not
   slow the device's handling of that answer, and when it looks better (or about as fast, on a link that got
   slower since remote was measured, or without pings) the request is
   local's, with a remote copy in case the device got busy. On a device at its CPU
@@ -330,8 +331,12 @@ class LatencyPolicy:
                                                               and not link_slower):
                     # (at the estimate itself on a link that got slower: there the remote answer may be late by
                     # any amount, and the local copy is the hedge; session 12, run 21.2: the first request into
-                    # the slowed link, its copy at 1.5x, took 284 ms)
-                    return self._probe("local", defer_s=(1.0 if link_slower else _SPARE_LATE) * remote)
+                    # the slowed link, its copy at 1.5x, took 284 ms. At once with a ping late or pings 1.5x those
+                    # at the last remote answer, as a remote request's copy: session 16, a local probe due 0.11 s
+                    # into the bad link, its copy at the estimate, 104 ms, took 231.)
+                    unsure = s.remote_ping_late_s > 0 or _pings_slower(s, _CHANGED_LINK)
+                    return self._probe("local", defer_s=0.0 if unsure else (
+                        1.0 if link_slower else _SPARE_LATE) * remote)
                 return self._probe("local", lead=True)
             # A remote probe is hedged when remote looks worse by more than the hysteresis. A remote side that
             # looks better or about as fast is probed alone: the same request computing on the device would slow
