@@ -1,7 +1,8 @@
 """The offload policy under changing conditions, on the two-host test bed (issue 6, "Benchmark").
 
     python3 bench/policy.py [--phase-s 12] [--rate 4] [--cpu 25] [--plot /tmp/zpipe-bench-policy.png] [--raw F]
-    python3 bench/policy.py --repeats 4 --raw F  (four runs, F.1 ... F.4, each reported, then pooled)
+    python3 bench/policy.py --repeats 4 --raw F  (four runs, F.1 ... F.4, each reported, then pooled; each run
+                                                  starts with the next mode, so that none always runs first)
     python3 bench/policy.py --pool F1 F2 ...     (several runs' --raw files: each run's verdicts, then pooled)
 
 Needs root. Uses ../shared/testbed: `netpair.sh up 10 100 0` (namespaces `dev` 10.77.0.1 and `edge` 10.77.0.2),
@@ -644,7 +645,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the whole schedule this many times, then report them pooled (see --pool); "
-                             "with --raw F each run's records go to F.1, F.2, ...")
+                             "with --raw F each run's records go to F.1, F.2, ...; each run starts with the next "
+                             "mode (auto, local, remote; then local, remote, auto; ...): none always runs first")
     parser.add_argument("--pool", nargs="+", metavar="RAW",
                         help="run nothing: report these --raw files of earlier runs, each and all together")
     parser.add_argument("--device", action="store_true", help=argparse.SUPPRESS)
@@ -668,9 +670,13 @@ def main() -> None:
         if args.repeats > 1:
             log(f"run {k} of {args.repeats}")
         run_args = args
-        if args.repeats > 1:  # each run its own plot: F.png -> F.1.png, ...
+        if args.repeats > 1:  # each run its own plot: F.png -> F.1.png, ...; and the next mode first (see --repeats)
             plot = Path(args.plot)
-            run_args = argparse.Namespace(**{**vars(args), "plot": str(plot.with_name(f"{plot.stem}.{k}{plot.suffix}"))})
+            modes = args.modes.split(",")
+            modes = modes[(k - 1) % len(modes):] + modes[:(k - 1) % len(modes)]
+            log(f"run {k}: modes in the order {', '.join(modes)}")
+            run_args = argparse.Namespace(**{**vars(args), "modes": ",".join(modes),
+                                             "plot": str(plot.with_name(f"{plot.stem}.{k}{plot.suffix}"))})
         result = orchestrate(run_args)
         raw = args.raw if args.repeats == 1 else (f"{args.raw}.{k}" if args.raw else
                                                    f"{tempfile.gettempdir()}/zpipe-bench-policy.{os.getpid()}.{k}.json")
