@@ -409,6 +409,8 @@ class LatencyPolicy:
         else:
             self._confirmed.clear()  # no switch waits for a look: a later one takes its own
         decision = self.state.choose(offload, s.now, why, forced=clear and not unproven)
+        if moving:  # (no remote copy either: it would wait for the move, and measure the wait)
+            return decision
         # A request whose side is not better than the other by the hysteresis (a close call, or a side the dwell
         # time holds) runs on both sides: the estimates cannot tell which answers first, and the first answer wins.
         # - The chosen side counts one spread more here than in the choice: the hedge is for its unlucky draws (a
@@ -430,8 +432,6 @@ class LatencyPolicy:
         #   measures it, a remote request's local copy starts at once (session 16, run 1.1: the second request
         #   into the bad link, 50 ms and 5 % loss, estimated at 129 ms against local's 157, held its spare to 161
         #   ms and took 289; always-remote's p50 there was 494).
-        if moving:
-            return decision
         late = s.remote_ping_late_s
         changed = _pings_slower(s, _CHANGED_LINK)
         spread = self.risk * (s.remote_rtt_std_s if decision.offload else s.local_service_std_s)
