@@ -235,6 +235,12 @@ def _pings_slower(s: Signals, factor: float) -> bool:
         and s.remote_ping_s > factor * s.remote_ping_then_s + _FASTER_MARGIN_S
 
 
+def _link_unsure(s: Signals) -> bool:
+    """A ping is late, or the pings are 1.5x those at the last remote answer (a link that changed): the remote
+    answer may be late by any amount, so a local copy (a remote request's, a local probe's) starts at once."""
+    return s.remote_ping_late_s > 0 or _pings_slower(s, _CHANGED_LINK)
+
+
 class LatencyPolicy:
     def __init__(self, *, hysteresis: float = 0.15, min_dwell_s: float = 1.0, probe_interval_s: float = 2.0,
                  max_error_rate: float = 0.2, risk: float = 1.0, hedge: bool = True) -> None:
@@ -334,8 +340,7 @@ class LatencyPolicy:
                     # the slowed link, its copy at 1.5x, took 284 ms. At once with a ping late or pings 1.5x those
                     # at the last remote answer, as a remote request's copy: session 16, a local probe due 0.11 s
                     # into the bad link, its copy at the estimate, 104 ms, took 231.)
-                    unsure = s.remote_ping_late_s > 0 or _pings_slower(s, _CHANGED_LINK)
-                    return self._probe("local", defer_s=0.0 if unsure else (
+                    return self._probe("local", defer_s=0.0 if _link_unsure(s) else (
                         1.0 if link_slower else _SPARE_LATE) * remote)
                 return self._probe("local", lead=True)
             # A remote probe is hedged when remote looks worse by more than the hysteresis. A remote side that
@@ -438,7 +443,7 @@ class LatencyPolicy:
         chosen, other = (remote + late + spread, local) if decision.offload else (local + spread, remote)
         local_one_sample = (not decision.offload and s.local_service_support is not None
                             and s.local_service_support < 2)
-        unsure = late > 0 or changed
+        unsure = _link_unsure(s)
         doubtful = local_one_sample or (decision.offload and unsure and local < 2 * chosen)
         # - A remote request's local copy, unless a ping is late or local looks faster (the dwell time holds
         #   remote), is a spare where the gate's process can withdraw it: it starts only when the remote answer is
